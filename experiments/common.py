@@ -1,0 +1,61 @@
+"""Shared flags and output for experiment apps (the convention in DESIGN.md).
+
+Importing this module defines ``--cpu_devices`` and ``--output_dir``.
+``setup_devices()`` must run at the start of ``main``, before JAX touches a
+device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import flags
+
+CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 8, "Virtual CPU devices to create (ignored on GPU/TPU).")
+OUTPUT_DIR = flags.DEFINE_string("output_dir", "results", "Where results are written.")
+
+
+def setup_devices(num: int | None = None) -> None:
+  """Creates ``--cpu_devices`` virtual devices when running on CPU."""
+  import jax
+
+  from jaxspeed.parallel import use_cpu_devices
+
+  if jax.config.jax_platforms in (None, "", "cpu") and not os.environ.get("JAX_PLATFORMS"):
+    use_cpu_devices(num or CPU_DEVICES.value)
+
+
+def env_info() -> dict[str, Any]:
+  import jax
+
+  return {"jax": jax.__version__, "backend": jax.default_backend(),
+          "devices": jax.device_count(), "processes": jax.process_count()}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+  """Rows of equal keys as a markdown table."""
+  if not rows:
+    return ""
+  keys = list(rows[0])
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_results(name: str, summary: dict[str, Any], rows: list[dict[str, Any]],
+                  config: dict[str, Any], header: str = "") -> str:
+  """Writes ``<output_dir>/<name>.json`` and ``.md``; prints and returns the markdown."""
+  os.makedirs(OUTPUT_DIR.value, exist_ok=True)
+  payload = {"summary": summary, "rows": rows, "config": config, "env": env_info()}
+  with open(os.path.join(OUTPUT_DIR.value, f"{name}.json"), "w") as f:
+    json.dump(payload, f, indent=2, default=str)
+  text = "\n\n".join(part for part in (f"# {name}", header, markdown_table(rows),
+                                        markdown_table([summary])) if part)
+  with open(os.path.join(OUTPUT_DIR.value, f"{name}.md"), "w") as f:
+    f.write(text + "\n")
+  print(text)
+  return text

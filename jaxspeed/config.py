@@ -1,0 +1,177 @@
+"""The configuration schema, its defaults, and validation before anything compiles.
+
+A config is an ``ml_collections.ConfigDict``. ``default_config()`` lists every
+key jaxspeed understands; files in ``configs/`` start from it and override
+fields, and absl flags override any field (``--config.zero.stage=3``).
+``validate`` rejects a bad value with a ``ConfigError`` naming its key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from jaxspeed.errors import ConfigError
+from jaxspeed.models.attention import ATTENTION_IMPLS
+from jaxspeed.models.config import DTYPES, POSITIONS, REMAT_POLICIES
+from jaxspeed.parallel.mesh import DATA_AXES, resolve_mesh_shape
+
+OPTIMIZERS = ("adamw", "adam", "lamb", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+LR_UNITS = ("steps", "tokens")
+TOKENIZERS = ("byte", "bpe")
+MODEL_NAMES = ("gpt", "bert")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every config key, with defaults for a tiny GPT on one CPU."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 100
+  c.batch_size = 16  # global, in sequences
+  c.seq_len = 128
+  c.microbatches = 1  # gradient accumulation steps per optimizer step
+  c.log_every = 10
+  c.eval_every = 50
+  c.eval_batches = 4
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.peak_flops = 1.4e11  # FLOP/s of the whole host, for MFU (2-core AVX-512 matmul roofline)
+  c.sample_tokens = 64  # length of the text sample printed at the end; 0 to skip
+  c.sample_prompt = "The "
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "gpt"
+  c.model.vocab_size = 256
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.d_model = 64
+  c.model.d_ff = 256
+  c.model.max_seq_len = 128
+  c.model.position = "learned"
+  c.model.embed_layernorm = False
+  c.model.tie_embeddings = True
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"
+  c.model.remat = "none"
+  c.model.attention = "xla"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.learning_rate = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+  c.optim.schedule = "cosine"
+  c.optim.lr_unit = "steps"  # warmup/decay lengths counted in steps or in tokens
+  c.optim.warmup = 10
+  c.optim.decay = 0  # decay length; 0 means the whole run
+  c.optim.min_lr_ratio = 0.1
+
+  c.zero = ml_collections.ConfigDict()
+  c.zero.stage = 0
+
+  c.parallel = ml_collections.ConfigDict()
+  for axis in ("data", "fsdp", "stage", "expert", "sequence", "tensor"):
+    c.parallel[axis] = 1
+  c.parallel.data = -1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = "python_docs"  # or comma-separated .txt/.jsonl paths
+  c.data.jsonl_field = "text"
+  c.data.tokenizer = "byte"
+  c.data.bpe_vocab_size = 1024
+  c.data.val_fraction = 0.05
+  return c
+
+
+def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+                prefix: str = "") -> None:
+  for key in config:
+    path = f"{prefix}{key}"
+    if key not in schema:
+      raise ConfigError(path, f"unknown key; known keys here: {', '.join(sorted(schema.keys()))}")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ConfigError(path, "must be a section, not a value")
+      _check_keys(config[key], schema[key], prefix=f"{path}.")
+
+
+def _choice(config, key: str, allowed) -> None:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if value not in allowed:
+    raise ConfigError(key, f"got {value!r}; allowed values: {', '.join(map(str, allowed))}")
+
+
+def _positive(config, key: str, allow_zero: bool = False) -> None:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ConfigError(key, f"must be {bound}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Checks every field; returns the resolved mesh shape.
+
+  Raises:
+    ConfigError: naming the first bad key and the allowed values.
+  """
+  _check_keys(config, default_config())
+  _choice(config, "model.name", MODEL_NAMES)
+  _choice(config, "model.position", POSITIONS)
+  _choice(config, "model.dtype", tuple(DTYPES))
+  _choice(config, "model.remat", REMAT_POLICIES)
+  _choice(config, "model.attention", tuple(ATTENTION_IMPLS))
+  _choice(config, "optim.name", OPTIMIZERS)
+  _choice(config, "optim.schedule", SCHEDULES)
+  _choice(config, "optim.lr_unit", LR_UNITS)
+  _choice(config, "zero.stage", ZERO_STAGES)
+  _choice(config, "data.tokenizer", TOKENIZERS)
+  for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "eval_every",
+              "eval_batches", "checkpoint_every", "keep_checkpoints", "optim.learning_rate",
+              "model.vocab_size", "model.num_layers", "model.num_heads", "model.d_model",
+              "model.d_ff", "model.max_seq_len", "peak_flops"):
+    _positive(config, key)
+  for key in ("optim.weight_decay", "optim.grad_clip", "optim.warmup", "optim.decay",
+              "optim.eps", "sample_tokens"):
+    _positive(config, key, allow_zero=True)
+  for key in ("optim.b1", "optim.b2", "optim.min_lr_ratio", "model.dropout",
+              "data.val_fraction"):
+    value = config[key.split(".")[0]][key.split(".")[1]]
+    if not 0 <= value < 1 + (key == "optim.min_lr_ratio"):
+      raise ConfigError(key, f"must be in [0, 1), got {value!r}")
+
+  shape = resolve_mesh_shape(config.parallel, num_devices)
+  model = config.model
+  if model.d_model % model.num_heads:
+    raise ConfigError("model.num_heads",
+                      f"must divide model.d_model={model.d_model}, got {model.num_heads}")
+  if model.position == "rope" and (model.d_model // model.num_heads) % 2:
+    raise ConfigError("model.position", "rope needs an even head dimension")
+  if config.seq_len > model.max_seq_len:
+    raise ConfigError("seq_len", f"{config.seq_len} exceeds model.max_seq_len="
+                      f"{model.max_seq_len}")
+  tp = shape["tensor"]
+  for key in ("num_heads", "d_ff", "vocab_size"):
+    if model[key] % tp:
+      raise ConfigError(f"model.{key}", f"{model[key]} is not divisible by the tensor-parallel "
+                        f"size parallel.tensor={tp}")
+  dp = math.prod(shape[a] for a in DATA_AXES)
+  if config.batch_size % (dp * config.microbatches):
+    raise ConfigError("batch_size", f"{config.batch_size} is not divisible by data-parallel size "
+                      f"(parallel.data x parallel.fsdp = {dp}) x microbatches "
+                      f"({config.microbatches})")
+  for axis in ("stage", "expert", "sequence"):
+    if shape[axis] != 1:
+      raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "
+                        "set it to 1")
+  return shape

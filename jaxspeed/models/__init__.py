@@ -1,0 +1,32 @@
+"""Models: GPT decoder and BERT encoder as flax.linen modules with logical axes."""
+
+from jaxspeed.models.attention import ATTENTION_IMPLS, causal_mask, dot_product_attention
+from jaxspeed.models.bert import BertEncoder, BertForMaskedLM
+from jaxspeed.models.config import ModelConfig
+from jaxspeed.models.gpt import GPT
+from jaxspeed.models.positions import alibi_bias, alibi_slopes, apply_rope
+
+MODELS = {"gpt": GPT, "bert": BertForMaskedLM}
+
+
+def build_model(name: str, config: ModelConfig):
+  """The flax module for ``config.model.name``."""
+  if name not in MODELS:
+    raise ValueError(f"model.name={name!r}; allowed: {sorted(MODELS)}")
+  return MODELS[name](config)
+
+
+__all__ = [
+  "ATTENTION_IMPLS",
+  "GPT",
+  "MODELS",
+  "BertEncoder",
+  "BertForMaskedLM",
+  "ModelConfig",
+  "alibi_bias",
+  "alibi_slopes",
+  "apply_rope",
+  "build_model",
+  "causal_mask",
+  "dot_product_attention",
+]

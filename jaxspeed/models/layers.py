@@ -1,0 +1,167 @@
+"""Transformer building blocks with logically named parameter and activation axes.
+
+Parameters are boxed with ``nn.with_logical_partitioning``; activations are
+constrained with ``nn.with_logical_constraint``. The names are mapped onto the
+mesh by ``jaxspeed.parallel.rules``; nothing here knows the mesh.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxspeed.models.attention import get_attention
+from jaxspeed.models.config import ModelConfig
+from jaxspeed.models.positions import alibi_bias, apply_rope
+
+INIT_STD = 0.02
+
+
+def param_init(names: tuple[str | None, ...], std: float = INIT_STD):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def zeros_init(names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, computed in float32."""
+
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ("embed",)), (d,))
+    bias = self.param("bias", zeros_init(("embed",)), (d,))
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    return y.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention; heads are split over ``tensor`` (Megatron column/row).
+
+  The q/k/v projections are column-parallel (sharded output heads) and the
+  output projection is row-parallel (sharded input heads), so the only
+  tensor-parallel collective is one all-reduce after the output projection.
+  """
+
+  config: ModelConfig
+  causal: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+               deterministic: bool) -> jax.Array:
+    """x: [B, S, d_model]; positions: [B, S]; mask: broadcastable to [B, H, S, S]."""
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    h, hd = cfg.num_heads, cfg.head_dim
+
+    def project(name: str) -> jax.Array:
+      w = self.param(name, param_init(("embed", "heads", "kv")), (cfg.d_model, h, hd))
+      b = self.param(f"{name}_bias", zeros_init(("heads", "kv")), (h, hd))
+      y = jnp.einsum("bsd,dhk->bshk", x, w.astype(dtype)) + b.astype(dtype)
+      return constrain(y, ("batch", "seq", "heads", "kv"))
+
+    q, k, v = project("query"), project("key"), project("value")
+    bias = None
+    if cfg.position == "rope":
+      q, k = apply_rope(q, positions), apply_rope(k, positions)
+    elif cfg.position == "alibi":
+      bias = alibi_bias(h, positions[0], positions[0])
+    out = get_attention(cfg.attention)(q, k, v, bias=bias, mask=mask)
+    out = constrain(out, ("batch", "seq", "heads", "kv"))
+    wo = self.param("out", param_init(("heads", "kv", "embed")), (h, hd, cfg.d_model))
+    bo = self.param("out_bias", zeros_init(("embed",)), (cfg.d_model,))
+    y = jnp.einsum("bshk,hkd->bsd", out, wo.astype(dtype)) + bo.astype(dtype)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    return constrain(y, ("batch", "seq", "embed"))
+
+
+class Mlp(nn.Module):
+  """d_model → d_ff (GELU) → d_model; column- then row-parallel over ``tensor``."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    w1 = self.param("wi", param_init(("embed", "mlp")), (cfg.d_model, cfg.d_ff))
+    b1 = self.param("wi_bias", zeros_init(("mlp",)), (cfg.d_ff,))
+    w2 = self.param("wo", param_init(("mlp", "embed")), (cfg.d_ff, cfg.d_model))
+    b2 = self.param("wo_bias", zeros_init(("embed",)), (cfg.d_model,))
+    h = jax.nn.gelu(x @ w1.astype(dtype) + b1.astype(dtype))
+    h = constrain(h, ("batch", "seq", "mlp"))
+    y = h @ w2.astype(dtype) + b2.astype(dtype)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    return constrain(y, ("batch", "seq", "embed"))
+
+
+class Block(nn.Module):
+  """One transformer layer: pre-LN (GPT) or post-LN (BERT)."""
+
+  config: ModelConfig
+  causal: bool
+  pre_ln: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+               deterministic: bool) -> jax.Array:
+    cfg = self.config
+    attn = Attention(cfg, causal=self.causal, name="attention")
+    mlp = Mlp(cfg, name="mlp")
+    ln1 = LayerNorm(cfg.layernorm_eps, name="ln_attention")
+    ln2 = LayerNorm(cfg.layernorm_eps, name="ln_mlp")
+    if self.pre_ln:
+      x = x + attn(ln1(x), positions, mask, deterministic)
+      return x + mlp(ln2(x), deterministic)
+    x = ln1(x + attn(x, positions, mask, deterministic))
+    return ln2(x + mlp(x, deterministic))
+
+
+def remat_block(policy: str) -> type[Block]:
+  """``Block`` wrapped in activation checkpointing per ``config.model.remat``.
+
+  ``full`` recomputes the whole layer in the backward pass;
+  ``save_matmul_outputs`` keeps the outputs of weight matmuls (not the
+  attention score einsums, which are batched) and recomputes the rest.
+  """
+  if policy == "none":
+    return Block
+  if policy == "full":
+    return nn.remat(Block, static_argnums=(4,))
+  if policy == "save_matmul_outputs":
+    return nn.remat(Block, static_argnums=(4,),
+                    policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"model.remat={policy!r}; allowed: none, full, save_matmul_outputs")
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, d_model], split over ``tensor`` by vocabulary."""
+
+  vocab_size: int
+  d_model: int
+
+  def setup(self):
+    self.table = self.param("table", param_init(("vocab", "embed")),
+                            (self.vocab_size, self.d_model))
+
+  def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+    """ids: [B, S] int → [B, S, d_model]."""
+    return constrain(jnp.take(self.table, ids, axis=0).astype(dtype), ("batch", "seq", "embed"))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Tied LM head: [B, S, d_model] → logits [B, S, vocab] (vocab-parallel)."""
+    logits = jnp.einsum("bsd,vd->bsv", x, self.table.astype(x.dtype))
+    return constrain(logits, ("batch", "seq", "vocab"))

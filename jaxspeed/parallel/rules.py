@@ -1,0 +1,106 @@
+"""Logical axis names -> mesh axes: where every parameter and activation lives.
+
+Model code names the dimensions of its arrays with logical axes (``batch``,
+``seq``, ``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``); it never mentions a
+mesh axis. This module is the only place that maps them onto the mesh.
+
+Two tables, as in Levanter's parameter/compute axis mappings:
+
+* ``compute_rules``: where activations live during the step. The batch is split
+  over the data axes; Megatron tensor parallelism splits heads, MLP hidden units
+  and the vocabulary over ``tensor``.
+* parameters at rest start from the same tensor-parallel placement, and ZeRO
+  then adds the data axes on top (``zero_spec``).
+
+ZeRO is not a table entry because DeepSpeed's contract is "every device holds
+1/N of each tensor", whichever dimension that takes: it splits the flattened
+tensor. The closest sharded-array equivalent is to split the largest dimension
+that divides evenly. A tensor with no such dimension stays replicated, as tiny
+tensors do under DeepSpeed's ``stage3_param_persistence_threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxspeed.parallel.mesh import DATA_AXES
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+def compute_rules() -> LogicalRules:
+  """Rules for activations and for the tensor-parallel split of parameters."""
+  return (
+      ("batch", DATA_AXES),
+      ("seq", None),
+      ("embed", None),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+  )
+
+
+def logical_to_spec(names: Sequence[str | None], rules: LogicalRules | None = None) -> P:
+  """Maps logical names to a ``PartitionSpec``; a mesh axis is used at most once.
+
+  Args:
+    names: one logical name (or None) per array dimension.
+    rules: defaults to ``compute_rules()``.
+  """
+  table = dict(compute_rules() if rules is None else rules)
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*spec)
+
+
+def _mesh_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Adds the data axes to the largest dimension of ``shape`` they divide evenly.
+
+  Args:
+    spec: the tensor-parallel placement of a tensor.
+    shape: the tensor's global shape.
+    mesh: the mesh; its ``data`` and ``fsdp`` axes are the ZeRO group.
+
+  Returns:
+    ``spec`` with ``('data', 'fsdp')`` appended to one dimension, or ``spec``
+    unchanged if no dimension's local size is divisible by the group size.
+  """
+  group = tuple(a for a in DATA_AXES if mesh.shape[a] > 1)
+  if not group:
+    return spec
+  n = _mesh_size(mesh, group)
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  local = [size // _mesh_size(mesh, e) for size, e in zip(shape, entries)]
+  candidates = [i for i in range(len(shape)) if local[i] % n == 0]
+  if not candidates:
+    return spec
+  dim = max(candidates, key=lambda i: local[i])
+  current = entries[dim]
+  current = () if current is None else ((current,) if isinstance(current, str) else current)
+  entries[dim] = group + tuple(current)
+  return P(*entries)
+
+
+def named(mesh: Mesh, specs):
+  """Turns a pytree of ``PartitionSpec`` into ``NamedSharding`` on ``mesh``."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))

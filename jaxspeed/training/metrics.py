@@ -1,0 +1,90 @@
+"""Where metrics go: ``metrics.jsonl``, TensorBoard, the terminal, and a loss plot.
+
+Only process 0 writes; other processes get a writer that does nothing, so the
+training loop never branches on the process index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: plots are files
+import matplotlib.pyplot as plt
+import tqdm
+from tensorboardX import SummaryWriter
+
+log = logging.getLogger("jaxspeed")
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
+               enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._bar = None
+    if sys.stderr.isatty():
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True)
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    for key, value in record.items():
+      if key != "step":
+        self._tb.add_scalar(key, value, step)
+    text = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
+    if self._bar is not None:
+      self._bar.set_postfix_str(text, refresh=False)
+    else:
+      print(f"step {step}: {text}", flush=True)
+
+  def advance(self, steps: int = 1) -> None:
+    if self.enabled and self._bar is not None:
+      self._bar.update(steps)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.close()
+    self._tb.close()
+    self._file.close()
+
+
+def read_metrics(path: str) -> list[dict[str, float]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(records: list[dict[str, float]], path: str) -> None:
+  """Train (and validation, where logged) loss against step, as a PNG."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+  if train:
+    ax.plot(*zip(*train), label="train")
+  if val:
+    ax.plot(*zip(*val), "o-", label="validation")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

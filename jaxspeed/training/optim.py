@@ -1,0 +1,75 @@
+"""Optimizers and learning-rate schedules from ``config.optim``.
+
+Optimizers are built at unit learning rate; the train step multiplies their
+update by ``lr = schedule(t)``. That lets one schedule be driven by either the
+step count or the number of tokens seen (sequence-length curricula change the
+tokens per step), and works for any optax transform, since every optax
+optimizer's update is linear in its learning rate (AdamW's decoupled weight
+decay included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+NO_DECAY_NAMES = ("bias", "scale")  # biases and LayerNorm gains are not weight-decayed
+
+
+def decay_mask(params):
+  """True for parameters that take weight decay (matrices and embeddings)."""
+  def keep(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not any(tag in name for tag in NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optax optimizer named by ``optim.name``, at learning rate 1."""
+  if optim.name == "adamw":
+    return optax.adamw(1.0, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=decay_mask)
+  if optim.name == "adam":
+    return optax.adam(1.0, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  if optim.name == "lamb":
+    return optax.lamb(1.0, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                      weight_decay=optim.weight_decay, mask=decay_mask)
+  if optim.name == "sgd":
+    return optax.sgd(1.0, momentum=optim.momentum or None)
+  raise ValueError(f"optim.name={optim.name!r}; allowed: adamw, adam, lamb, sgd")
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total: float) -> Schedule:
+  """Linear warmup to ``learning_rate``, then cosine/linear decay or constant.
+
+  Args:
+    optim: ``config.optim``; ``warmup`` and ``decay`` are in ``optim.lr_unit``.
+    total: the run's length in the same unit, used when ``optim.decay`` is 0.
+
+  Returns:
+    ``t -> lr`` for ``t`` in steps or tokens.
+  """
+  peak = optim.learning_rate
+  warmup = float(optim.warmup)
+  decay = float(optim.decay or max(total - warmup, 1.0))
+  floor = peak * optim.min_lr_ratio
+
+  def schedule(t: jax.Array) -> jax.Array:
+    t = jnp.asarray(t, jnp.float32)
+    ramp = peak * jnp.minimum(1.0, (t + 1.0) / max(warmup, 1.0))
+    frac = jnp.clip((t - warmup) / decay, 0.0, 1.0)
+    if optim.schedule == "cosine":
+      after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    elif optim.schedule == "linear":
+      after = peak + (floor - peak) * frac
+    else:
+      after = jnp.asarray(peak, jnp.float32)
+    return jnp.where(t < warmup, ramp, after)
+
+  return schedule

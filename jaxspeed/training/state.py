@@ -1,0 +1,103 @@
+"""The train state pytree and where each of its leaves lives (ZeRO stages).
+
+ZeRO (Rajbhandari et al. 2020) in sharding terms, for data-parallel group
+G = ``data`` x ``fsdp``:
+
+* stage 0: parameters, gradients and optimizer state replicated over G;
+* stage 1: optimizer state split over G; each device updates its slice and
+  the new parameters are all-gathered;
+* stage 2: 1 + gradients reduce-scattered, so accumulated gradients are split;
+* stage 3: 2 + parameters split at rest and all-gathered where used (FSDP).
+
+Tensor parallelism is orthogonal: every spec starts from the tensor-parallel
+placement given by the logical rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxspeed.parallel.rules import compute_rules, logical_to_spec, named, zero_spec
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; checkpointed as one pytree."""
+
+  step: jax.Array  # int32 []
+  params: Any
+  opt_state: Any
+  tokens: jax.Array  # int32 [] tokens seen, for token-based LR schedules
+  skipped: jax.Array  # int32 [] updates skipped by the non-finite guard
+  rng: jax.Array  # uint32 [2] base dropout key
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpecs:
+  """PartitionSpecs of the state, of gradients, and of optimizer-side arrays."""
+
+  state: TrainState  # a TrainState of PartitionSpecs
+  grads: Any  # where gradients are accumulated
+  update: Any  # where the optimizer update is computed (the ZeRO split for stage >= 1)
+
+
+def _tp_specs(boxed_params) -> Any:
+  logical = nn.get_partition_spec(boxed_params)
+  return jax.tree.map(lambda spec: logical_to_spec(tuple(spec), compute_rules()), logical,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def state_specs(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
+                mesh: Mesh, zero_stage: int) -> StateSpecs:
+  """Derives every PartitionSpec from abstract shapes (nothing is allocated)."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample_input))["params"]
+  tp = _tp_specs(boxed)
+  shapes = nn.meta.unbox(boxed)
+  zero = jax.tree.map(lambda s, x: zero_spec(s, x.shape, mesh), tp, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+  params = zero if zero_stage >= 3 else tp
+  opt_param_specs = zero if zero_stage >= 1 else tp
+  abstract_opt = jax.eval_shape(optimizer.init, shapes)
+  opt = optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_opt, opt_param_specs,
+                              transform_non_params=lambda _: P(),
+                              is_leaf=lambda x: isinstance(x, P))
+  scalar = P()
+  state = TrainState(step=scalar, params=params, opt_state=opt, tokens=scalar, skipped=scalar,
+                     rng=P(None))
+  return StateSpecs(state=state, grads=zero if zero_stage >= 2 else tp, update=opt_param_specs)
+
+
+def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
+                 seed: int):
+  def init() -> TrainState:
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = nn.meta.unbox(model.init(init_key, sample_input)["params"])
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                      tokens=zero, skipped=zero, rng=dropout_key)
+  return init
+
+
+def init_state(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
+               mesh: Mesh, specs: StateSpecs, seed: int) -> TrainState:
+  """Initializes parameters and optimizer state directly in their shardings."""
+  init = _initializer(model, optimizer, sample_input, seed)
+  return jax.jit(init, out_shardings=named(mesh, specs.state))()
+
+
+def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
+                   mesh: Mesh, specs: StateSpecs) -> TrainState:
+  """ShapeDtypeStructs carrying shardings: the restore target for checkpoints."""
+  shapes = jax.eval_shape(_initializer(model, optimizer, sample_input, 0))
+  return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                               sharding=sharding),
+                      shapes, named(mesh, specs.state))

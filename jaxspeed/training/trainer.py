@@ -1,0 +1,227 @@
+"""The training loop: validated config in, trained and checkpointed state out.
+
+``build`` does everything that can fail on bad input (config, corpus,
+tokenizer, mesh, shapes) before anything compiles; ``train`` runs the loop with
+logging, evaluation, checkpointing and automatic resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jaxspeed.checkpoint import Checkpointer
+from jaxspeed.config import validate
+from jaxspeed.data import (
+    BatchIterator,
+    BpeTokenizer,
+    Tokenizer,
+    load_corpus,
+    make_datasets,
+    make_tokenizer,
+    split_documents,
+)
+from jaxspeed.errors import ConfigError
+from jaxspeed.inference import sample_tokens
+from jaxspeed.models import ModelConfig, build_model
+from jaxspeed.parallel import make_mesh
+from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
+from jaxspeed.training.optim import make_optimizer, make_schedule
+from jaxspeed.training.state import (
+    StateSpecs,
+    TrainState,
+    abstract_state,
+    init_state,
+    state_specs,
+)
+from jaxspeed.training.step import batch_sharding, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, built and validated; nothing compiled yet."""
+
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  model_config: ModelConfig
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  specs: StateSpecs
+  train_step: Any
+  eval_step: Any
+  tokenizer: Tokenizer
+  train_data: BatchIterator
+  val_data: BatchIterator
+
+  def sample_input(self) -> jax.Array:
+    return jax.ShapeDtypeStruct((1, self.config.seq_len), np.int32)
+
+  def init_state(self) -> TrainState:
+    return init_state(self.model, self.optimizer, self.sample_input(), self.mesh, self.specs,
+                      self.config.seed)
+
+  def abstract_state(self) -> TrainState:
+    return abstract_state(self.model, self.optimizer, self.sample_input(), self.mesh,
+                          self.specs)
+
+  def to_device(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global batch array per key."""
+    sharding = batch_sharding(self.mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in local_batch.items()}
+
+
+def _tokenizer(config: ml_collections.ConfigDict, docs: list[str],
+               workdir: str | None) -> Tokenizer:
+  """Byte tokenizer, or a BPE trained on the train split (reused on resume)."""
+  path = os.path.join(workdir, "tokenizer.json") if workdir else None
+  if config.data.tokenizer == "bpe" and path and os.path.exists(path):
+    return BpeTokenizer.load(path)
+  tokenizer = make_tokenizer(config.data.tokenizer, docs, config.data.bpe_vocab_size)
+  if isinstance(tokenizer, BpeTokenizer) and path and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer.save(path)
+  return tokenizer
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | None = None,
+          devices=None) -> Setup:
+  """Validates ``config`` and builds mesh, data, model, optimizer and steps.
+
+  Raises:
+    ConfigError: for any bad value, before anything compiles.
+  """
+  devices = jax.devices() if devices is None else devices
+  validate(config, len(devices))
+  try:
+    docs = load_corpus(config.data.corpus, config.data.jsonl_field)
+  except FileNotFoundError as e:
+    raise ConfigError("data.corpus", str(e)) from e
+  train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.seed)
+  tokenizer = _tokenizer(config, train_docs, workdir)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the "
+                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+  train_data, val_data = make_datasets(
+      train_docs, val_docs, tokenizer, config.seq_len, config.batch_size, config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  mesh = make_mesh(config.parallel, devices)
+  model_config = ModelConfig.from_config(config.model)
+  model = build_model(config.model.name, model_config)
+  optimizer = make_optimizer(config.optim)
+  tokens_per_step = config.batch_size * config.seq_len
+  total = config.steps * (tokens_per_step if config.optim.lr_unit == "tokens" else 1)
+  if config.optim.lr_unit == "tokens" and total >= 2**31:
+    raise ConfigError("optim.lr_unit", f"token counts up to {total} overflow the int32 "
+                      "token counter; use 'steps'")
+  sample = jax.ShapeDtypeStruct((1, config.seq_len), np.int32)
+  specs = state_specs(model, optimizer, sample, mesh, config.zero.stage)
+  train_step = make_train_step(
+      model, optimizer, make_schedule(config.optim, total), specs, mesh,
+      microbatches=config.microbatches, lr_unit=config.optim.lr_unit,
+      grad_clip=config.optim.grad_clip, deterministic=config.model.dropout == 0)
+  eval_step = make_eval_step(model, specs, mesh)
+  return Setup(config, mesh, model_config, model, optimizer, specs, train_step, eval_step,
+               tokenizer, train_data, val_data)
+
+
+def evaluate(setup: Setup, params) -> float:
+  """Mean validation loss over the first ``config.eval_batches`` validation batches."""
+  loss_sum, count = 0.0, 0.0
+  for i in range(setup.config.eval_batches):
+    s, n = setup.eval_step(params, setup.to_device(setup.val_data.batch_at(i)))
+    loss_sum, count = loss_sum + float(s), count + float(n)
+  return loss_sum / count
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+  rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+          for k, v in summary.items()]
+  return "\n".join(["| metric | value |", "|---|---|", *rows])
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per ``config``, resuming from the newest checkpoint in ``workdir``.
+
+  Returns:
+    The run summary (also printed as a table by process 0).
+  """
+  setup = build(config, workdir)
+  lead = jax.process_index() == 0
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  with jax.set_mesh(setup.mesh):
+    start = checkpointer.latest_step()
+    if start is None:
+      state = setup.init_state()
+    else:
+      state, data_state = checkpointer.restore(start, setup.abstract_state())
+      setup.train_data.restore(data_state)
+      if lead:
+        print(f"resumed from step {start} in {workdir}", flush=True)
+    first_step = int(state.step)
+
+    writer = MetricsWriter(workdir, config.steps, first_step, enabled=lead)
+    flops_per_token = setup.model_config.flops_per_token(config.seq_len)
+    val_losses: list[float] = []
+    throughput: list[float] = []
+    window_start, window_tokens, window_first = time.perf_counter(), 0, True
+    metrics: dict[str, jax.Array] = {}
+    for step in range(first_step, config.steps):
+      batch = setup.to_device(setup.train_data.next_batch())
+      state, metrics = setup.train_step(state, batch)
+      window_tokens += config.batch_size * config.seq_len
+      done = step + 1
+      writer.advance()
+      evaluate_now = done % config.eval_every == 0 or done == config.steps
+      if evaluate_now or done % config.log_every == 0:
+        record = {k: float(v) for k, v in metrics.items()}
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = window_tokens / elapsed
+        if not window_first:  # the first window includes compilation
+          throughput.append(tokens_per_s)
+        record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tokens_per_s,
+                      mfu=tokens_per_s * flops_per_token / config.peak_flops)
+        if evaluate_now:
+          val_losses.append(evaluate(setup, state.params))
+          record["val_loss"] = val_losses[-1]
+        writer.write(done, record)
+        window_start, window_tokens, window_first = time.perf_counter(), 0, False
+      if done % config.checkpoint_every == 0 or done == config.steps:
+        checkpointer.save(done, state, setup.train_data.state)
+    checkpointer.close()
+    writer.close()
+
+    summary: dict[str, Any] = {
+        "steps": config.steps,
+        "final_loss": float(metrics["loss"]) if metrics else float("nan"),
+        "val_loss": val_losses[-1] if val_losses else float("nan"),
+        "tokens_per_s": float(np.median(throughput)) if throughput else float("nan"),
+        "skipped_steps": int(state.skipped),
+        "mesh": " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items() if v > 1) or "1 device",
+        "zero_stage": config.zero.stage,
+        "checkpoint": os.path.join(workdir, "checkpoints", str(config.steps)),
+    }
+    summary["mfu"] = summary["tokens_per_s"] * flops_per_token / config.peak_flops
+    if lead and os.path.exists(writer.path):
+      plot_loss(read_metrics(writer.path), os.path.join(workdir, "loss.png"))
+    if config.sample_tokens and config.model.name == "gpt":
+      prompt = [int(t) for t in setup.tokenizer.encode(config.sample_prompt)]
+      ids = sample_tokens(setup.model, state.params, prompt, config.sample_tokens,
+                          max_len=config.seq_len, rng=jax.random.PRNGKey(config.seed))
+      summary["sample"] = config.sample_prompt + setup.tokenizer.decode(ids)
+  if lead:
+    print(_summary_table({k: v for k, v in summary.items() if k != "sample"}))
+    if "sample" in summary:
+      print(f"\nsample: {summary['sample']!r}")
+  return summary
