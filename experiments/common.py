@@ -19,13 +19,14 @@ OUTPUT_DIR = flags.DEFINE_string("output_dir", "results", "Where results are wri
 
 
 def setup_devices(num: int | None = None) -> None:
-  """Creates ``--cpu_devices`` virtual devices when running on CPU."""
-  import jax
+  """Creates ``--cpu_devices`` virtual CPU devices.
 
+  Only the CPU backend reads this setting, so on GPU/TPU the real devices are
+  used and the flag is ignored.
+  """
   from jaxspeed.parallel import use_cpu_devices
 
-  if jax.config.jax_platforms in (None, "", "cpu") and not os.environ.get("JAX_PLATFORMS"):
-    use_cpu_devices(num or CPU_DEVICES.value)
+  use_cpu_devices(num or CPU_DEVICES.value)
 
 
 def env_info() -> dict[str, Any]:

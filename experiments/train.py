@@ -45,4 +45,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from jaxspeed.config import check_override_keys
+  from jaxspeed.errors import ConfigError
+
+  try:
+    check_override_keys(sys.argv[1:])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   app.run(main)

@@ -102,6 +102,27 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
       _check_keys(config[key], schema[key], prefix=f"{path}.")
 
 
+def check_override_keys(argv: list[str], flag: str = "config") -> None:
+  """Rejects ``--config.a.b=...`` overrides whose key is not in the schema.
+
+  ``ml_collections`` would fail on them too, but deep inside flag parsing with
+  a traceback; this names the key and the keys allowed next to it.
+  """
+  schema = default_config()
+  prefix = f"--{flag}."
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    key = arg[len(prefix):].split("=", 1)[0]
+    node, path = schema, []
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) \
+            else "none (not a section)"
+        raise ConfigError(".".join([*path, part]), f"unknown key; known keys here: {known}")
+      node, path = node[part], [*path, part]
+
+
 def _choice(config, key: str, allowed) -> None:
   value = config
   for part in key.split("."):

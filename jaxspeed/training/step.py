@@ -121,7 +121,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     grads = jax.tree.map(lambda g: g / count, grads)
     grads = jax.lax.with_sharding_constraint(grads, update_shardings)
     loss = total_loss / count
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     if grad_clip > 0:
       factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
       grads = jax.tree.map(lambda g: g * factor, grads)
