@@ -11,7 +11,10 @@ import json
 import os
 from typing import Any
 
+import jax
 from absl import flags
+
+from jaxspeed.parallel import use_cpu_devices
 
 CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 8, "Virtual CPU devices to create (ignored on GPU/TPU).")
@@ -24,14 +27,10 @@ def setup_devices(num: int | None = None) -> None:
   Only the CPU backend reads this setting, so on GPU/TPU the real devices are
   used and the flag is ignored.
   """
-  from jaxspeed.parallel import use_cpu_devices
-
   use_cpu_devices(num or CPU_DEVICES.value)
 
 
 def env_info() -> dict[str, Any]:
-  import jax
-
   return {"jax": jax.__version__, "backend": jax.default_backend(),
           "devices": jax.device_count(), "processes": jax.process_count()}
 

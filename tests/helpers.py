@@ -7,8 +7,12 @@ import jax
 import jaxspeed
 
 
-def train_losses(config, num_steps: int, devices=None) -> tuple[list[float], jaxspeed.Setup, object]:
-  """Runs ``num_steps`` train steps in-process; returns (losses, setup, final state)."""
+def train_losses(config, num_steps: int, devices=None):
+  """Runs ``num_steps`` train steps in-process.
+
+  Returns:
+    (per-step losses, the ``Setup``, the final ``TrainState``).
+  """
   setup = jaxspeed.build(config, devices=devices)
   losses = []
   with jax.set_mesh(setup.mesh):

@@ -71,7 +71,7 @@ def test_good_config_builds(tiny_config):
 
 
 def test_unknown_override_key_is_named():
-  with pytest.raises(jaxspeed.ConfigError, match="config.model.foo"):
+  with pytest.raises(jaxspeed.ConfigError, match=r"config\.model\.foo"):
     check_override_keys(["--config.model.foo=3"])
   check_override_keys(["--config.model.num_layers=3", "--workdir=x"])
 

@@ -57,7 +57,7 @@ def _total_bytes(tree) -> int:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_memory_per_device(stage, tiny_config):
-  _, setup, state = train_losses(_configure(tiny_config, {"data": 8}, stage), 1)
+  _, _, state = train_losses(_configure(tiny_config, {"data": 8}, stage), 1)
   opt_ratio = _bytes_per_device(state.opt_state) / _total_bytes(state.opt_state)
   param_ratio = _bytes_per_device(state.params) / _total_bytes(state.params)
   bound = 1 / 8 * 1.05

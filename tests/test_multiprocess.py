@@ -1,0 +1,157 @@
+"""Two processes x 4 devices train exactly like one process x 8 devices.
+
+Both runs go through the real command line (``experiments.train`` and
+``experiments.launch_local``) in subprocesses, so this covers
+``jax.distributed`` initialization, gloo collectives across processes and the
+per-process data loading behind ``make_array_from_process_local_data``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+STEPS = 5
+TIMEOUT_S = 240
+
+# ZeRO-3 over data x fsdp plus tensor parallelism: parameters, gradients and
+# optimizer state are all sharded across the process boundary.
+TRAIN_FLAGS = [
+    "--config=configs/gpt_tiny.py",
+    f"--config.steps={STEPS}",
+    "--config.log_every=1",
+    f"--config.eval_every={STEPS}",
+    "--config.eval_batches=1",
+    f"--config.checkpoint_every={STEPS}",
+    "--config.sample_tokens=0",
+    "--config.seq_len=32",
+    "--config.model.max_seq_len=32",
+    "--config.model.num_layers=2",
+    "--config.model.d_model=64",
+    "--config.model.d_ff=256",
+    "--config.parallel.data=2",
+    "--config.parallel.fsdp=2",
+    "--config.parallel.tensor=2",
+    "--config.zero.stage=3",
+]
+
+
+def _env(devices: int) -> dict[str, str]:
+  """This environment with the device count of the child, not of the test process."""
+  env = dict(os.environ)
+  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join([*xla_flags, f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+# A stand-in job for the launcher tests: records its pid, then fails if it is
+# process --fail, else waits until it is stopped. No JAX, so it starts at once.
+FAKE_JOB = """
+import os, sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+with open(os.path.join(args["workdir"], "pid_" + args["process_id"]), "w") as f:
+  f.write(str(os.getpid()))
+print("devices", args["cpu_devices"], os.environ["XLA_FLAGS"], flush=True)
+if args["process_id"] == args.get("fail"):
+  time.sleep(1.0)  # lets the others start (or not, when the machine is busy)
+  sys.exit(3)
+time.sleep(600)
+"""
+
+
+def _launch(tmp_path, *flags, job_flags=()) -> subprocess.CompletedProcess:
+  (tmp_path / "fake_job.py").write_text(FAKE_JOB)
+  env = {**_env(8), "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.launch_local", "--module=fake_job", *flags, "--",
+       f"--workdir={tmp_path}", *job_flags],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _pids(tmp_path) -> list[int]:
+  return [int(p.read_text()) for p in tmp_path.glob("pid_*")]
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(") ")[1][0] != "Z"  # a zombie is dead, only not reaped yet
+  except FileNotFoundError:
+    return False
+
+
+def test_launcher_rejects_indivisible_device_count(tmp_path):
+  result = _launch(tmp_path, "--num_processes=3", "--total_cpu_devices=8")
+  assert result.returncode == 2
+  assert "--total_cpu_devices=8 is not divisible by --num_processes=3" in result.stderr
+
+
+def test_launcher_rejects_flags_it_sets(tmp_path):
+  result = _launch(tmp_path, job_flags=["--process_id=1"])
+  assert result.returncode == 2
+  assert "--process_id is set by the launcher" in result.stderr
+
+
+def test_launcher_stops_all_when_one_fails(tmp_path):
+  result = _launch(tmp_path, "--num_processes=4", job_flags=["--fail=2"])
+  assert result.returncode == 3, result.stderr
+  assert "process 2 exited with code 3" in result.stderr
+  # Each process gets its share of the devices, whatever the caller's XLA_FLAGS say.
+  assert "devices 2 --xla_force_host_platform_device_count=2" in result.stdout
+  assert "devices 2" in (tmp_path / "process_3.log").read_text()
+  assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
+
+
+def test_launcher_times_out(tmp_path):
+  result = _launch(tmp_path, "--num_processes=2", "--timeout_s=2")
+  assert result.returncode == 124
+  assert "timed out" in result.stderr
+  assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
+
+
+def _losses(workdir) -> list[float]:
+  with open(workdir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  return [r["loss"] for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
+def test_two_processes_match_one_process(tmp_path):
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  commands = {
+      "single": ([sys.executable, "-m", "experiments.train", *TRAIN_FLAGS,
+                  f"--workdir={single}", "--cpu_devices=8"], _env(8)),
+      "multi": ([sys.executable, "-m", "experiments.launch_local", "--num_processes=2",
+                 "--total_cpu_devices=8", f"--timeout_s={TIMEOUT_S}", "--",
+                 *TRAIN_FLAGS, f"--workdir={multi}"], _env(4)),
+  }
+  # Both runs at once: much of each is single-threaded compilation, so they
+  # overlap well even on two cores.
+  procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+           for name, (cmd, env) in commands.items()}
+  deadline = time.monotonic() + TIMEOUT_S + 30
+  outputs = {}
+  try:
+    for name, proc in procs.items():
+      outputs[name], _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()  # the launcher's children die with it (PR_SET_PDEATHSIG)
+        proc.wait()
+  for name, proc in procs.items():
+    assert proc.returncode == 0, f"{name} run failed:\n{outputs[name][-3000:]}"
+  assert "launch_local: 2 processes x 4 CPU devices" in outputs["multi"]
+  assert (multi / "process_1.log").exists()
+
+  np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
