@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
 
+import jaxspeed
 from experiments import common
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: tiny model, few steps.")
@@ -29,8 +29,6 @@ STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per variant (after warm-u
 
 
 def _config(quick: bool):
-  import jaxspeed  # noqa: PLC0415
-
   c = jaxspeed.default_config()
   c.batch_size, c.seq_len = (8, 32) if quick else (16, 128)
   c.model.update(num_layers=2 if quick else 4, d_model=64 if quick else 128,
@@ -73,8 +71,6 @@ def _time_interleaved(fns, steps: int, block: int = 5) -> list[list[float]]:
 
 
 def _overhead(quick: bool, steps: int) -> dict:
-  import jaxspeed  # noqa: PLC0415
-
   config = _config(quick)
   config.parallel.data = 1
   setup = jaxspeed.build(config, devices=jax.devices()[:1])
@@ -110,8 +106,6 @@ def _overhead(quick: bool, steps: int) -> dict:
 
 
 def _zero_memory(quick: bool) -> list[dict]:
-  import jaxspeed  # noqa: PLC0415
-
   rows = []
   for stage in (0, 1, 2, 3):
     config = _config(quick)

@@ -1,5 +1,6 @@
 """Models, position encodings, loss, schedules and the non-finite guard, by hand-checked cases."""
 
+import importlib.util
 import math
 
 import flax.linen as nn
@@ -8,16 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import REPO
 from helpers import train_losses
 
+from jaxspeed import build
 from jaxspeed.models import (
     GPT,
     BertForMaskedLM,
     ModelConfig,
     alibi_slopes,
     apply_rope,
+    build_model,
 )
-from jaxspeed.training import cross_entropy, make_schedule
+from jaxspeed.parallel import make_mesh
+from jaxspeed.training import cross_entropy, make_optimizer, make_schedule, state_specs
 
 TINY = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, d_ff=64,
                    max_seq_len=16)
@@ -140,8 +145,6 @@ def test_token_based_schedule_counts_tokens(tiny_config):
 
 
 def test_non_finite_guard_skips_the_update(tiny_config):
-  from jaxspeed import build  # noqa: PLC0415
-
   setup = build(tiny_config, devices=jax.devices()[:1])
   with jax.set_mesh(setup.mesh):
     state = setup.init_state()
@@ -154,3 +157,38 @@ def test_non_finite_guard_skips_the_update(tiny_config):
                  expected)
     good, _ = setup.train_step(setup.init_state(), setup.to_device(setup.train_data.next_batch()))
     assert int(good.skipped) == 0
+
+
+def test_bert_trains_with_masked_lm(tiny_config):
+  tiny_config.model.name = "bert"
+  tiny_config.model.vocab_size = 264  # 256 bytes + [MASK], divisible by 8
+  losses, setup, _ = train_losses(tiny_config, 10, devices=jax.devices()[:1])
+  batch = setup.train_data.batch_at(0)
+  selected = batch["loss_mask"] > 0
+  assert 0.05 < selected.mean() < 0.3
+  assert (batch["inputs"][~selected] == batch["targets"][~selected]).all()
+  assert (batch["inputs"][selected] == 256).mean() > 0.6
+  assert losses[-1] < losses[0]
+
+
+def test_gpt3_xl_shapes_without_allocating():
+  """GPT-3 1.3B: parameter count and ZeRO-3 per-device bytes, from abstract arrays only."""
+  spec = importlib.util.spec_from_file_location("gpt3", f"{REPO}/configs/gpt3_1p3b.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  model_config = ModelConfig.from_config(config.model)
+  model = build_model("gpt", model_config)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)))
+  count = sum(x.size for x in jax.tree.leaves(shapes))
+  assert count == model_config.num_params()
+  assert 1.25e9 < count < 1.45e9
+  mesh = make_mesh(config.parallel)
+  specs = state_specs(model, make_optimizer(config.optim), tokens, mesh, zero_stage=3)
+  per_device = sum(
+      math.prod(jax.sharding.NamedSharding(mesh, s).shard_shape(x.shape)) * 4
+      for s, x in zip(jax.tree.leaves(specs.state.params,
+                                      is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
+                      jax.tree.leaves(shapes["params"]), strict=True))
+  assert per_device <= count * 4 / 8 * 1.05

@@ -15,6 +15,7 @@ from jaxspeed.data.loader import (
     concat_tokens,
     make_datasets,
 )
+from jaxspeed.data.masking import MaskedLMBatches
 from jaxspeed.data.tokenizers import (
     TOKENIZER_NAMES,
     BpeTokenizer,
@@ -31,6 +32,7 @@ __all__ = [
     "BatchIterator",
     "BpeTokenizer",
     "ByteTokenizer",
+    "MaskedLMBatches",
     "TokenWindows",
     "Tokenizer",
     "concat_tokens",

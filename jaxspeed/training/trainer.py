@@ -25,6 +25,7 @@ from jaxspeed.config import validate
 from jaxspeed.data import (
     BatchIterator,
     BpeTokenizer,
+    MaskedLMBatches,
     Tokenizer,
     load_corpus,
     make_datasets,
@@ -60,8 +61,8 @@ class Setup:
   train_step: Any
   eval_step: Any
   tokenizer: Tokenizer
-  train_data: BatchIterator
-  val_data: BatchIterator
+  train_data: BatchIterator | MaskedLMBatches
+  val_data: BatchIterator | MaskedLMBatches
 
   def sample_input(self) -> jax.Array:
     return jax.ShapeDtypeStruct((1, self.config.seq_len), np.int32)
@@ -109,12 +110,18 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
     raise ConfigError("data.corpus", str(e)) from e
   train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.seed)
   tokenizer = _tokenizer(config, train_docs, workdir)
-  if tokenizer.vocab_size > config.model.vocab_size:
+  # BERT's [MASK] is the first id past the tokenizer's vocabulary.
+  needed = tokenizer.vocab_size + (config.model.name == "bert")
+  if needed > config.model.vocab_size:
     raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the "
-                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+                      f"{needed} ids needed (tokenizer vocabulary {tokenizer.vocab_size}"
+                      f"{' + [MASK]' if config.model.name == 'bert' else ''})")
   train_data, val_data = make_datasets(
       train_docs, val_docs, tokenizer, config.seq_len, config.batch_size, config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  if config.model.name == "bert":
+    train_data, val_data = (MaskedLMBatches(d, tokenizer.vocab_size, config.model.vocab_size)
+                            for d in (train_data, val_data))
 
   mesh = make_mesh(config.parallel, devices)
   model_config = ModelConfig.from_config(config.model)
