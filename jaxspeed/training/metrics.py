@@ -7,19 +7,12 @@ training loop never branches on the process index.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from collections.abc import Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: plots are files
-import matplotlib.pyplot as plt
 import tqdm
-from tensorboardX import SummaryWriter
-
-log = logging.getLogger("jaxspeed")
+from matplotlib.figure import Figure
 
 
 class MetricsWriter:
@@ -33,6 +26,9 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+    # tensorboardX imports torch when installed: pay for it only where it is used.
+    from tensorboardX import SummaryWriter
+
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._bar = None
     if sys.stderr.isatty():
@@ -74,7 +70,9 @@ def read_metrics(path: str) -> list[dict[str, float]]:
 
 def plot_loss(records: list[dict[str, float]], path: str) -> None:
   """Train (and validation, where logged) loss against step, as a PNG."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  # A bare Figure, not pyplot: no global backend switch, so notebooks keep inline plots.
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   train = [(r["step"], r["loss"]) for r in records if "loss" in r]
   val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
   if train:
@@ -87,4 +85,3 @@ def plot_loss(records: list[dict[str, float]], path: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
