@@ -181,6 +181,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer = MetricsWriter(workdir, config.steps, first_step, enabled=lead)
     flops_per_token = setup.model_config.flops_per_token(config.seq_len)
     val_losses: list[float] = []
+    if first_step == 0:  # the untrained model's loss, so the curve shows what training did
+      val_losses.append(evaluate(setup, state.params))
+      if lead:
+        print(f"step 0: val_loss={val_losses[0]:.4g}", flush=True)
     throughput: list[float] = []
     window_start, window_tokens, window_first = time.perf_counter(), 0, True
     metrics: dict[str, jax.Array] = {}
@@ -212,6 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "steps": config.steps,
         "final_loss": float(metrics["loss"]) if metrics else float("nan"),
+        "initial_val_loss": val_losses[0] if first_step == 0 else float("nan"),
         "val_loss": val_losses[-1] if val_losses else float("nan"),
         "tokens_per_s": float(np.median(throughput)) if throughput else float("nan"),
         "skipped_steps": int(state.skipped),
