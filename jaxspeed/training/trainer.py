@@ -64,15 +64,12 @@ class Setup:
   train_data: BatchIterator | MaskedLMBatches
   val_data: BatchIterator | MaskedLMBatches
 
-  def sample_input(self) -> jax.Array:
-    return jax.ShapeDtypeStruct((1, self.config.seq_len), np.int32)
-
   def init_state(self) -> TrainState:
-    return init_state(self.model, self.optimizer, self.sample_input(), self.mesh, self.specs,
-                      self.config.seed)
+    return init_state(self.model, self.optimizer, _model_input(self.config), self.mesh,
+                      self.specs, self.config.seed)
 
   def abstract_state(self) -> TrainState:
-    return abstract_state(self.model, self.optimizer, self.sample_input(), self.mesh,
+    return abstract_state(self.model, self.optimizer, _model_input(self.config), self.mesh,
                           self.specs)
 
   def to_device(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -80,6 +77,11 @@ class Setup:
     sharding = batch_sharding(self.mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v)
             for k, v in local_batch.items()}
+
+
+def _model_input(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
+  """The token shape parameters are initialized from (they do not depend on the batch)."""
+  return jax.ShapeDtypeStruct((1, config.seq_len), np.int32)
 
 
 def _tokenizer(config: ml_collections.ConfigDict, docs: list[str],
@@ -132,8 +134,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   if config.optim.lr_unit == "tokens" and total >= 2**31:
     raise ConfigError("optim.lr_unit", f"token counts up to {total} overflow the int32 "
                       "token counter; use 'steps'")
-  sample = jax.ShapeDtypeStruct((1, config.seq_len), np.int32)
-  specs = state_specs(model, optimizer, sample, mesh, config.zero.stage)
+  specs = state_specs(model, optimizer, _model_input(config), mesh, config.zero.stage)
   train_step = make_train_step(
       model, optimizer, make_schedule(config.optim, total), specs, mesh,
       microbatches=config.microbatches, lr_unit=config.optim.lr_unit,
