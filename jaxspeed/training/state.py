@@ -50,6 +50,10 @@ class StateSpecs:
   update: Any  # where the optimizer update is computed (the ZeRO split for stage >= 1)
 
 
+def _zeros(sample_input: jax.ShapeDtypeStruct) -> jax.Array:
+  return jnp.zeros(sample_input.shape, sample_input.dtype)
+
+
 def _tp_specs(boxed_params) -> Any:
   logical = nn.get_partition_spec(boxed_params)
   return jax.tree.map(lambda spec: logical_to_spec(tuple(spec), compute_rules()), logical,
@@ -59,7 +63,8 @@ def _tp_specs(boxed_params) -> Any:
 def state_specs(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
                 mesh: Mesh, zero_stage: int) -> StateSpecs:
   """Derives every PartitionSpec from abstract shapes (nothing is allocated)."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample_input))["params"]
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _zeros(sample_input)))
+  boxed = boxed["params"]
   tp = _tp_specs(boxed)
   shapes = nn.meta.unbox(boxed)
   zero = jax.tree.map(lambda s, x: zero_spec(s, x.shape, mesh), tp, shapes,
@@ -80,7 +85,7 @@ def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, samp
                  seed: int):
   def init() -> TrainState:
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = nn.meta.unbox(model.init(init_key, sample_input)["params"])
+    params = nn.meta.unbox(model.init(init_key, _zeros(sample_input))["params"])
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                       tokens=zero, skipped=zero, rng=dropout_key)
