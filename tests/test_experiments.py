@@ -28,9 +28,10 @@ def test_bench_step_quick(tmp_path):
   payload = run_experiment("bench_step", tmp_path)
   summary = payload["summary"]
   assert "overhead_pct" in summary
-  # The library step does the hand-written step's work: same FLOPs, memory traffic within 2%.
+  # The library step does the hand-written step's work: same FLOPs, memory traffic within 3%
+  # (the guard and metrics add about 1 MB of elementwise traffic per step).
   assert abs(summary["flops_ratio"] - 1) < 0.01
-  assert abs(summary["bytes_accessed_ratio"] - 1) < 0.02
+  assert abs(summary["bytes_accessed_ratio"] - 1) < 0.03
   total = summary["zero0_bytes_per_device"]
   # ZeRO-1/2 keep 1/8 of the Adam state (2 of 3 float32 copies of the model): 1/3 + 2/3/8.
   for stage in (1, 2):

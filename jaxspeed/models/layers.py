@@ -7,6 +7,8 @@ mesh by ``jaxspeed.parallel.rules``; nothing here knows the mesh.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm over the last axis, computed in float32."""
+  """LayerNorm over the last axis, computed in float32 (``layer_norm``)."""
 
   eps: float = 1e-5
 
@@ -41,11 +43,57 @@ class LayerNorm(nn.Module):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
                                                              ("embed",)), (d,))
     bias = self.param("bias", zeros_init(("embed",)), (d,))
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-    return y.astype(x.dtype)
+    return layer_norm(x, scale, bias, self.eps)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) · scale + bias over the last axis (Ba et al. 2016).
+
+  Statistics are taken in float32 and the result is cast back to ``x.dtype``.
+  """
+  return _layer_norm(x.astype(jnp.float32), scale, bias, eps).astype(x.dtype)
+
+
+def _normalize(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  centered = x - x.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
+  return centered * rstd, rstd
+
+
+# A hand-written backward: autodiff of the forward re-derives the mean and
+# variance chains and, on XLA:CPU, materializes several broadcasts of the
+# [N, 1] statistics; this closed form reads each [N, d] array once.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps):
+  return _normalize(x, eps)[0] * scale + bias
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  xhat, rstd = _normalize(x, eps)
+  return xhat * scale + bias, (xhat, rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, dy):
+  del eps
+  xhat, rstd, scale = res
+  g = dy * scale
+  dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  rows = tuple(range(dy.ndim - 1))
+  return dx, (dy * xhat).sum(rows), dy.sum(rows)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., d_in] @ w [d_in, d_out] as one 2-D matmul.
+
+  Contracting a [B, S, d] activation over (B, S) for the weight gradient makes
+  XLA:CPU transpose it to [d, B·S] first; with the leading axes merged, the
+  backward matmuls read both operands in place.
+  """
+  y = x.reshape(-1, x.shape[-1]) @ w
+  return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 class Attention(nn.Module):
@@ -70,8 +118,8 @@ class Attention(nn.Module):
     def project(name: str) -> jax.Array:
       w = self.param(name, param_init(("embed", "heads", "kv")), (cfg.d_model, h, hd))
       b = self.param(f"{name}_bias", zeros_init(("heads", "kv")), (h, hd))
-      y = jnp.einsum("bsd,dhk->bshk", x, w.astype(dtype)) + b.astype(dtype)
-      return constrain(y, ("batch", "seq", "heads", "kv"))
+      y = dense(x, w.reshape(cfg.d_model, h * hd).astype(dtype)).reshape(*x.shape[:-1], h, hd)
+      return constrain(y + b.astype(dtype), ("batch", "seq", "heads", "kv"))
 
     q, k, v = project("query"), project("key"), project("value")
     bias = None
@@ -83,7 +131,8 @@ class Attention(nn.Module):
     out = constrain(out, ("batch", "seq", "heads", "kv"))
     wo = self.param("out", param_init(("heads", "kv", "embed")), (h, hd, cfg.d_model))
     bo = self.param("out_bias", zeros_init(("embed",)), (cfg.d_model,))
-    y = jnp.einsum("bshk,hkd->bsd", out, wo.astype(dtype)) + bo.astype(dtype)
+    out = out.reshape(*out.shape[:-2], h * hd)
+    y = dense(out, wo.reshape(h * hd, cfg.d_model).astype(dtype)) + bo.astype(dtype)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return constrain(y, ("batch", "seq", "embed"))
 
@@ -101,9 +150,9 @@ class Mlp(nn.Module):
     b1 = self.param("wi_bias", zeros_init(("mlp",)), (cfg.d_ff,))
     w2 = self.param("wo", param_init(("mlp", "embed")), (cfg.d_ff, cfg.d_model))
     b2 = self.param("wo_bias", zeros_init(("embed",)), (cfg.d_model,))
-    h = jax.nn.gelu(x @ w1.astype(dtype) + b1.astype(dtype))
+    h = jax.nn.gelu(dense(x, w1.astype(dtype)) + b1.astype(dtype))
     h = constrain(h, ("batch", "seq", "mlp"))
-    y = h @ w2.astype(dtype) + b2.astype(dtype)
+    y = dense(h, w2.astype(dtype)) + b2.astype(dtype)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return constrain(y, ("batch", "seq", "embed"))
 
@@ -163,5 +212,5 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied LM head: [B, S, d_model] → logits [B, S, vocab] (vocab-parallel)."""
-    logits = jnp.einsum("bsd,vd->bsv", x, self.table.astype(x.dtype))
+    logits = dense(x, self.table.astype(x.dtype).T)
     return constrain(logits, ("batch", "seq", "vocab"))
