@@ -25,9 +25,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
     """Starts an asynchronous save of ``step``; the next save or ``close`` waits for it."""
     self._manager.save(step, force=True, args=ocp.args.Composite(
