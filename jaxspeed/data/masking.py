@@ -25,10 +25,9 @@ class MaskedLMBatches:
   (original tokens), ``loss_mask`` float32[B_local, S] (1 at selected positions).
   """
 
-  def __init__(self, source: BatchIterator, mask_id: int, vocab_size: int, rate: float = 0.15):
+  def __init__(self, source: BatchIterator, mask_id: int, rate: float = 0.15):
     self.source = source
     self.mask_id = mask_id
-    self.vocab_size = vocab_size
     self.rate = rate
 
   @property

@@ -122,7 +122,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       train_docs, val_docs, tokenizer, config.seq_len, config.batch_size, config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   if config.model.name == "bert":
-    train_data, val_data = (MaskedLMBatches(d, tokenizer.vocab_size, config.model.vocab_size)
+    train_data, val_data = (MaskedLMBatches(d, tokenizer.vocab_size)
                             for d in (train_data, val_data))
 
   mesh = make_mesh(config.parallel, devices)
