@@ -181,6 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     writer = MetricsWriter(workdir, config.steps, first_step, enabled=lead)
     flops_per_token = setup.model_config.flops_per_token(config.seq_len)
+    mfu = lambda tokens_per_s: tokens_per_s * flops_per_token / config.peak_flops
     val_losses: list[float] = []
     if first_step == 0:  # the untrained model's loss, so the curve shows what training did
       val_losses.append(evaluate(setup, state.params))
@@ -203,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if not window_first:  # the first window includes compilation
           throughput.append(tokens_per_s)
         record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tokens_per_s,
-                      mfu=tokens_per_s * flops_per_token / config.peak_flops)
+                      mfu=mfu(tokens_per_s))
         if evaluate_now:
           val_losses.append(evaluate(setup, state.params))
           record["val_loss"] = val_losses[-1]
@@ -225,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "zero_stage": config.zero.stage,
         "checkpoint": os.path.join(workdir, "checkpoints", str(config.steps)),
     }
-    summary["mfu"] = summary["tokens_per_s"] * flops_per_token / config.peak_flops
+    summary["mfu"] = mfu(summary["tokens_per_s"])
     if lead and os.path.exists(writer.path):
       plot_loss(read_metrics(writer.path), os.path.join(workdir, "loss.png"))
     if config.sample_tokens and config.model.name == "gpt":
