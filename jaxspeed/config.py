@@ -17,7 +17,8 @@ from jaxspeed.models.attention import ATTENTION_IMPLS
 from jaxspeed.models.config import DTYPES, POSITIONS, REMAT_POLICIES
 from jaxspeed.parallel.mesh import DATA_AXES, resolve_mesh_shape
 
-OPTIMIZERS = ("adamw", "adam", "lamb", "sgd")
+ONEBIT_OPTIMIZERS = ("onebit_adam", "onebit_lamb", "zero_one_adam")
+OPTIMIZERS = ("adamw", "adam", "lamb", "sgd", *ONEBIT_OPTIMIZERS)
 SCHEDULES = ("cosine", "linear", "constant")
 LR_UNITS = ("steps", "tokens")
 TOKENIZERS = ("byte", "bpe")
@@ -72,6 +73,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.warmup = 10
   c.optim.decay = 0  # decay length; 0 means the whole run
   c.optim.min_lr_ratio = 0.1
+  # 1-bit Adam / 1-bit LAMB: warm-up updates before compression (DeepSpeed's defaults below).
+  c.optim.freeze_step = 100000
+  c.optim.bias_correction = False  # 1-bit Adam only; DeepSpeed has none
+  c.optim.max_coeff = 10.0  # 1-bit LAMB trust-ratio bounds and EMA
+  c.optim.min_coeff = 0.01
+  c.optim.coeff_beta = 0.9
+  c.optim.factor_max = 4.0  # 1-bit LAMB compression-stage factor bounds and rate limit
+  c.optim.factor_min = 0.5
+  c.optim.factor_threshold = 0.1
+  c.optim.var_freeze_step = 100000  # 0/1 Adam
+  c.optim.var_update_scaler = 16
+  c.optim.local_step_scaler = 32678  # DeepSpeed's default (likely meant 32768)
+  c.optim.local_step_clipper = 16
 
   c.zero = ml_collections.ConfigDict()
   c.zero.stage = 0
@@ -191,6 +205,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     raise ConfigError("batch_size", f"{config.batch_size} is not divisible by data-parallel size "
                       f"(parallel.data x parallel.fsdp = {dp}) x microbatches "
                       f"({config.microbatches})")
+  if config.optim.name in ONEBIT_OPTIMIZERS and config.zero.stage > 1:
+    raise ConfigError("zero.stage", f"{config.optim.name} compresses each worker's full local "
+                      f"gradient or momentum, so gradients cannot be ZeRO-sharded; allowed "
+                      f"stages: 0, 1 (got {config.zero.stage})")
   for axis in ("stage", "expert", "sequence"):
     if shape[axis] != 1:
       raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "

@@ -33,10 +33,15 @@ from jaxspeed.parallel.mesh import DATA_AXES
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
-def compute_rules() -> LogicalRules:
-  """Rules for activations and for the tensor-parallel split of parameters."""
+def compute_rules(batch_axes: tuple[str, ...] | None = DATA_AXES) -> LogicalRules:
+  """Rules for activations and for the tensor-parallel split of parameters.
+
+  Args:
+    batch_axes: where the batch dimension is split; None inside a computation
+      already mapped over the data-parallel workers (per-worker gradients).
+  """
   return (
-      ("batch", DATA_AXES),
+      ("batch", batch_axes),
       ("seq", None),
       ("embed", None),
       ("heads", "tensor"),

@@ -1,6 +1,6 @@
 """Training: state and ZeRO shardings, optimizers, the jitted step, the loop."""
 
-from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
+from jaxspeed.training.metrics import MetricsWriter, plot_loss, plot_runs, read_metrics
 from jaxspeed.training.optim import decay_mask, make_optimizer, make_schedule
 from jaxspeed.training.state import (
     StateSpecs,
@@ -35,6 +35,7 @@ __all__ = [
     "make_schedule",
     "make_train_step",
     "plot_loss",
+    "plot_runs",
     "read_metrics",
     "split_microbatches",
     "state_specs",

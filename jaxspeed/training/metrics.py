@@ -85,3 +85,20 @@ def plot_loss(records: list[dict[str, float]], path: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+
+
+def plot_runs(runs: Mapping[str, list[dict[str, float]]], path: str, key: str = "loss",
+              x: str = "step") -> None:
+  """One curve of ``key`` against ``x`` per run (label -> metric records), as a PNG."""
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
+  for label, records in runs.items():
+    points = [(r[x], r[key]) for r in records if key in r and x in r]
+    if points:
+      ax.plot(*zip(*points), label=label)
+  ax.set_xlabel(x)
+  ax.set_ylabel(key)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)

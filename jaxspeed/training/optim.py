@@ -17,6 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxspeed.comm import WorkerGroup
+from jaxspeed.config import ONEBIT_OPTIMIZERS, OPTIMIZERS
+from jaxspeed.optimizers import CommunicatingOptimizer, onebit_adam, onebit_lamb, zero_one_adam
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 NO_DECAY_NAMES = ("bias", "scale")  # biases and LayerNorm gains are not weight-decayed
@@ -30,8 +34,30 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optax optimizer named by ``optim.name``, at learning rate 1."""
+def make_optimizer(optim: ml_collections.ConfigDict, group: WorkerGroup | None = None
+                   ) -> optax.GradientTransformation | CommunicatingOptimizer:
+  """The optimizer named by ``optim.name``.
+
+  optax optimizers are built at learning rate 1 (the step scales them); the
+  1-bit family communicates over ``group`` and applies the learning rate itself.
+  """
+  if optim.name in ONEBIT_OPTIMIZERS:
+    if group is None:
+      raise ValueError(f"optim.name={optim.name!r} needs the WorkerGroup it communicates over")
+    adam_args = dict(b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                     mask=decay_mask)
+    if optim.name == "onebit_adam":
+      return onebit_adam(group, optim.freeze_step, bias_correction=optim.bias_correction,
+                         **adam_args)
+    if optim.name == "onebit_lamb":
+      return onebit_lamb(group, optim.freeze_step, max_coeff=optim.max_coeff,
+                         min_coeff=optim.min_coeff, coeff_beta=optim.coeff_beta,
+                         factor_max=optim.factor_max, factor_min=optim.factor_min,
+                         factor_threshold=optim.factor_threshold, **adam_args)
+    return zero_one_adam(group, optim.var_freeze_step,
+                         var_update_scaler=optim.var_update_scaler,
+                         local_step_scaler=optim.local_step_scaler,
+                         local_step_clipper=optim.local_step_clipper, **adam_args)
   if optim.name == "adamw":
     return optax.adamw(1.0, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                        weight_decay=optim.weight_decay, mask=decay_mask)
@@ -42,7 +68,7 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
                       weight_decay=optim.weight_decay, mask=decay_mask)
   if optim.name == "sgd":
     return optax.sgd(1.0, momentum=optim.momentum or None)
-  raise ValueError(f"optim.name={optim.name!r}; allowed: adamw, adam, lamb, sgd")
+  raise ValueError(f"optim.name={optim.name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def make_schedule(optim: ml_collections.ConfigDict, total: float) -> Schedule:

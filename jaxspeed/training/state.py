@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.parallel.rules import compute_rules, logical_to_spec, named, zero_spec
 
 
@@ -54,27 +55,33 @@ def _zeros(sample_input: jax.ShapeDtypeStruct) -> jax.Array:
   return jnp.zeros(sample_input.shape, sample_input.dtype)
 
 
-def _tp_specs(boxed_params) -> Any:
-  logical = nn.get_partition_spec(boxed_params)
+def _boxed_params(model: nn.Module, sample_input):
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _zeros(sample_input)))["params"]
+
+
+def tensor_parallel_specs(model: nn.Module, sample_input) -> Any:
+  """Each parameter's ``PartitionSpec`` from its logical axes (no data axes)."""
+  logical = nn.get_partition_spec(_boxed_params(model, sample_input))
   return jax.tree.map(lambda spec: logical_to_spec(tuple(spec), compute_rules()), logical,
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def state_specs(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
-                mesh: Mesh, zero_stage: int) -> StateSpecs:
+def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | CommunicatingOptimizer,
+                sample_input, mesh: Mesh, zero_stage: int) -> StateSpecs:
   """Derives every PartitionSpec from abstract shapes (nothing is allocated)."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _zeros(sample_input)))
-  boxed = boxed["params"]
-  tp = _tp_specs(boxed)
-  shapes = nn.meta.unbox(boxed)
+  tp = tensor_parallel_specs(model, sample_input)
+  shapes = nn.meta.unbox(_boxed_params(model, sample_input))
   zero = jax.tree.map(lambda s, x: zero_spec(s, x.shape, mesh), tp, shapes,
                       is_leaf=lambda x: isinstance(x, P))
   params = zero if zero_stage >= 3 else tp
   opt_param_specs = zero if zero_stage >= 1 else tp
-  abstract_opt = jax.eval_shape(optimizer.init, shapes)
-  opt = optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_opt, opt_param_specs,
-                              transform_non_params=lambda _: P(),
-                              is_leaf=lambda x: isinstance(x, P))
+  if isinstance(optimizer, CommunicatingOptimizer):
+    opt = optimizer.state_specs(tp, opt_param_specs)
+  else:
+    abstract_opt = jax.eval_shape(optimizer.init, shapes)
+    opt = optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_opt, opt_param_specs,
+                                transform_non_params=lambda _: P(),
+                                is_leaf=lambda x: isinstance(x, P))
   scalar = P()
   state = TrainState(step=scalar, params=params, opt_state=opt, tokens=scalar, skipped=scalar,
                      rng=P(None))

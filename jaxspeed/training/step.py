@@ -8,6 +8,8 @@ global batch, split over the data axes.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -17,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.training.optim import Schedule
@@ -77,11 +80,91 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXES))
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    schedule: Schedule, specs: StateSpecs, mesh: Mesh, *,
-                    microbatches: int = 1, lr_unit: str = "steps",
-                    grad_clip: float = 0.0, deterministic: bool = True):
-  """Builds ``train_step(state, batch) -> (state, metrics)``, jitted with shardings.
+ALLREDUCE = "allreduce"  # the one kind of step of an optax optimizer
+
+
+class TrainStep:
+  """``train_step(state, batch, step=None) -> (state, metrics)``.
+
+  One jitted program per communication kind (``optimizer.kind_at(step)``),
+  compiled on first use; an optax optimizer has a single kind. ``step`` is the
+  0-based index of the update; if omitted it is read from ``state.step``
+  (a device-to-host sync, so the trainer passes it).
+  """
+
+  def __init__(self, build: Callable[[str], Callable], kind_at: Callable[[int], str]):
+    self._build = build
+    self.kind_at = kind_at
+    self._jitted: dict[str, Callable] = {}
+
+  def for_kind(self, kind: str):
+    if kind not in self._jitted:
+      self._jitted[kind] = self._build(kind)
+    return self._jitted[kind]
+
+  @property
+  def kinds_built(self) -> tuple[str, ...]:
+    return tuple(self._jitted)
+
+  def __call__(self, state: TrainState, batch: Batch, step: int | None = None):
+    kind = self.kind_at(int(state.step) if step is None else step)
+    return self.for_kind(kind)(state, batch)
+
+  def lower(self, state: TrainState, batch: Batch, step: int = 0):
+    """Lowers the program of ``step``'s kind; ``state`` may be abstract."""
+    return self.for_kind(self.kind_at(step)).lower(state, batch)
+
+
+def _accumulate(grad_fn, params, batch: Batch, rng, microbatches: int, deterministic: bool,
+                grad_shardings):
+  """(loss_sum, token_count, summed gradients) over ``microbatches`` slices of ``batch``."""
+  if microbatches == 1:
+    (loss, count), grads = grad_fn(params, batch, rng, deterministic)
+    return loss, count, jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+  def accumulate(carry, xs):
+    index, micro = xs
+    acc, loss_acc, count_acc = carry
+    (loss, n), g = grad_fn(params, micro, jax.random.fold_in(rng, index), deterministic)
+    acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), grad_shardings)
+    return (acc, loss_acc + loss, count_acc + n), None
+
+  zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+  (grads, loss, count), _ = jax.lax.scan(
+      accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
+      (jnp.arange(microbatches), split_microbatches(batch, microbatches)))
+  return loss, count, grads
+
+
+def _finish(state: TrainState, params, opt_state, loss, grad_norm, lr, count,
+            batch: Batch) -> tuple[TrainState, Metrics]:
+  """The non-finite guard, counters and metrics shared by both step builders."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      tokens=state.tokens + batch["inputs"].size,
+      skipped=state.skipped + (~finite).astype(jnp.int32),
+      rng=state.rng,
+  )
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
+             "skipped_steps": new_state.skipped, "tokens": count}
+  return new_state, metrics
+
+
+def _clip(grads, grad_norm, grad_clip: float):
+  if grad_clip <= 0:
+    return grads
+  factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
+  return jax.tree.map(lambda g: g * factor, grads)
+
+
+def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: StateSpecs,
+                    mesh: Mesh, *, microbatches: int = 1, lr_unit: str = "steps",
+                    grad_clip: float = 0.0, deterministic: bool = True) -> TrainStep:
+  """Builds the train step, jitted with shardings, for an optax or communicating optimizer.
 
   One optimizer step per call: gradients of the token-mean loss over the whole
   global batch (accumulated over ``microbatches``), clipped by global norm,
@@ -89,8 +172,22 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   is not finite leaves parameters and optimizer state untouched and counts
   itself in ``state.skipped``.
   """
-  loss_sum = loss_sum_fn(model)
-  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  if isinstance(optimizer, CommunicatingOptimizer):
+    build = functools.partial(_communicating_step, model, optimizer, schedule, specs, mesh,
+                              microbatches=microbatches, lr_unit=lr_unit, grad_clip=grad_clip,
+                              deterministic=deterministic)
+    return TrainStep(build, optimizer.kind_at)
+  build = lambda _: _optax_step(model, optimizer, schedule, specs, mesh,
+                                microbatches=microbatches, lr_unit=lr_unit,
+                                grad_clip=grad_clip, deterministic=deterministic)
+  return TrainStep(build, lambda _: ALLREDUCE)
+
+
+def _optax_step(model, optimizer: optax.GradientTransformation, schedule: Schedule,
+                specs: StateSpecs, mesh: Mesh, *, microbatches: int, lr_unit: str,
+                grad_clip: float, deterministic: bool):
+  """The step of an optax optimizer: XLA inserts the gradient all-reduce."""
+  grad_fn = jax.value_and_grad(loss_sum_fn(model), has_aux=True)
   grad_shardings = named(mesh, specs.grads)
   update_shardings = named(mesh, specs.update)
   state_shardings = named(mesh, specs.state)
@@ -98,53 +195,76 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(state.rng, state.step)
     with nn.logical_axis_rules(compute_rules()):
-      if microbatches == 1:
-        (total_loss, count), grads = grad_fn(state.params, batch, rng, deterministic)
-        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-      else:
-        def accumulate(carry, xs):
-          index, micro = xs
-          acc, loss_acc, count_acc = carry
-          (loss, n), g = grad_fn(state.params, micro, jax.random.fold_in(rng, index),
-                                 deterministic)
-          acc = jax.tree.map(jnp.add, acc, g)
-          acc = jax.lax.with_sharding_constraint(acc, grad_shardings)
-          return (acc, loss_acc + loss, count_acc + n), None
-
-        zeros = jax.lax.with_sharding_constraint(
-            jax.tree.map(jnp.zeros_like, state.params), grad_shardings)
-        micro = split_microbatches(batch, microbatches)
-        (grads, total_loss, count), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
-            (jnp.arange(microbatches), micro))
-
+      total_loss, count, grads = _accumulate(grad_fn, state.params, batch, rng, microbatches,
+                                             deterministic, grad_shardings)
     grads = jax.tree.map(lambda g: g / count, grads)
     grads = jax.lax.with_sharding_constraint(grads, update_shardings)
-    loss = total_loss / count
     grad_norm = optax.tree.norm(grads)
-    if grad_clip > 0:
-      factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
-      grads = jax.tree.map(lambda g: g * factor, grads)
-
-    tokens = state.tokens + batch["inputs"].size
+    grads = _clip(grads, grad_norm, grad_clip)
     lr = schedule(state.step if lr_unit == "steps" else state.tokens)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.lax.with_sharding_constraint(updates, update_shardings)
     params = jax.tree.map(lambda p, u: p + lr * u, state.params, updates)
+    return _finish(state, params, opt_state, total_loss / count, grad_norm, lr, count, batch)
 
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        tokens=tokens,
-        skipped=state.skipped + (~finite).astype(jnp.int32),
-        rng=state.rng,
-    )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
-               "skipped_steps": new_state.skipped, "tokens": count}
-    return new_state, metrics
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def _communicating_step(model, optimizer: CommunicatingOptimizer, schedule: Schedule,
+                        specs: StateSpecs, mesh: Mesh, kind: str, *, microbatches: int,
+                        lr_unit: str, grad_clip: float, deterministic: bool):
+  """The step of a communicating optimizer for one communication ``kind``.
+
+  Each worker's gradient is computed without any reduction (``vmap`` over a
+  worker axis mapped onto the data axes), scaled so that the worker mean is
+  the gradient of the global token-mean loss, and handed to the optimizer.
+
+  Gradient norm for clipping and the non-finite guard: on exact kinds, the
+  norm of the averaged gradient (as for optax optimizers); on the others, the
+  root-mean-square of the workers' local gradient norms — one scalar
+  all-reduce, so every worker clips by the same factor. It bounds the norm of
+  the averaged gradient from above (Jensen), so clipping is never weaker.
+  """
+  grad_fn = jax.value_and_grad(loss_sum_fn(model), has_aux=True)
+  world = math.prod(mesh.shape[a] for a in DATA_AXES)
+  state_shardings = named(mesh, specs.state)
+  stacked_shardings = named(mesh, jax.tree.map(lambda s: P(DATA_AXES, *s), specs.grads,
+                                               is_leaf=lambda x: isinstance(x, P)))
+  local_grad_shardings = named(mesh, specs.grads)
+  exact = kind in optimizer.exact_kinds
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    per_worker = jax.tree.map(lambda x: x.reshape(world, -1, *x.shape[1:]), batch)
+    own_params = optimizer.worker_params(state.params, state.opt_state, kind)
+
+    def worker(params, batch, index):
+      with nn.logical_axis_rules(compute_rules(batch_axes=None)):
+        return _accumulate(grad_fn, params, batch, jax.random.fold_in(rng, index),
+                           microbatches, deterministic, local_grad_shardings)
+
+    params_axis = None if own_params is None else 0
+    loss_sums, counts, grads = jax.vmap(worker, in_axes=(params_axis, 0, 0),
+                                        spmd_axis_name=DATA_AXES)(
+        state.params if own_params is None else own_params, per_worker, jnp.arange(world))
+    count = jnp.sum(counts)
+    grads = jax.tree.map(lambda g: g * (world / count), grads)
+    grads = jax.lax.with_sharding_constraint(grads, stacked_shardings)
+    if exact:
+      grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+      grad_norm = optax.tree.norm(grads)
+    else:
+      local_sq = sum(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
+                     for g in jax.tree.leaves(grads))
+      grad_norm = jnp.sqrt(jnp.mean(local_sq))
+    grads = _clip(grads, grad_norm, grad_clip)
+    lr = schedule(state.step if lr_unit == "steps" else state.tokens)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, kind=kind,
+                                          learning_rate=lr)
+    params = jax.tree.map(jnp.add, state.params, updates)
+    return _finish(state, params, opt_state, jnp.sum(loss_sums) / count, grad_norm, lr, count,
+                   batch)
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, None), donate_argnums=0)

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxspeed.checkpoint import Checkpointer
+from jaxspeed.comm import WorkerGroup
 from jaxspeed.config import validate
 from jaxspeed.data import (
     BatchIterator,
@@ -35,6 +36,7 @@ from jaxspeed.data import (
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference import sample_tokens
 from jaxspeed.models import ModelConfig, build_model
+from jaxspeed.optimizers import CommunicatingOptimizer
 from jaxspeed.parallel import make_mesh
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
@@ -44,8 +46,9 @@ from jaxspeed.training.state import (
     abstract_state,
     init_state,
     state_specs,
+    tensor_parallel_specs,
 )
-from jaxspeed.training.step import batch_sharding, make_eval_step, make_train_step
+from jaxspeed.training.step import TrainStep, batch_sharding, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -56,9 +59,9 @@ class Setup:
   mesh: Mesh
   model_config: ModelConfig
   model: nn.Module
-  optimizer: optax.GradientTransformation
+  optimizer: optax.GradientTransformation | CommunicatingOptimizer
   specs: StateSpecs
-  train_step: Any
+  train_step: TrainStep
   eval_step: Any
   tokenizer: Tokenizer
   train_data: BatchIterator | MaskedLMBatches
@@ -128,7 +131,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   mesh = make_mesh(config.parallel, devices)
   model_config = ModelConfig.from_config(config.model)
   model = build_model(config.model.name, model_config)
-  optimizer = make_optimizer(config.optim)
+  group = WorkerGroup.on_mesh(mesh, tensor_parallel_specs(model, _model_input(config)))
+  optimizer = make_optimizer(config.optim, group)
   tokens_per_step = config.batch_size * config.seq_len
   total = config.steps * (tokens_per_step if config.optim.lr_unit == "tokens" else 1)
   if config.optim.lr_unit == "tokens" and total >= 2**31:
@@ -192,7 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     metrics: dict[str, jax.Array] = {}
     for step in range(first_step, config.steps):
       batch = setup.to_device(setup.train_data.next_batch())
-      state, metrics = setup.train_step(state, batch)
+      state, metrics = setup.train_step(state, batch, step)
       window_tokens += config.batch_size * config.seq_len
       done = step + 1
       writer.advance()

@@ -1,0 +1,93 @@
+"""Bytes and rounds of communication, read from compiled HLO text.
+
+Cost model, per device, for a collective over a group of P devices whose
+result holds R bytes (ring algorithms, as NCCL and gloo use):
+
+* all-reduce: 2(P−1)/P · R (reduce-scatter, then all-gather);
+* all-gather, all-to-all: (P−1)/P · R (everything but the device's own part);
+* reduce-scatter: (P−1) · R (R is one device's share of the input);
+* collective-permute: R.
+
+Reading the compiled program, not the Python, counts what XLA really emits,
+after its own fusion, combination or decomposition of collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+OPS = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
+
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.+?)\s+(?P<op>" + "|".join(OPS) + r")\(")
+_ARRAY = re.compile(r"\b(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<used>[^}]*)\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective instruction of a compiled program."""
+
+  op: str
+  result_bytes: int
+  group_size: int
+
+  @property
+  def sent_bytes(self) -> float:
+    """Bytes each device sends, under the ring cost model of the module docstring."""
+    p, r = self.group_size, self.result_bytes
+    if p <= 1:
+      return 0.0
+    if self.op == "all-reduce":
+      return 2 * (p - 1) / p * r
+    if self.op in ("all-gather", "all-to-all"):
+      return (p - 1) / p * r
+    if self.op == "reduce-scatter":
+      return (p - 1) * r
+    return float(r)
+
+  @property
+  def is_scalar(self) -> bool:
+    """Scalar bookkeeping (losses, norms, counts) rather than a payload."""
+    return self.result_bytes <= 64
+
+
+def _group_size(line: str, num_devices: int) -> int:
+  if match := _EXPLICIT_GROUPS.search(line):
+    return len([d for d in match["first"].split(",") if d])
+  if match := _IOTA_GROUPS.search(line):
+    return int(match["dims"].split(",")[-1])
+  if match := _MESH_GROUPS.search(line):
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", match["axes"]))
+    used = re.findall(r"'(\w+)'", match["used"])
+    return math.prod(int(sizes[a]) for a in used)
+  if "collective-permute" in line:
+    return 2
+  return num_devices  # no groups: every device
+
+
+def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
+  """Every collective instruction in ``hlo_text`` (``compiled.as_text()``)."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    result = sum(DTYPE_BYTES[a["dtype"]] * math.prod(int(d) for d in a["dims"].split(",") if d)
+                 for a in _ARRAY.finditer(match["type"]))
+    found.append(Collective(match["op"], result, _group_size(line, num_devices)))
+  return found
+
+
+def communication(hlo_text: str, num_devices: int) -> dict[str, float]:
+  """``{"bytes": sent per device, "rounds": payload collectives, "scalar_ops": ...}``."""
+  ops = collectives(hlo_text, num_devices)
+  return {"bytes": sum(c.sent_bytes for c in ops),
+          "rounds": sum(not c.is_scalar for c in ops),
+          "scalar_ops": sum(c.is_scalar for c in ops)}

@@ -1,0 +1,91 @@
+"""The interface of optimizers that do their own data-parallel communication.
+
+An optax optimizer receives the gradient already averaged over data-parallel
+workers. The 1-bit family cannot: what it communicates (compressed momentum,
+compressed gradients, accumulated updates, or nothing on a local step) depends
+on the step. A ``CommunicatingOptimizer`` therefore receives each worker's
+local gradient as one array with a leading worker axis, ``[P, ...]``, and
+averages what it needs through its ``WorkerGroup``.
+
+Each step does one *kind* of communication (e.g. ``warmup`` = exact all-reduce,
+``compressed`` = 1-bit), a pure function of the step index known on the host,
+so the train step compiles one program per kind: a phase change costs one
+compilation, and each kind's collectives can be read from its HLO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxspeed.errors import ConfigError
+
+Params = Any
+
+
+class CommunicatingOptimizer(NamedTuple):
+  """An optax-style ``(init, update)`` pair that owns gradient communication.
+
+  Attributes:
+    init: ``params -> state``.
+    update: ``(grads, state, params, *, kind, learning_rate) -> (updates, state)``.
+      ``grads`` is the exact worker-mean gradient (same shapes as ``params``)
+      when ``kind in exact_kinds``, else the per-worker gradients ``[P, ...]``.
+      ``updates`` already include the learning rate: ``params + updates``.
+    kind_at: ``step -> kind`` for the 0-based step index (host-side).
+    exact_kinds: the kinds that take the exactly averaged gradient.
+    state_specs: ``(param_specs, opt_param_specs) -> state PartitionSpecs``,
+      given the parameters' tensor-parallel specs and the specs of
+      parameter-shaped optimizer state (ZeRO-1 split or not).
+    worker_params: ``(params, state, kind) -> [P, ...] params or None``: each
+      worker's own parameters on steps where they differ (local steps).
+  """
+
+  init: Callable[[Params], Any]
+  update: Callable[..., tuple[Params, Any]]
+  kind_at: Callable[[int], str]
+  exact_kinds: frozenset[str]
+  state_specs: Callable[[Any, Any], Any]
+  worker_params: Callable[[Params, Any, str], Params | None]
+
+
+def shared_params(params, state, kind) -> None:
+  """``worker_params`` for optimizers whose workers always share parameters."""
+  del params, state, kind
+
+
+def zeros_like_f32(tree):
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
+def scalars_like(tree, value: float):
+  """One float32 scalar per leaf (per-tensor coefficients)."""
+  return jax.tree.map(lambda _: jnp.full((), value, jnp.float32), tree)
+
+
+def decay_term(params, mask, weight_decay: float):
+  """``weight_decay · p`` where ``mask`` is True, else 0 (decoupled, added to the update)."""
+  mask = mask(params) if callable(mask) else mask
+  if mask is None:
+    return jax.tree.map(lambda p: weight_decay * p, params)
+  return jax.tree.map(lambda p, m: weight_decay * p if m else jnp.zeros_like(p), params, mask)
+
+
+def check_adam_hyperparameters(b1: float, b2: float, eps: float, weight_decay: float) -> None:
+  """Raises ``ConfigError`` naming the ``config.optim`` key of a bad value."""
+  if not 0.0 <= b1 < 1.0:
+    raise ConfigError("optim.b1", f"must be in [0, 1), got {b1}")
+  if not 0.0 <= b2 < 1.0:
+    raise ConfigError("optim.b2", f"must be in [0, 1), got {b2}")
+  if eps <= 0:
+    raise ConfigError("optim.eps", f"must be > 0, got {eps}")
+  if weight_decay < 0:
+    raise ConfigError("optim.weight_decay", f"must be >= 0, got {weight_decay}")
+
+
+def check_positive_int(key: str, value: int, minimum: int = 1) -> None:
+  if int(value) != value or value < minimum:
+    raise ConfigError(key, f"must be an integer >= {minimum}, got {value}")
