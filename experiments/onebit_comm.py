@@ -150,7 +150,7 @@ def main(argv):
     row["ratio_vs_fp32"] = fp32["bytes"] / row["bytes"] if row["bytes"] else float("inf")
 
   n = RUN_STEPS.value
-  warm = int(round(WARMUP_FRACTION.value * n))
+  warm = round(WARMUP_FRACTION.value * n)
   onebit = per_kind["onebit_adam"]
   onebit_bytes = warm * onebit["warmup"]["bytes"] + (n - warm) * onebit["compressed"]["bytes"]
   onebit_rounds = warm * onebit["warmup"]["rounds"] + (n - warm) * onebit["compressed"]["rounds"]

@@ -59,7 +59,7 @@ def _config(quick: bool, steps: int):
 
 
 def _runs(steps: int) -> dict[str, dict]:
-  freeze = max(1, int(round(WARMUP_FRACTION.value * steps)))
+  freeze = max(1, round(WARMUP_FRACTION.value * steps))
   adam = {"learning_rate": ADAM_LR.value}
   lamb = {"learning_rate": LAMB_LR.value}
   return {
