@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspeed.models.config import ModelConfig
+from jaxspeed.models.layer_drop import draw_layer_keeps, run_or_skip
 from jaxspeed.models.layers import (
     Embed,
     LayerNorm,
@@ -14,6 +15,13 @@ from jaxspeed.models.layers import (
     param_init,
     remat_block,
     zeros_init,
+)
+from jaxspeed.models.random_ltd import (
+    active_kept_length,
+    drops_tokens,
+    gather_tokens,
+    run_on_kept_tokens,
+    sample_kept_indices,
 )
 
 
@@ -24,8 +32,21 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_types: jax.Array | None = None,
-               padding_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-    """tokens, token_types: [B, S] int; padding_mask: [B, S] bool, True for real tokens."""
+               padding_mask: jax.Array | None = None, deterministic: bool = True, *,
+               random_ltd_kept: int | None = None,
+               layer_keep_theta: jax.Array | None = None) -> jax.Array:
+    """tokens, token_types: [B, S] int; padding_mask: [B, S] bool, True for real tokens.
+
+    Args:
+      random_ltd_kept: Random-LTD's kept length r (static); layers 1..L-2
+        each run on r random tokens per row, with the ``random_ltd`` rng.
+        Off when None or >= S.
+      layer_keep_theta: Progressive Layer Dropping's θ(t) (float32 scalar);
+        layers are dropped with the ``layer_drop`` rng. Off when None. The
+        paper uses a pre-LN BERT; here the post-LN residual branches are scaled.
+
+    Both are training-only (pass None to evaluate), as in DeepSpeed.
+    """
     cfg = self.config
     dtype = cfg.compute_dtype
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -39,11 +60,24 @@ class BertEncoder(nn.Module):
     x = LayerNorm(cfg.layernorm_eps, name="ln_embed")(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "seq", "embed"))
-    mask = None if padding_mask is None else padding_mask[:, None, None, :]
     block = remat_block(cfg.remat)
+    # At init the parameters are the same either way, and drawing no rngs
+    # keeps the parameter keys of the plain model.
+    init = self.is_initializing()
+    kept = None if init else active_kept_length(random_ltd_kept, tokens.shape[1])
+    keeps = probs = None
+    if not init and layer_keep_theta is not None:
+      keeps, probs = draw_layer_keeps(self.make_rng("layer_drop"), cfg.num_layers,
+                                      layer_keep_theta)
     for i in range(cfg.num_layers):
-      x = block(cfg, causal=False, pre_ln=False, name=f"layer_{i}")(x, positions, mask,
-                                                                    deterministic)
+      idx = None
+      if kept is not None and drops_tokens(i, cfg.num_layers):
+        idx = sample_kept_indices(self.make_rng("random_ltd"), *tokens.shape, kept)
+        self.sow("intermediates", "random_ltd_indices", idx)
+      layer = block(cfg, causal=False, pre_ln=False, per_row_positions=idx is not None,
+                    name=f"layer_{i}")
+      run = _layer_runner(positions, padding_mask, idx, deterministic)
+      x = run(layer, x, None) if keeps is None else run_or_skip(layer, run, x, keeps[i], probs[i])
     return x
 
 
@@ -57,11 +91,15 @@ class BertForMaskedLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_types: jax.Array | None = None,
-               padding_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+               padding_mask: jax.Array | None = None, deterministic: bool = True, *,
+               random_ltd_kept: int | None = None,
+               layer_keep_theta: jax.Array | None = None) -> jax.Array:
+    """Arguments as for ``BertEncoder``."""
     cfg = self.config
     dtype = cfg.compute_dtype
     encoder = BertEncoder(cfg, name="encoder")
-    x = encoder(tokens, token_types, padding_mask, deterministic)
+    x = encoder(tokens, token_types, padding_mask, deterministic,
+                random_ltd_kept=random_ltd_kept, layer_keep_theta=layer_keep_theta)
     w = self.param("mlm_dense", param_init(("embed", None)), (cfg.d_model, cfg.d_model))
     b = self.param("mlm_dense_bias", zeros_init((None,)), (cfg.d_model,))
     x = LayerNorm(cfg.layernorm_eps, name="mlm_ln")(jax.nn.gelu(x @ w.astype(dtype) + b))
@@ -70,3 +108,17 @@ class BertForMaskedLM(nn.Module):
     bias = self.param("mlm_bias", zeros_init(("vocab",)), (cfg.vocab_size,))
     logits = jnp.einsum("bsd,vd->bsv", x, table.astype(dtype)) + bias
     return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
+
+
+def _layer_runner(positions: jax.Array, padding_mask: jax.Array | None, idx: jax.Array | None,
+                  deterministic: bool):
+  """``run(layer, x [B, S, d], branch_scale) -> [B, S, d]`` on all or on idx's tokens."""
+  def attention_mask(valid: jax.Array | None) -> jax.Array | None:
+    return None if valid is None else valid[:, None, None, :]
+
+  if idx is None:
+    mask = attention_mask(padding_mask)
+    return lambda layer, x, scale: layer(x, positions, mask, deterministic, scale)
+  kept_mask = attention_mask(None if padding_mask is None else gather_tokens(padding_mask, idx))
+  return lambda layer, x, scale: run_on_kept_tokens(
+      lambda h, pos: layer(h, pos, kept_mask, deterministic, scale), x, positions, idx)

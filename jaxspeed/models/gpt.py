@@ -8,7 +8,14 @@ import jax.numpy as jnp
 
 from jaxspeed.models.attention import causal_mask
 from jaxspeed.models.config import ModelConfig
+from jaxspeed.models.layer_drop import draw_layer_keeps, run_or_skip
 from jaxspeed.models.layers import Embed, LayerNorm, constrain, param_init, remat_block
+from jaxspeed.models.random_ltd import (
+    active_kept_length,
+    drops_tokens,
+    run_on_kept_tokens,
+    sample_kept_indices,
+)
 
 
 class GPT(nn.Module):
@@ -21,7 +28,19 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, *, random_ltd_kept: int | None = None,
+               layer_keep_theta: jax.Array | None = None) -> jax.Array:
+    """tokens, positions: [B, S] int.
+
+    Args:
+      random_ltd_kept: Random-LTD's kept length r (static); layers 1..L-2
+        each run on r random tokens per row, with the ``random_ltd`` rng.
+        Off when None or >= S.
+      layer_keep_theta: Progressive Layer Dropping's θ(t) (float32 scalar);
+        layers are dropped with the ``layer_drop`` rng. Off when None.
+
+    Both are training-only (pass None to evaluate), as in DeepSpeed.
+    """
     cfg = self.config
     dtype = cfg.compute_dtype
     seq_len = tokens.shape[1]
@@ -38,9 +57,23 @@ class GPT(nn.Module):
     x = constrain(x, ("batch", "seq", "embed"))
     block = remat_block(cfg.remat)
     mask = causal_mask(seq_len)
+    # At init the parameters are the same either way, and drawing no rngs
+    # keeps the parameter keys of the plain model.
+    init = self.is_initializing()
+    kept = None if init else active_kept_length(random_ltd_kept, seq_len)
+    keeps = probs = None
+    if not init and layer_keep_theta is not None:
+      keeps, probs = draw_layer_keeps(self.make_rng("layer_drop"), cfg.num_layers,
+                                      layer_keep_theta)
     for i in range(cfg.num_layers):
-      x = block(cfg, causal=True, pre_ln=True, name=f"layer_{i}")(x, positions, mask,
-                                                                   deterministic)
+      idx = None
+      if kept is not None and drops_tokens(i, cfg.num_layers):
+        idx = sample_kept_indices(self.make_rng("random_ltd"), tokens.shape[0], seq_len, kept)
+        self.sow("intermediates", "random_ltd_indices", idx)
+      layer = block(cfg, causal=True, pre_ln=True, per_row_positions=idx is not None,
+                    name=f"layer_{i}")
+      run = _layer_runner(positions, mask, idx, deterministic)
+      x = run(layer, x, None) if keeps is None else run_or_skip(layer, run, x, keeps[i], probs[i])
     x = LayerNorm(cfg.layernorm_eps, name="ln_final")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
@@ -48,3 +81,14 @@ class GPT(nn.Module):
       w = self.param("lm_head", param_init(("embed", "vocab")), (cfg.d_model, cfg.vocab_size))
       logits = constrain(x @ w.astype(dtype), ("batch", "seq", "vocab"))
     return logits.astype(jnp.float32)
+
+
+def _layer_runner(positions: jax.Array, mask: jax.Array, idx: jax.Array | None,
+                  deterministic: bool):
+  """``run(layer, x [B, S, d], branch_scale) -> [B, S, d]`` on all or on idx's tokens."""
+  if idx is None:
+    return lambda layer, x, scale: layer(x, positions, mask, deterministic, scale)
+  # Sorted kept tokens keep the causal order: the mask is the r x r triangle.
+  kept_mask = causal_mask(idx.shape[1])
+  return lambda layer, x, scale: run_on_kept_tokens(
+      lambda h, pos: layer(h, pos, kept_mask, deterministic, scale), x, positions, idx)

@@ -106,6 +106,9 @@ class Attention(nn.Module):
 
   config: ModelConfig
   causal: bool
+  # Rows' positions differ (Random-LTD keeps different tokens per row), so
+  # ALiBi needs one bias per row instead of the one of row 0.
+  per_row_positions: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
@@ -126,7 +129,8 @@ class Attention(nn.Module):
     if cfg.position == "rope":
       q, k = apply_rope(q, positions), apply_rope(k, positions)
     elif cfg.position == "alibi":
-      bias = alibi_bias(h, positions[0], positions[0])
+      rows = positions if self.per_row_positions else positions[0]
+      bias = alibi_bias(h, rows, rows)
     out = get_attention(cfg.attention)(q, k, v, bias=bias, mask=mask)
     out = constrain(out, ("batch", "seq", "heads", "kv"))
     wo = self.param("out", param_init(("heads", "kv", "embed")), (h, hd, cfg.d_model))
@@ -163,20 +167,31 @@ class Block(nn.Module):
   config: ModelConfig
   causal: bool
   pre_ln: bool
+  per_row_positions: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool, branch_scale: jax.Array | None = None) -> jax.Array:
+    """x: [B, S, d_model]; positions: [B, S]; mask: broadcastable to [B, H, S, S].
+
+    ``branch_scale`` (a scalar) multiplies both residual branches before they
+    are added; Progressive Layer Dropping passes 1/p_i.
+    """
     cfg = self.config
-    attn = Attention(cfg, causal=self.causal, name="attention")
+    attn = Attention(cfg, causal=self.causal, per_row_positions=self.per_row_positions,
+                     name="attention")
     mlp = Mlp(cfg, name="mlp")
     ln1 = LayerNorm(cfg.layernorm_eps, name="ln_attention")
     ln2 = LayerNorm(cfg.layernorm_eps, name="ln_mlp")
+
+    def scaled(y: jax.Array) -> jax.Array:
+      return y if branch_scale is None else y * branch_scale.astype(y.dtype)
+
     if self.pre_ln:
-      x = x + attn(ln1(x), positions, mask, deterministic)
-      return x + mlp(ln2(x), deterministic)
-    x = ln1(x + attn(x, positions, mask, deterministic))
-    return ln2(x + mlp(x, deterministic))
+      x = x + scaled(attn(ln1(x), positions, mask, deterministic))
+      return x + scaled(mlp(ln2(x), deterministic))
+    x = ln1(x + scaled(attn(x, positions, mask, deterministic)))
+    return ln2(x + scaled(mlp(x, deterministic)))
 
 
 def remat_block(policy: str) -> type[Block]:

@@ -45,11 +45,13 @@ def alibi_slopes(num_heads: int) -> jax.Array:
 
 
 def alibi_bias(num_heads: int, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-  """[1, H, S, T] bias −slope·(i − j) that penalizes attention by distance.
+  """[1, H, S, T] (or [B, H, S, T]) bias −slope·(i − j) that penalizes attention by distance.
 
   Args:
-    q_positions: [S] query positions.
-    k_positions: [T] key positions.
+    q_positions: [S] query positions, or [B, S] for one bias per batch row.
+    k_positions: [T] key positions, or [B, T].
   """
-  distance = (q_positions[:, None] - k_positions[None, :]).astype(jnp.float32)
-  return -alibi_slopes(num_heads)[None, :, None, None] * distance[None, None]
+  distance = (q_positions[..., :, None] - k_positions[..., None, :]).astype(jnp.float32)
+  if distance.ndim == 2:
+    distance = distance[None]
+  return -alibi_slopes(num_heads)[None, :, None, None] * distance[:, None]
