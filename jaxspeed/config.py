@@ -20,7 +20,7 @@ from jaxspeed.parallel.mesh import DATA_AXES, resolve_mesh_shape
 ONEBIT_OPTIMIZERS = ("onebit_adam", "onebit_lamb", "zero_one_adam")
 OPTIMIZERS = ("adamw", "adam", "lamb", "sgd", *ONEBIT_OPTIMIZERS)
 SCHEDULES = ("cosine", "linear", "constant")
-LR_UNITS = ("steps", "tokens")
+LR_UNITS = ("steps", "tokens", "layer_tokens")
 TOKENIZERS = ("byte", "bpe")
 MODEL_NAMES = ("gpt", "bert")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -95,12 +95,42 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel[axis] = 1
   c.parallel.data = -1
 
+  c.data_efficiency = _data_efficiency_defaults()
+
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "python_docs"  # or comma-separated .txt/.jsonl paths
   c.data.jsonl_field = "text"
   c.data.tokenizer = "byte"
   c.data.bpe_vocab_size = 1024
   c.data.val_fraction = 0.05
+  return c
+
+
+def _schedule_defaults(**overrides) -> ml_collections.ConfigDict:
+  """Curriculum schedule keys, as in DeepSpeed's ``schedule_config``."""
+  schedule = ml_collections.ConfigDict(dict(
+      schedule_type="fixed_linear", min_difficulty=8, max_difficulty=128,
+      total_curriculum_step=100, difficulty_step=8, root_degree=1,
+      difficulties=[0], max_steps=[0]))
+  schedule.update(overrides)
+  return schedule
+
+
+def _data_efficiency_defaults() -> ml_collections.ConfigDict:
+  """DeepSpeed Data Efficiency (Li et al. 2022): curricula, random-LTD, PLD; all off."""
+  c = ml_collections.ConfigDict()
+  # Sequence-length curriculum: each batch cut to the scheduled length.
+  c.seqlen = _schedule_defaults(enabled=False, mode="seqlen_truncate")
+  # Curriculum sampling over a data-analyzer metric (easiest samples first).
+  c.curriculum = _schedule_defaults(
+      enabled=False, metric="vocab_rarity", difficulty_type="percentile",
+      schedule_type="fixed_root", min_difficulty=1, max_difficulty=100, difficulty_step=1,
+      root_degree=2, analysis_workers=1)
+  # Random layerwise token dropping: kept length grows min_value -> max_value.
+  c.random_ltd = ml_collections.ConfigDict(dict(
+      enabled=False, min_value=16, max_value=0, require_steps=100, seq_per_step=16))
+  # Progressive layer dropping: theta(t) = (1 - theta_bar) exp(-gamma t) + theta_bar.
+  c.pld = ml_collections.ConfigDict(dict(enabled=False, theta=0.5, gamma=0.001))
   return c
 
 
@@ -152,6 +182,39 @@ def _positive(config, key: str, allow_zero: bool = False) -> None:
   if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
     bound = ">= 0" if allow_zero else "> 0"
     raise ConfigError(key, f"must be {bound}, got {value!r}")
+
+
+def _validate_data_efficiency(config: ml_collections.ConfigDict) -> None:
+  de = config.data_efficiency
+  if de.seqlen.enabled and de.seqlen.max_difficulty > config.seq_len:
+    raise ConfigError("data_efficiency.seqlen.max_difficulty",
+                      f"{de.seqlen.max_difficulty} exceeds seq_len={config.seq_len}")
+  ltd = de.random_ltd
+  if ltd.enabled:
+    if config.model.num_layers < 3:
+      raise ConfigError("data_efficiency.random_ltd.enabled", "random-LTD drops tokens in the "
+                        f"middle layers; it needs model.num_layers >= 3, got "
+                        f"{config.model.num_layers}")
+    max_value = ltd.max_value or config.seq_len
+    if not 1 <= ltd.min_value <= max_value:
+      raise ConfigError("data_efficiency.random_ltd.min_value",
+                        f"need 1 <= min_value <= max_value, got {ltd.min_value} and "
+                        f"{max_value}")
+    if max_value > config.seq_len:
+      raise ConfigError("data_efficiency.random_ltd.max_value", f"kept length {max_value} "
+                        f"exceeds seq_len={config.seq_len}")
+    for key in ("require_steps", "seq_per_step"):
+      if ltd[key] < 1:
+        raise ConfigError(f"data_efficiency.random_ltd.{key}", f"must be >= 1, got {ltd[key]}")
+  if config.optim.lr_unit == "layer_tokens" and not ltd.enabled:
+    raise ConfigError("optim.lr_unit", "'layer_tokens' counts random-LTD's layer-tokens; "
+                      "enable data_efficiency.random_ltd or use 'steps' or 'tokens'")
+  pld = de.pld
+  if pld.enabled:
+    if not 0 < pld.theta <= 1:
+      raise ConfigError("data_efficiency.pld.theta", f"must be in (0, 1], got {pld.theta}")
+    if pld.gamma < 0:
+      raise ConfigError("data_efficiency.pld.gamma", f"must be >= 0, got {pld.gamma}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -209,6 +272,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     raise ConfigError("zero.stage", f"{config.optim.name} compresses each worker's full local "
                       f"gradient or momentum, so gradients cannot be ZeRO-sharded; allowed "
                       f"stages: 0, 1 (got {config.zero.stage})")
+  _validate_data_efficiency(config)
   for axis in ("stage", "expert", "sequence"):
     if shape[axis] != 1:
       raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "

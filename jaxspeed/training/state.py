@@ -38,6 +38,7 @@ class TrainState:
   params: Any
   opt_state: Any
   tokens: jax.Array  # int32 [] tokens seen, for token-based LR schedules
+  layer_tokens: jax.Array  # int32 [] tokens summed over the layers that saw them (random-LTD)
   skipped: jax.Array  # int32 [] updates skipped by the non-finite guard
   rng: jax.Array  # uint32 [2] base dropout key
 
@@ -83,7 +84,8 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
                                 transform_non_params=lambda _: P(),
                                 is_leaf=lambda x: isinstance(x, P))
   scalar = P()
-  state = TrainState(step=scalar, params=params, opt_state=opt, tokens=scalar, skipped=scalar,
+  state = TrainState(step=scalar, params=params, opt_state=opt, tokens=scalar,
+                     layer_tokens=scalar, skipped=scalar,
                      rng=P(None))
   return StateSpecs(state=state, grads=zero if zero_stage >= 2 else tp, update=opt_param_specs)
 
@@ -95,7 +97,7 @@ def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, samp
     params = nn.meta.unbox(model.init(init_key, _zeros(sample_input))["params"])
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
-                      tokens=zero, skipped=zero, rng=dropout_key)
+                      tokens=zero, layer_tokens=zero, skipped=zero, rng=dropout_key)
   return init
 
 

@@ -8,9 +8,9 @@ global batch, split over the data axes.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxspeed.models.layer_drop import pld_theta
+from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
@@ -54,13 +56,34 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
 
 
 def loss_sum_fn(model: nn.Module) -> Callable:
-  """``(params, batch, rng, deterministic) -> (loss_sum, token_count)``."""
-  def loss_sum(params, batch: Batch, rng, deterministic: bool):
+  """``(params, batch, rngs, deterministic, **model_kwargs) -> (loss_sum, token_count)``.
+
+  ``rngs`` maps flax rng streams (``dropout``, ``random_ltd``, ``layer_drop``)
+  to keys, or is None for evaluation.
+  """
+  def loss_sum(params, batch: Batch, rngs, deterministic: bool, **model_kwargs):
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
     logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                         rngs=None if deterministic else {"dropout": rng}, **kwargs)
+                         rngs=rngs, **kwargs, **model_kwargs)
     return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
   return loss_sum
+
+
+def step_rngs(state_rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+  """The rng streams of one step: dropout and random-LTD keys, and the PLD key.
+
+  The ``layer_drop`` key is shared by every worker and microbatch (one
+  layer-drop draw per step); the others are folded with the worker and
+  microbatch index where those exist (``fold_rngs``).
+  """
+  key = jax.random.fold_in(state_rng, step)
+  return {"dropout": key, "random_ltd": jax.random.fold_in(key, 1),
+          "layer_drop": jax.random.fold_in(key, 2)}
+
+
+def fold_rngs(rngs: dict[str, jax.Array], index) -> dict[str, jax.Array]:
+  """Per-worker or per-microbatch keys; ``layer_drop`` stays shared."""
+  return {k: v if k == "layer_drop" else jax.random.fold_in(v, index) for k, v in rngs.items()}
 
 
 def split_microbatches(batch: Batch, num: int) -> Batch:
@@ -80,31 +103,68 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXES))
 
 
-ALLREDUCE = "allreduce"  # the one kind of step of an optax optimizer
+ALLREDUCE = "allreduce"  # the one communication kind of an optax optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDropping:
+  """What random-LTD and progressive layer dropping do at each step.
+
+  Attributes:
+    kept_length_at: step -> tokens each middle layer keeps (random-LTD), or
+      None to keep all; a host-side schedule, so each value compiles once.
+    pld: (theta_bar, gamma) of progressive layer dropping, or None.
+    num_layers: L, for the layer-token count.
+  """
+
+  kept_length_at: Callable[[int], int | None] = lambda step: None
+  pld: tuple[float, float] | None = None
+  num_layers: int = 1
+
+  def model_kwargs(self, kept: int | None, step: jax.Array) -> dict:
+    kwargs = {}
+    if kept is not None:
+      kwargs["random_ltd_kept"] = kept
+    if self.pld is not None:
+      kwargs["layer_keep_theta"] = pld_theta(step, *self.pld)
+    return kwargs
+
+  def layer_tokens(self, kept: int | None, rows: int, seq_len: int) -> int:
+    """Tokens summed over layers for one batch of ``rows`` x ``seq_len``."""
+    if kept is None or kept >= seq_len:
+      return rows * seq_len * self.num_layers
+    return rows * layer_tokens(kept, seq_len, self.num_layers)
 
 
 class TrainStep:
   """``train_step(state, batch, step=None) -> (state, metrics)``.
 
-  One jitted program per communication kind (``optimizer.kind_at(step)``),
-  compiled on first use; an optax optimizer has a single kind. ``step`` is the
-  0-based index of the update; if omitted it is read from ``state.step``
-  (a device-to-host sync, so the trainer passes it).
+  One jitted program per kind of step, compiled on first use: a kind is the
+  optimizer's communication (``optimizer.kind_at(step)``; one for optax
+  optimizers) and random-LTD's kept length. ``step`` is the 0-based index of
+  the update; if omitted it is read from ``state.step`` (a device-to-host
+  sync, so the trainer passes it). Each program also recompiles per batch
+  shape (sequence-length curricula): ``compilations`` counts both.
   """
 
-  def __init__(self, build: Callable[[str], Callable], kind_at: Callable[[int], str]):
+  def __init__(self, build: Callable[[Hashable], Callable], kind_at: Callable[[int], Hashable]):
     self._build = build
     self.kind_at = kind_at
-    self._jitted: dict[str, Callable] = {}
+    self._jitted: dict[Hashable, Callable] = {}
 
-  def for_kind(self, kind: str):
+  def for_kind(self, kind: Hashable):
     if kind not in self._jitted:
       self._jitted[kind] = self._build(kind)
     return self._jitted[kind]
 
   @property
-  def kinds_built(self) -> tuple[str, ...]:
+  def kinds_built(self) -> tuple[Hashable, ...]:
     return tuple(self._jitted)
+
+  @property
+  def compilations(self) -> int:
+    """Programs compiled so far (kinds x batch shapes)."""
+    return sum(f._cache_size() for f in self._jitted.values())
 
   def __call__(self, state: TrainState, batch: Batch, step: int | None = None):
     kind = self.kind_at(int(state.step) if step is None else step)
@@ -115,17 +175,18 @@ class TrainStep:
     return self.for_kind(self.kind_at(step)).lower(state, batch)
 
 
-def _accumulate(grad_fn, params, batch: Batch, rng, microbatches: int, deterministic: bool,
-                grad_shardings):
+def _accumulate(grad_fn, params, batch: Batch, rngs, microbatches: int, deterministic: bool,
+                grad_shardings, model_kwargs):
   """(loss_sum, token_count, summed gradients) over ``microbatches`` slices of ``batch``."""
   if microbatches == 1:
-    (loss, count), grads = grad_fn(params, batch, rng, deterministic)
+    (loss, count), grads = grad_fn(params, batch, rngs, deterministic, **model_kwargs)
     return loss, count, jax.lax.with_sharding_constraint(grads, grad_shardings)
 
   def accumulate(carry, xs):
     index, micro = xs
     acc, loss_acc, count_acc = carry
-    (loss, n), g = grad_fn(params, micro, jax.random.fold_in(rng, index), deterministic)
+    (loss, n), g = grad_fn(params, micro, fold_rngs(rngs, index), deterministic,
+                           **model_kwargs)
     acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), grad_shardings)
     return (acc, loss_acc + loss, count_acc + n), None
 
@@ -137,7 +198,7 @@ def _accumulate(grad_fn, params, batch: Batch, rng, microbatches: int, determini
 
 
 def _finish(state: TrainState, params, opt_state, loss, grad_norm, lr, count,
-            batch: Batch) -> tuple[TrainState, Metrics]:
+            batch: Batch, layer_tokens: int) -> tuple[TrainState, Metrics]:
   """The non-finite guard, counters and metrics shared by both step builders."""
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -146,11 +207,13 @@ def _finish(state: TrainState, params, opt_state, loss, grad_norm, lr, count,
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       tokens=state.tokens + batch["inputs"].size,
+      layer_tokens=state.layer_tokens + layer_tokens,
       skipped=state.skipped + (~finite).astype(jnp.int32),
       rng=state.rng,
   )
   metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
-             "skipped_steps": new_state.skipped, "tokens": count}
+             "skipped_steps": new_state.skipped, "tokens": count,
+             "seq_len": jnp.int32(batch["inputs"].shape[1])}
   return new_state, metrics
 
 
@@ -163,29 +226,37 @@ def _clip(grads, grad_norm, grad_clip: float):
 
 def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: StateSpecs,
                     mesh: Mesh, *, microbatches: int = 1, lr_unit: str = "steps",
-                    grad_clip: float = 0.0, deterministic: bool = True) -> TrainStep:
+                    grad_clip: float = 0.0, deterministic: bool = True,
+                    layer_dropping: LayerDropping | None = None) -> TrainStep:
   """Builds the train step, jitted with shardings, for an optax or communicating optimizer.
 
   One optimizer step per call: gradients of the token-mean loss over the whole
   global batch (accumulated over ``microbatches``), clipped by global norm,
-  optimizer update scaled by ``schedule``. A step whose loss or gradient norm
-  is not finite leaves parameters and optimizer state untouched and counts
-  itself in ``state.skipped``.
+  optimizer update scaled by ``schedule`` of the step, tokens or layer-tokens
+  seen (``lr_unit``). A step whose loss or gradient norm is not finite leaves
+  parameters and optimizer state untouched and counts itself in
+  ``state.skipped``.
   """
+  dropping = layer_dropping or LayerDropping()
+  options = dict(microbatches=microbatches, lr_unit=lr_unit, grad_clip=grad_clip,
+                 deterministic=deterministic, dropping=dropping)
   if isinstance(optimizer, CommunicatingOptimizer):
-    build = functools.partial(_communicating_step, model, optimizer, schedule, specs, mesh,
-                              microbatches=microbatches, lr_unit=lr_unit, grad_clip=grad_clip,
-                              deterministic=deterministic)
-    return TrainStep(build, optimizer.kind_at)
-  build = lambda _: _optax_step(model, optimizer, schedule, specs, mesh,
-                                microbatches=microbatches, lr_unit=lr_unit,
-                                grad_clip=grad_clip, deterministic=deterministic)
-  return TrainStep(build, lambda _: ALLREDUCE)
+    build = lambda kind: _communicating_step(model, optimizer, schedule, specs, mesh, *kind,
+                                             **options)
+    return TrainStep(build, lambda step: (optimizer.kind_at(step),
+                                          dropping.kept_length_at(step)))
+  build = lambda kind: _optax_step(model, optimizer, schedule, specs, mesh, kind[1], **options)
+  return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)))
+
+
+def _schedule_time(state: TrainState, lr_unit: str) -> jax.Array:
+  return {"steps": state.step, "tokens": state.tokens,
+          "layer_tokens": state.layer_tokens}[lr_unit]
 
 
 def _optax_step(model, optimizer: optax.GradientTransformation, schedule: Schedule,
-                specs: StateSpecs, mesh: Mesh, *, microbatches: int, lr_unit: str,
-                grad_clip: float, deterministic: bool):
+                specs: StateSpecs, mesh: Mesh, kept: int | None, *, microbatches: int,
+                lr_unit: str, grad_clip: float, deterministic: bool, dropping: LayerDropping):
   """The step of an optax optimizer: XLA inserts the gradient all-reduce."""
   grad_fn = jax.value_and_grad(loss_sum_fn(model), has_aux=True)
   grad_shardings = named(mesh, specs.grads)
@@ -193,27 +264,30 @@ def _optax_step(model, optimizer: optax.GradientTransformation, schedule: Schedu
   state_shardings = named(mesh, specs.state)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    rng = jax.random.fold_in(state.rng, state.step)
+    rngs = step_rngs(state.rng, state.step)
+    model_kwargs = dropping.model_kwargs(kept, state.step)
     with nn.logical_axis_rules(compute_rules()):
-      total_loss, count, grads = _accumulate(grad_fn, state.params, batch, rng, microbatches,
-                                             deterministic, grad_shardings)
+      total_loss, count, grads = _accumulate(grad_fn, state.params, batch, rngs, microbatches,
+                                             deterministic, grad_shardings, model_kwargs)
     grads = jax.tree.map(lambda g: g / count, grads)
     grads = jax.lax.with_sharding_constraint(grads, update_shardings)
     grad_norm = optax.tree.norm(grads)
     grads = _clip(grads, grad_norm, grad_clip)
-    lr = schedule(state.step if lr_unit == "steps" else state.tokens)
+    lr = schedule(_schedule_time(state, lr_unit))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.lax.with_sharding_constraint(updates, update_shardings)
     params = jax.tree.map(lambda p, u: p + lr * u, state.params, updates)
-    return _finish(state, params, opt_state, total_loss / count, grad_norm, lr, count, batch)
+    return _finish(state, params, opt_state, total_loss / count, grad_norm, lr, count, batch,
+                   dropping.layer_tokens(kept, *batch["inputs"].shape))
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
 def _communicating_step(model, optimizer: CommunicatingOptimizer, schedule: Schedule,
-                        specs: StateSpecs, mesh: Mesh, kind: str, *, microbatches: int,
-                        lr_unit: str, grad_clip: float, deterministic: bool):
+                        specs: StateSpecs, mesh: Mesh, kind: str, kept: int | None, *,
+                        microbatches: int, lr_unit: str, grad_clip: float, deterministic: bool,
+                        dropping: LayerDropping):
   """The step of a communicating optimizer for one communication ``kind``.
 
   Each worker's gradient is computed without any reduction (``vmap`` over a
@@ -235,14 +309,15 @@ def _communicating_step(model, optimizer: CommunicatingOptimizer, schedule: Sche
   exact = kind in optimizer.exact_kinds
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    rng = jax.random.fold_in(state.rng, state.step)
+    rngs = step_rngs(state.rng, state.step)
+    model_kwargs = dropping.model_kwargs(kept, state.step)
     per_worker = jax.tree.map(lambda x: x.reshape(world, -1, *x.shape[1:]), batch)
     own_params = optimizer.worker_params(state.params, state.opt_state, kind)
 
     def worker(params, batch, index):
       with nn.logical_axis_rules(compute_rules(batch_axes=None)):
-        return _accumulate(grad_fn, params, batch, jax.random.fold_in(rng, index),
-                           microbatches, deterministic, local_grad_shardings)
+        return _accumulate(grad_fn, params, batch, fold_rngs(rngs, index), microbatches,
+                           deterministic, local_grad_shardings, model_kwargs)
 
     params_axis = None if own_params is None else 0
     loss_sums, counts, grads = jax.vmap(worker, in_axes=(params_axis, 0, 0),
@@ -259,12 +334,12 @@ def _communicating_step(model, optimizer: CommunicatingOptimizer, schedule: Sche
                      for g in jax.tree.leaves(grads))
       grad_norm = jnp.sqrt(jnp.mean(local_sq))
     grads = _clip(grads, grad_norm, grad_clip)
-    lr = schedule(state.step if lr_unit == "steps" else state.tokens)
+    lr = schedule(_schedule_time(state, lr_unit))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, kind=kind,
                                           learning_rate=lr)
     params = jax.tree.map(jnp.add, state.params, updates)
     return _finish(state, params, opt_state, jnp.sum(loss_sums) / count, grad_norm, lr, count,
-                   batch)
+                   batch, dropping.layer_tokens(kept, *batch["inputs"].shape))
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, None), donate_argnums=0)

@@ -8,6 +8,7 @@ logging, evaluation, checkpointing and automatic resume.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -24,31 +25,43 @@ from jaxspeed.checkpoint import Checkpointer
 from jaxspeed.comm import WorkerGroup
 from jaxspeed.config import validate
 from jaxspeed.data import (
-    BatchIterator,
-    BpeTokenizer,
-    MaskedLMBatches,
-    Tokenizer,
-    load_corpus,
-    make_datasets,
-    make_tokenizer,
-    split_documents,
+  BatchIterator,
+  BpeTokenizer,
+  MaskedLMBatches,
+  Tokenizer,
+  load_corpus,
+  make_datasets,
+  make_tokenizer,
+  split_documents,
 )
+from jaxspeed.data_efficiency.batches import SampledBatches, SeqlenCurriculum
+from jaxspeed.data_efficiency.from_config import curriculum_source
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference import sample_tokens
 from jaxspeed.models import ModelConfig, build_model
+from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.optimizers import CommunicatingOptimizer
 from jaxspeed.parallel import make_mesh
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
 from jaxspeed.training.state import (
-    StateSpecs,
-    TrainState,
-    abstract_state,
-    init_state,
-    state_specs,
-    tensor_parallel_specs,
+  StateSpecs,
+  TrainState,
+  abstract_state,
+  init_state,
+  state_specs,
+  tensor_parallel_specs,
 )
-from jaxspeed.training.step import TrainStep, batch_sharding, make_eval_step, make_train_step
+from jaxspeed.training.step import (
+  LayerDropping,
+  TrainStep,
+  batch_sharding,
+  make_eval_step,
+  make_train_step,
+)
+
+# The event jax.monitoring reports for each XLA compilation (jax/_src/dispatch.py).
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @dataclasses.dataclass
@@ -64,7 +77,7 @@ class Setup:
   train_step: TrainStep
   eval_step: Any
   tokenizer: Tokenizer
-  train_data: BatchIterator | MaskedLMBatches
+  train_data: BatchIterator | MaskedLMBatches | SeqlenCurriculum | SampledBatches
   val_data: BatchIterator | MaskedLMBatches
 
   def init_state(self) -> TrainState:
@@ -100,6 +113,33 @@ def _tokenizer(config: ml_collections.ConfigDict, docs: list[str],
   return tokenizer
 
 
+def _layer_dropping(config: ml_collections.ConfigDict) -> LayerDropping:
+  """Random-LTD's kept-length schedule and PLD's parameters from ``config.data_efficiency``."""
+  ltd, pld = config.data_efficiency.random_ltd, config.data_efficiency.pld
+  kept_length_at = lambda step: None
+  if ltd.enabled:
+    kept_length_at = functools.partial(
+        kept_length_at_step, min_value=ltd.min_value, max_value=ltd.max_value or config.seq_len,
+        require_steps=ltd.require_steps, seq_per_step=ltd.seq_per_step)
+  return LayerDropping(kept_length_at, (pld.theta, pld.gamma) if pld.enabled else None,
+                       config.model.num_layers)
+
+
+def _schedule_length(config: ml_collections.ConfigDict, train_data,
+                     dropping: LayerDropping) -> int:
+  """The run's length in ``optim.lr_unit``: steps, or the tokens / layer-tokens it will see."""
+  if config.optim.lr_unit == "steps":
+    return config.steps
+  total = 0
+  for step in range(config.steps):
+    rows, length = (train_data.shape_at(step, config.batch_size, config.seq_len)
+                    if isinstance(train_data, SeqlenCurriculum)
+                    else (config.batch_size, config.seq_len))
+    total += (rows * length if config.optim.lr_unit == "tokens"
+              else dropping.layer_tokens(dropping.kept_length_at(step), rows, length))
+  return total
+
+
 def build(config: ml_collections.ConfigDict, workdir: str | None = None,
           devices=None) -> Setup:
   """Validates ``config`` and builds mesh, data, model, optimizer and steps.
@@ -124,25 +164,33 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   train_data, val_data = make_datasets(
       train_docs, val_docs, tokenizer, config.seq_len, config.batch_size, config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  de = config.data_efficiency
   if config.model.name == "bert":
+    if de.seqlen.enabled or de.curriculum.enabled:
+      raise ConfigError("data_efficiency", "the sequence-length and sampling curricula feed "
+                        "the GPT trainer; with model.name='bert' use random_ltd or pld")
     train_data, val_data = (MaskedLMBatches(d, tokenizer.vocab_size)
                             for d in (train_data, val_data))
+  else:
+    train_data = curriculum_source(config, train_data, workdir, jax.process_index(),
+                                   jax.process_count())
 
   mesh = make_mesh(config.parallel, devices)
   model_config = ModelConfig.from_config(config.model)
   model = build_model(config.model.name, model_config)
   group = WorkerGroup.on_mesh(mesh, tensor_parallel_specs(model, _model_input(config)))
   optimizer = make_optimizer(config.optim, group)
-  tokens_per_step = config.batch_size * config.seq_len
-  total = config.steps * (tokens_per_step if config.optim.lr_unit == "tokens" else 1)
-  if config.optim.lr_unit == "tokens" and total >= 2**31:
-    raise ConfigError("optim.lr_unit", f"token counts up to {total} overflow the int32 "
-                      "token counter; use 'steps'")
+  dropping = _layer_dropping(config)
+  total = _schedule_length(config, train_data, dropping)
+  if config.optim.lr_unit != "steps" and total >= 2**31:
+    raise ConfigError("optim.lr_unit", f"{config.optim.lr_unit} counts up to {total} overflow "
+                      "the int32 counter; use 'steps'")
   specs = state_specs(model, optimizer, _model_input(config), mesh, config.zero.stage)
   train_step = make_train_step(
       model, optimizer, make_schedule(config.optim, total), specs, mesh,
       microbatches=config.microbatches, lr_unit=config.optim.lr_unit,
-      grad_clip=config.optim.grad_clip, deterministic=config.model.dropout == 0)
+      grad_clip=config.optim.grad_clip, deterministic=config.model.dropout == 0,
+      layer_dropping=dropping)
   eval_step = make_eval_step(model, specs, mesh)
   return Setup(config, mesh, model_config, model, optimizer, specs, train_step, eval_step,
                tokenizer, train_data, val_data)
@@ -194,10 +242,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     throughput: list[float] = []
     window_start, window_tokens, window_first = time.perf_counter(), 0, True
     metrics: dict[str, jax.Array] = {}
+    compile_s = [0.0]
+    on_compile = lambda event, seconds, **_: compile_s.__setitem__(
+        0, compile_s[0] + seconds * (event == BACKEND_COMPILE_EVENT))
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    loop_start = time.perf_counter()
     for step in range(first_step, config.steps):
       batch = setup.to_device(setup.train_data.next_batch())
       state, metrics = setup.train_step(state, batch, step)
-      window_tokens += config.batch_size * config.seq_len
+      window_tokens += batch["inputs"].size
       done = step + 1
       writer.advance()
       evaluate_now = done % config.eval_every == 0 or done == config.steps
@@ -208,7 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if not window_first:  # the first window includes compilation
           throughput.append(tokens_per_s)
         record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tokens_per_s,
-                      mfu=mfu(tokens_per_s))
+                      mfu=mfu(tokens_per_s), tokens_seen=int(state.tokens),
+                      elapsed_s=time.perf_counter() - loop_start)
         if evaluate_now:
           val_losses.append(evaluate(setup, state.params))
           record["val_loss"] = val_losses[-1]
@@ -216,6 +270,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         window_start, window_tokens, window_first = time.perf_counter(), 0, False
       if done % config.checkpoint_every == 0 or done == config.steps:
         checkpointer.save(done, state, setup.train_data.state)
+    loop_s = time.perf_counter() - loop_start
+    jax.monitoring.unregister_event_duration_listener(on_compile)
     checkpointer.close()
     writer.close()
 
@@ -226,6 +282,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "val_loss": val_losses[-1] if val_losses else float("nan"),
         "tokens_per_s": float(np.median(throughput)) if throughput else float("nan"),
         "skipped_steps": int(state.skipped),
+        "tokens_seen": int(state.tokens),
+        "loop_s": loop_s,
+        "compile_s": compile_s[0],
+        "train_step_compilations": setup.train_step.compilations,
         "mesh": " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items() if v > 1) or "1 device",
         "zero_stage": config.zero.stage,
         "checkpoint": os.path.join(workdir, "checkpoints", str(config.steps)),
