@@ -414,3 +414,23 @@ def test_segmented_compression_equals_per_tensor_compression_bit_for_bit():
     np.testing.assert_allclose(scales[t], scale, rtol=1e-6)
     np.testing.assert_allclose(errors[:, lo:lo + c].reshape(-1), err, rtol=1e-5, atol=1e-6)
     lo += c
+
+
+def test_zero_one_adam_local_steps_apply_decoupled_weight_decay_exactly():
+  """Worker parameters after a local step: (1 − lr·wd)·p_w − lr·m_w/(√v + ε)."""
+  world, lr, wd = 2, 0.1, 0.5
+  opt = zero_one_adam(WorkerGroup(world), var_freeze_step=1, weight_decay=wd,
+                      local_step_scaler=100, local_step_clipper=4)
+  params = {"w": jnp.full((4, 8), 2.0)}
+  state = opt.init(params)
+  updates, state = opt.update({"w": jnp.full((4, 8), 0.3)}, state, params, kind=VARIANCE,
+                              learning_rate=lr)
+  params = jax.tree.map(jnp.add, params, updates)
+  for seed in range(2):
+    g = _adam_grads(1, shape=(4, 8), world=world, seed=seed)[0]
+    before = opt.worker_params(params, state, LOCAL)
+    updates, state = opt.update({"w": g["w"]}, state, params, kind=LOCAL, learning_rate=lr)
+    params = jax.tree.map(jnp.add, params, updates)
+    after = opt.worker_params(params, state, LOCAL)
+    expected = (1 - lr * wd) * before["w"] - lr * state.mu["w"] / (jnp.sqrt(state.nu["w"]) + 1e-8)
+    np.testing.assert_allclose(after["w"], expected, rtol=1e-5, atol=1e-6)

@@ -66,12 +66,17 @@ def scalars_like(tree, value: float):
   return jax.tree.map(lambda _: jnp.full((), value, jnp.float32), tree)
 
 
-def decay_term(params, mask, weight_decay: float):
-  """``weight_decay · p`` where ``mask`` is True, else 0 (decoupled, added to the update)."""
+def decay_rates(params, mask, weight_decay: float):
+  """Per tensor, ``weight_decay`` where ``mask`` is True (or None), else 0."""
   mask = mask(params) if callable(mask) else mask
   if mask is None:
-    return jax.tree.map(lambda p: weight_decay * p, params)
-  return jax.tree.map(lambda p, m: weight_decay * p if m else jnp.zeros_like(p), params, mask)
+    return jax.tree.map(lambda _: weight_decay, params)
+  return jax.tree.map(lambda _, m: weight_decay if m else 0.0, params, mask)
+
+
+def decay_term(params, mask, weight_decay: float):
+  """``weight_decay · p`` where ``mask`` is True, else 0 (decoupled, added to the update)."""
+  return jax.tree.map(lambda p, r: r * p, params, decay_rates(params, mask, weight_decay))
 
 
 def check_adam_hyperparameters(b1: float, b2: float, eps: float, weight_decay: float) -> None:
@@ -89,3 +94,14 @@ def check_adam_hyperparameters(b1: float, b2: float, eps: float, weight_decay: f
 def check_positive_int(key: str, value: int, minimum: int = 1) -> None:
   if int(value) != value or value < minimum:
     raise ConfigError(key, f"must be an integer >= {minimum}, got {value}")
+
+
+def mask_unseen(values, nu):
+  """Zeroes ``values`` where the (frozen) variance is exactly 0.
+
+  1-bit compression cannot represent exact zeros: an element that never had a
+  gradient (an unused embedding row) decompresses to ±scale, and divided by
+  √v + ε = ε it would move by scale/ε. DeepSpeed asks the user for an
+  ``exp_avg_mask``; here the mask is read from the variance itself.
+  """
+  return jax.tree.map(lambda x, v: jnp.where(v > 0, x, 0.0), values, nu)

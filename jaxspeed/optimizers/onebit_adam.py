@@ -5,7 +5,8 @@ gradients, with DeepSpeed's update u = m/(√v + ε) + wd·p (no bias correction
 unless ``bias_correction=True``). Afterwards the variance v is frozen and each
 worker folds its *local* gradient into the momentum,
 m_w = β1·m + (1−β1)·g_w, which is averaged with the error-compensated 1-bit
-all-reduce (one scale per tensor); the update formula is unchanged.
+all-reduce (one scale per tensor) and masked where v = 0 (``mask_unseen``);
+the update formula is unchanged.
 
 Beyond DeepSpeed: the error-feedback buffers are part of the optimizer state
 (checkpointed and restored, where DeepSpeed resets them), and the state may
@@ -27,6 +28,7 @@ from jaxspeed.optimizers.base import (
     check_adam_hyperparameters,
     check_positive_int,
     decay_term,
+    mask_unseen,
     shared_params,
     zeros_like_f32,
 )
@@ -75,6 +77,7 @@ def onebit_adam(group: WorkerGroup, freeze_step: int, b1: float = 0.9, b2: float
       local = jax.tree.map(lambda m, g: b1 * m[None] + (1 - b1) * g, state.mu, grads)
       mu, errors = group.compressed_mean(local, state.errors)
       nu = state.nu
+      mu = mask_unseen(mu, nu)
     m_hat, v_hat = mu, nu
     if bias_correction:
       t = count.astype(jnp.float32)

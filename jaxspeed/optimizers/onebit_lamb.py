@@ -31,6 +31,7 @@ from jaxspeed.optimizers.base import (
     check_adam_hyperparameters,
     check_positive_int,
     decay_term,
+    mask_unseen,
     scalars_like,
     shared_params,
     zeros_like_f32,
@@ -113,7 +114,7 @@ def onebit_lamb(group: WorkerGroup, freeze_step: int, b1: float = 0.9, b2: float
     local = jax.tree.map(lambda m, g, s: (b1 * m[None] + (1 - b1) * g) * s,
                          state.mu, grads, scaling)
     mu, errors = group.compressed_mean(local, state.errors, fused=True)
-    mu = jax.tree.map(lambda m, s: m / s, mu, scaling)
+    mu = mask_unseen(jax.tree.map(lambda m, s: m / s, mu, scaling), state.nu)
     grad = jax.tree.map(lambda m, prev: (m - b1 * prev) / (1 - b1), mu, state.mu)
     nu_fresh = jax.tree.map(lambda f, g: b2 * f + (1 - b2) * g * g, state.nu_fresh, grad)
     denom = jax.tree.map(lambda v: jnp.sqrt(v) + eps, state.nu)

@@ -9,20 +9,28 @@ with t % interval == 0, where the interval starts at 1 and doubles after every
 
 Phase 2, 1-bit synchronization with local steps (t > ``var_freeze_step``):
 v is frozen and each worker takes local Adam steps with its own momentum,
-accumulating its update u_w = −Σ lr·(m_w/(√v + ε) + wd·p_w) and the sum of
-learning rates. On *sync steps* (t % interval == 0) the accumulated updates,
-rescaled by √v + ε, are averaged with the 1-bit all-reduce, the momentum is
-reconstructed as m = −ū/Σlr, and every worker moves from the last synchronized
-parameters by ū/(√v + ε). The interval doubles every ``local_step_scaler``
+accumulating its update u_w = −Σ lr·m_w/(√v + ε) and the sum of learning
+rates. On *sync steps* (t % interval == 0) the accumulated updates, rescaled
+by √v + ε, are averaged with the 1-bit all-reduce, the momentum is
+reconstructed as m = −ū/Σlr, and every worker moves from the last
+synchronized parameters by ū/(√v + ε). The interval doubles every ``local_step_scaler``
 phase-2 steps, up to ``local_step_clipper`` (DeepSpeed's code uses the clipper
 as the largest interval, not as an exponent as its docs say).
 
 Representation: ``TrainState.params`` holds the last synchronized parameters;
 the per-worker momentum and accumulated update carry a leading worker axis, so
-worker w's parameters during local steps are ``params + u[w]``. The error
+worker w's parameters during local steps are ``params + u[w]``. Every
+1-bit average is masked where v = 0 (``mask_unseen``). The error
 buffers are zeroed once when phase 2 starts (they then compress a different
 quantity). DeepSpeed's ``bias_correction`` flag is ignored by its 0/1 Adam;
 it is not offered here.
+
+Weight decay, unlike DeepSpeed: in phase 2 the decoupled decay multiplies the
+synchronized parameters and each u_w by (1 − lr·wd) every step — so worker
+parameters decay exactly as under Adam — and is kept out of u. DeepSpeed adds
+wd·p to u, which puts wd·p·(√v + ε) into the compressed message and into the
+reconstructed momentum at every sync, compounding the decay about 1/(1 − β1)
+times; on the tiny GPT with wd = 0.1 that diverged.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ from jaxspeed.optimizers.base import (
     CommunicatingOptimizer,
     check_adam_hyperparameters,
     check_positive_int,
+    decay_rates,
     decay_term,
+    mask_unseen,
     zeros_like_f32,
 )
 
@@ -124,6 +134,7 @@ def zero_one_adam(group: WorkerGroup, var_freeze_step: int, b1: float = 0.9,
     else:
       mean, errors = group.compressed_mean(grads, state.errors)
       nu = state.nu
+      mean = mask_unseen(mean, nu)
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g[None], state.mu, mean)
     decay = decay_term(params, mask, weight_decay)
     updates = jax.tree.map(lambda m, v, d: -learning_rate * adam_direction(m, v, d),
@@ -135,21 +146,24 @@ def zero_one_adam(group: WorkerGroup, var_freeze_step: int, b1: float = 0.9,
     errors = jax.tree.map(lambda e: jnp.where(count == var_freeze_step + 1, 0.0, e),
                           state.errors)
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-    local_params = worker_params(params, state, kind)
-    decay = decay_term(local_params, mask, weight_decay)
+    denom = jax.tree.map(lambda v: jnp.sqrt(v) + eps, state.nu)
+    # Decoupled weight decay shrinks the synchronized parameters and each worker's
+    # accumulated update alike, so p_w = params + u_w decays exactly as in Adam, and
+    # only the Adam direction is compressed (see the module docstring).
+    rates = decay_rates(params, mask, weight_decay)
     accumulated = jax.tree.map(
-        lambda u, m, v, d: u - learning_rate * adam_direction(m, v[None], d),
-        state.accumulated, mu, state.nu, decay)
+        lambda u, r, m, dn: u * (1 - learning_rate * r) - learning_rate * m / dn[None],
+        state.accumulated, rates, mu, denom)
+    decayed = jax.tree.map(lambda p, r: -learning_rate * r * p, params, rates)
     lr_sum = state.lr_sum + learning_rate
     if kind == LOCAL:
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      return zeros, state._replace(count=count, mu=mu, accumulated=accumulated, lr_sum=lr_sum,
-                                   errors=errors)
-    denom = jax.tree.map(lambda v: jnp.sqrt(v) + eps, state.nu)
+      return decayed, state._replace(count=count, mu=mu, accumulated=accumulated,
+                                     lr_sum=lr_sum, errors=errors)
     scaled = jax.tree.map(lambda u, d: u * d[None], accumulated, denom)
     mean, errors = group.compressed_mean(scaled, errors)
+    mean = mask_unseen(mean, state.nu)
     mu = jax.tree.map(lambda m, u: jnp.broadcast_to(-u / lr_sum, m.shape), mu, mean)
-    updates = jax.tree.map(jnp.divide, mean, denom)
+    updates = jax.tree.map(lambda d, u, dn: d + u / dn, decayed, mean, denom)
     return updates, state._replace(count=count, mu=mu,
                                    accumulated=jax.tree.map(jnp.zeros_like, accumulated),
                                    lr_sum=jnp.zeros((), jnp.float32), errors=errors)
