@@ -7,7 +7,9 @@ device.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from typing import Any
 
@@ -59,3 +61,13 @@ def write_results(name: str, summary: dict[str, Any], rows: list[dict[str, Any]]
     f.write(text + "\n")
   print(text)
   return text
+
+
+def first_reach(points: list[tuple[float, float]], target: float) -> float:
+  """The x at which (x, loss) points first reach ``target``, interpolated; NaN if never."""
+  for (x0, v0), (x1, v1) in itertools.pairwise(points):
+    if math.isfinite(v1) and v1 <= target:
+      if not math.isfinite(v0) or v0 <= target or v0 == v1:
+        return float(x1)
+      return x0 + (v0 - target) / (v0 - v1) * (x1 - x0)
+  return math.nan

@@ -44,7 +44,6 @@ summary says so (``composed_reached_target``) rather than extrapolating.
 from __future__ import annotations
 
 import collections
-import itertools
 import math
 import os
 import shutil
@@ -151,16 +150,6 @@ def compute_seconds(records: list[dict], config) -> dict[int, float]:
   return out
 
 
-def to_target(points: list[tuple[float, float]], target: float) -> float:
-  """x where (x, loss) points first reach ``target``, linearly interpolated; NaN if never."""
-  for (x0, v0), (x1, v1) in itertools.pairwise(points):
-    if math.isfinite(v1) and v1 <= target:
-      if not math.isfinite(v0) or v0 <= target or v0 == v1:
-        return float(x1)
-      return x0 + (v0 - target) / (v0 - v1) * (x1 - x0)
-  return math.nan
-
-
 def main(argv):
   del argv
   common.setup_devices()
@@ -190,7 +179,7 @@ def main(argv):
   for label, summary in runs.items():
     evals = [r for r in curves[label] if "val_loss" in r]
     initial = summary["initial_val_loss"]
-    at = lambda key, evals=evals, initial=initial: to_target(
+    at = lambda key, evals=evals, initial=initial: common.first_reach(
         [(0.0, initial)] + [(r[key], r["val_loss"]) for r in evals], target)
     rows.append({
         "run": label, "steps": configs[label].steps, "tokens_seen": summary["tokens_seen"],

@@ -42,7 +42,6 @@ Measures, from ``metrics.jsonl`` (the training loss is logged every step):
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import shutil
@@ -137,12 +136,7 @@ def tokens_to_target(records: list[dict], initial_val_loss: float, target: float
   """Tokens at which validation loss first reaches ``target``, interpolated; NaN if never."""
   points = [(0.0, initial_val_loss)] + [(r["tokens_seen"], r["val_loss"]) for r in records
                                         if "val_loss" in r]
-  for (t0, v0), (t1, v1) in itertools.pairwise(points):
-    if math.isfinite(v1) and v1 <= target:
-      if not math.isfinite(v0) or v0 <= target or v0 == v1:
-        return float(t1)
-      return t0 + (v0 - target) / (v0 - v1) * (t1 - t0)
-  return math.nan
+  return common.first_reach(points, target)
 
 
 def main(argv):
