@@ -2,6 +2,7 @@
 
 from jaxspeed.models.attention import ATTENTION_IMPLS, causal_mask, dot_product_attention
 from jaxspeed.models.bert import BertEncoder, BertForMaskedLM
+from jaxspeed.models.blockwise_attention import blockwise_attention  # registers "blockwise"
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.gpt import GPT
 from jaxspeed.models.positions import alibi_bias, alibi_slopes, apply_rope
@@ -26,6 +27,7 @@ __all__ = [
   "alibi_bias",
   "alibi_slopes",
   "apply_rope",
+  "blockwise_attention",
   "build_model",
   "causal_mask",
   "dot_product_attention",
