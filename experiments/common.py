@@ -7,16 +7,22 @@ device.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
 import os
+import shutil
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
 from absl import flags
 
+import jaxspeed
+from jaxspeed.data_efficiency.from_config import schedule_from_config
 from jaxspeed.parallel import use_cpu_devices
+from jaxspeed.training import read_metrics
 
 CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 8, "Virtual CPU devices to create (ignored on GPU/TPU).")
@@ -71,3 +77,45 @@ def first_reach(points: list[tuple[float, float]], target: float) -> float:
         return float(x1)
       return x0 + (v0 - target) / (v0 - v1) * (x1 - x0)
   return math.nan
+
+
+def fresh_run(config, workdir: str) -> tuple[dict[str, Any], list[dict[str, float]]]:
+  """Trains ``config`` in an emptied ``workdir`` (never a resume of an older run).
+
+  Returns:
+    (the run summary, the logged metric records).
+  """
+  shutil.rmtree(workdir, ignore_errors=True)
+  summary = jaxspeed.train(config, workdir)
+  return summary, read_metrics(os.path.join(workdir, "metrics.jsonl"))
+
+
+def run_tokens(config) -> int:
+  """Tokens a run of ``config`` sees: batch x the scheduled (truncated) length of each step."""
+  seqlen = config.data_efficiency.seqlen
+  if not seqlen.enabled:
+    return config.steps * config.batch_size * config.seq_len
+  schedule = schedule_from_config(seqlen, "data_efficiency.seqlen")
+  # Global batch t (0-based) is cut to difficulty_at(t + 1), as in SeqlenCurriculum.
+  return sum(config.batch_size * min(schedule.difficulty_at(t + 1), config.seq_len)
+             for t in range(config.steps))
+
+
+def clean_step_seconds(records: list[dict], eval_every: int,
+                       kind_at: Callable[[int], Hashable] = lambda step: 0
+                       ) -> dict[Hashable, list[float]]:
+  """Kind -> wall seconds of its clean steps, from records logged every step.
+
+  A clean step is neither the first of its kind (which compiles) nor right
+  after an evaluation. ``kind_at(t)`` is the kind of 1-based step t.
+  """
+  elapsed = {int(r["step"]): r["elapsed_s"] for r in records}
+  seen, times = set(), collections.defaultdict(list)
+  for t in sorted(elapsed):
+    kind = kind_at(t)
+    first = kind not in seen
+    seen.add(kind)
+    if first or t - 1 not in elapsed or (t - 1) % eval_every == 0:
+      continue
+    times[kind].append(elapsed[t] - elapsed[t - 1])
+  return times

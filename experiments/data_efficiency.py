@@ -46,17 +46,14 @@ from __future__ import annotations
 import collections
 import math
 import os
-import shutil
 
 import numpy as np
 from absl import app, flags
 
-import jaxspeed
 from configs import gpt_tiny
 from experiments import common
-from jaxspeed.data_efficiency.from_config import schedule_from_config
-from jaxspeed.models.random_ltd import kept_length_at
-from jaxspeed.training import plot_runs, read_metrics
+from jaxspeed.training import plot_runs
+from jaxspeed.training.trainer import layer_dropping
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 3-layer model, seq 64, 30 steps.")
 STEPS = flags.DEFINE_integer("steps", 300, "Baseline steps; the composed run fills its budget.")
@@ -104,24 +101,6 @@ def _config(quick: bool, steps: int, composed: bool, warmup_steps: int):
   return config
 
 
-def _run_tokens(config) -> int:
-  """Tokens a run of ``config`` sees: batch x the scheduled length of each step."""
-  seqlen = config.data_efficiency.seqlen
-  if not seqlen.enabled:
-    return config.steps * config.batch_size * config.seq_len
-  schedule = schedule_from_config(seqlen, "data_efficiency.seqlen")
-  return sum(config.batch_size * min(schedule.difficulty_at(t + 1), config.seq_len)
-             for t in range(config.steps))
-
-
-def _kept(config, step: int) -> int | None:
-  ltd = config.data_efficiency.random_ltd
-  if not ltd.enabled:
-    return None
-  return kept_length_at(step, ltd.min_value, ltd.max_value or config.seq_len,
-                        ltd.require_steps, ltd.seq_per_step)
-
-
 def compute_seconds(records: list[dict], config) -> dict[int, float]:
   """Step -> cumulative compute seconds: compiling and post-evaluation steps at their kind's median.
 
@@ -129,10 +108,11 @@ def compute_seconds(records: list[dict], config) -> dict[int, float]:
   once per kind, on its first step.
   """
   by_step = {int(r["step"]): r for r in records}
+  kept_at = layer_dropping(config).kept_length_at
   kinds, durations, first = {}, {}, {}
   previous = 0.0
   for t in sorted(by_step):
-    kinds[t] = (int(by_step[t]["seq_len"]), _kept(config, t - 1))
+    kinds[t] = (int(by_step[t]["seq_len"]), kept_at(t - 1))
     first.setdefault(kinds[t], t)
     durations[t] = by_step[t]["elapsed_s"] - previous
     previous = by_step[t]["elapsed_s"]
@@ -157,19 +137,16 @@ def main(argv):
   steps = 30 if quick else STEPS.value
   warmup = max(1, steps // 10)
   baseline = _config(quick, steps, False, warmup)
-  budget = BUDGET_FRACTION.value * _run_tokens(baseline)
+  budget = BUDGET_FRACTION.value * common.run_tokens(baseline)
   composed_steps = max(1, round(BUDGET_FRACTION.value * steps))
-  while _run_tokens(_config(quick, composed_steps, True, warmup)) < budget:
+  while common.run_tokens(_config(quick, composed_steps, True, warmup)) < budget:
     composed_steps += 1
   configs = {"baseline": baseline, "composed": _config(quick, composed_steps, True, warmup)}
 
   out = os.path.join(common.OUTPUT_DIR.value, "data_efficiency")
   runs, curves = {}, {}
   for label, config in configs.items():
-    workdir = os.path.join(out, label)
-    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an older one
-    runs[label] = jaxspeed.train(config, workdir)
-    curves[label] = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    runs[label], curves[label] = common.fresh_run(config, os.path.join(out, label))
     compute = compute_seconds(curves[label], config)
     for record in curves[label]:
       record["compute_s"] = compute[int(record["step"])]

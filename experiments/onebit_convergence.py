@@ -22,14 +22,12 @@ within 2% (``*_rel_gap`` = compressed / baseline − 1).
 from __future__ import annotations
 
 import os
-import shutil
 
 from absl import app, flags
 
-import jaxspeed
 from configs import gpt_tiny
 from experiments import common
-from jaxspeed.training import plot_runs, read_metrics
+from jaxspeed.training import plot_runs
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 2-layer model, 20 steps.")
 STEPS = flags.DEFINE_integer("steps", 300, "Training steps of every run.")
@@ -89,10 +87,7 @@ def main(argv):
   for label, optim in _runs(steps).items():
     config = _config(quick, steps)
     config.optim.update(optim)
-    workdir = os.path.join(out, label)
-    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an older one
-    summary = jaxspeed.train(config, workdir)
-    curves[label] = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    summary, curves[label] = common.fresh_run(config, os.path.join(out, label))
     rows.append({"optimizer": label, "config_name": optim["name"],
                  "final_train_loss": summary["final_loss"], "val_loss": summary["val_loss"],
                  "initial_val_loss": summary["initial_val_loss"],

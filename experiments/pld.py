@@ -35,16 +35,14 @@ Measures:
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 from absl import app, flags
 
-import jaxspeed
 from configs import gpt_tiny
 from experiments import common
 from jaxspeed.models.layer_drop import keep_probability, pld_theta
-from jaxspeed.training import plot_runs, read_metrics
+from jaxspeed.training import plot_runs
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 3-layer BERT, d_model 64, seq 64, 30 steps.")
 STEPS = flags.DEFINE_integer("steps", 300, "Training steps of both runs.")
@@ -78,13 +76,6 @@ def _config(quick: bool, steps: int, pld: bool):
   return config
 
 
-def step_seconds(records: list[dict], eval_every: int) -> list[float]:
-  """Wall seconds of each step but the first and those right after an evaluation."""
-  elapsed = {int(r["step"]): r["elapsed_s"] for r in records}
-  return [elapsed[t] - elapsed[t - 1] for t in sorted(elapsed)
-          if t - 1 in elapsed and (t - 1) % eval_every != 0]
-
-
 def expected_layer_saving(config) -> float:
   """Mean over steps of (1/L)·Σ_i (1 − p_i(t)): the expected share of layers skipped."""
   pld, layers = config.data_efficiency.pld, config.model.num_layers
@@ -111,11 +102,9 @@ def main(argv):
   out = os.path.join(common.OUTPUT_DIR.value, "pld")
   runs, curves, rows = {}, {}, []
   for label, config in configs.items():
-    workdir = os.path.join(out, label)
-    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an older one
-    summary = runs[label] = jaxspeed.train(config, workdir)
-    curves[label] = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    times = step_seconds(curves[label], config.eval_every)
+    summary, curves[label] = common.fresh_run(config, os.path.join(out, label))
+    runs[label] = summary
+    times = common.clean_step_seconds(curves[label], config.eval_every)[0]
     samples = config.steps * config.batch_size
     rows.append({
         "run": label, "val_loss": summary["val_loss"],

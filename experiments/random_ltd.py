@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -58,8 +57,8 @@ from absl import app, flags
 import jaxspeed
 from configs import gpt_tiny
 from experiments import common
-from jaxspeed.models.random_ltd import kept_length_at
-from jaxspeed.training import plot_runs, read_metrics
+from jaxspeed.training import plot_runs
+from jaxspeed.training.trainer import layer_dropping
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 3-layer model, seq 64, kept lengths 16 and "
                           "32, 30 steps.")
@@ -99,9 +98,8 @@ def _config(quick: bool, steps: int, ltd: bool):
 
 def kept_lengths(config) -> list[int]:
   """Kept length r of every step of a random-LTD run of ``config``."""
-  ltd = config.data_efficiency.random_ltd
-  return [kept_length_at(t, ltd.min_value, ltd.max_value or config.seq_len, ltd.require_steps,
-                         ltd.seq_per_step) for t in range(config.steps)]
+  kept_at = layer_dropping(config).kept_length_at
+  return [kept_at(t) for t in range(config.steps)]
 
 
 def step_flops(config, steps: list[int]) -> dict[int, float]:
@@ -127,25 +125,6 @@ def theory_flops(config, kept: int) -> float:
   if kept >= s:
     return s * (layers * per_token(s) + head)
   return s * (2 * per_token(s) + head) + (layers - 2) * kept * per_token(kept)
-
-
-def step_seconds(records: list[dict], eval_every: int, lengths: list[int] | None
-                 ) -> dict[int, list[float]]:
-  """Kept length -> wall seconds of its clean steps (no compilation, no evaluation before).
-
-  ``records`` are logged every step; step t (1-based) ran at kept length
-  ``lengths[t - 1]`` (all S when ``lengths`` is None, keyed 0).
-  """
-  elapsed = {int(r["step"]): r["elapsed_s"] for r in records}
-  seen, times = set(), collections.defaultdict(list)
-  for t in sorted(elapsed):
-    r = 0 if lengths is None else lengths[t - 1]
-    first = r not in seen
-    seen.add(r)
-    if first or t - 1 not in elapsed or (t - 1) % eval_every == 0:
-      continue
-    times[r].append(elapsed[t] - elapsed[t - 1])
-  return times
 
 
 def main(argv):
@@ -182,13 +161,11 @@ def main(argv):
   out = os.path.join(common.OUTPUT_DIR.value, "random_ltd")
   runs, curves = {}, {}
   for label, config in configs.items():
-    workdir = os.path.join(out, label)
-    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an older one
-    runs[label] = jaxspeed.train(config, workdir)
-    curves[label] = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    runs[label], curves[label] = common.fresh_run(config, os.path.join(out, label))
   compute_s = {k: v["loop_s"] - v["compile_s"] for k, v in runs.items()}
-  base_times = step_seconds(curves["baseline"], configs["baseline"].eval_every, None)[0]
-  ltd_times = step_seconds(curves["random_ltd"], configs["random_ltd"].eval_every, lengths)
+  base_times = common.clean_step_seconds(curves["baseline"], configs["baseline"].eval_every)[0]
+  ltd_times = common.clean_step_seconds(curves["random_ltd"], configs["random_ltd"].eval_every,
+                                        lambda t: lengths[t - 1])
   median_s = {r: float(np.median(v)) for r, v in ltd_times.items()}
   base_s = float(np.median(base_times))
   for r in counts:  # a length with no clean step counts as a baseline step (no saving)

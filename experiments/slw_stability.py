@@ -44,15 +44,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 
 from absl import app, flags
 
-import jaxspeed
 from configs import gpt_tiny
 from experiments import common
-from jaxspeed.data_efficiency.from_config import schedule_from_config
-from jaxspeed.training import plot_runs, read_metrics
+from jaxspeed.training import plot_runs
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 2-layer model, seq 32, 30 steps.")
 STEPS = flags.DEFINE_integer("steps", 80, "Baseline steps; SLW runs until the same tokens.")
@@ -95,21 +92,10 @@ def _config(quick: bool, steps: int, slw: bool):
   return config
 
 
-def _run_tokens(config) -> int:
-  """Tokens a run of ``config`` sees: batch x the scheduled length of each step."""
-  seqlen = config.data_efficiency.seqlen
-  if not seqlen.enabled:
-    return config.steps * config.batch_size * config.seq_len
-  schedule = schedule_from_config(seqlen, "data_efficiency.seqlen")
-  # Global batch t (0-based) is cut to difficulty_at(t + 1), as in SeqlenCurriculum.
-  return sum(config.batch_size * min(schedule.difficulty_at(t + 1), config.seq_len)
-             for t in range(config.steps))
-
-
 def _slw_steps(quick: bool, budget: int, start: int) -> int:
   """The fewest SLW steps (its curriculum spanning ``--slw_fraction`` of them) for ``budget``."""
   steps = start
-  while _run_tokens(_config(quick, steps, slw=True)) < budget:
+  while common.run_tokens(_config(quick, steps, slw=True)) < budget:
     steps += 1
   return steps
 
@@ -145,15 +131,12 @@ def main(argv):
   quick = QUICK.value
   steps = 30 if quick else STEPS.value
   out = os.path.join(common.OUTPUT_DIR.value, "slw_stability")
-  budget = _run_tokens(_config(quick, steps, slw=False))
+  budget = common.run_tokens(_config(quick, steps, slw=False))
   configs = {"baseline": _config(quick, steps, slw=False),
              "slw": _config(quick, _slw_steps(quick, budget, steps), slw=True)}
   runs, curves = {}, {}
   for label, config in configs.items():
-    workdir = os.path.join(out, label)
-    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an older one
-    runs[label] = jaxspeed.train(config, workdir)
-    curves[label] = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    runs[label], curves[label] = common.fresh_run(config, os.path.join(out, label))
 
   target = TARGET_VAL_LOSS.value or runs["baseline"]["val_loss"]
   rows = []

@@ -41,8 +41,8 @@ def test_layer_token_schedule_counts_kept_tokens(tiny_config):
   setup = jaxspeed.build(config)
   # Every step: 16 rows; first and last layers see all tokens, the middle one 8.
   expected = sum(16 * layer_tokens(8, s, 3) for s in (16, 16, 32, 32))
-  from jaxspeed.training.trainer import _layer_dropping, _schedule_length
-  assert _schedule_length(config, setup.train_data, _layer_dropping(config)) == expected
+  from jaxspeed.training.trainer import _schedule_length, layer_dropping
+  assert _schedule_length(config, setup.train_data, layer_dropping(config)) == expected
   assert layer_tokens(8, 32, 3) == 2 * 32 + 8
 
 

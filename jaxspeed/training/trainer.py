@@ -113,7 +113,7 @@ def _tokenizer(config: ml_collections.ConfigDict, docs: list[str],
   return tokenizer
 
 
-def _layer_dropping(config: ml_collections.ConfigDict) -> LayerDropping:
+def layer_dropping(config: ml_collections.ConfigDict) -> LayerDropping:
   """Random-LTD's kept-length schedule and PLD's parameters from ``config.data_efficiency``."""
   ltd, pld = config.data_efficiency.random_ltd, config.data_efficiency.pld
   kept_length_at = lambda step: None
@@ -180,7 +180,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   model = build_model(config.model.name, model_config)
   group = WorkerGroup.on_mesh(mesh, tensor_parallel_specs(model, _model_input(config)))
   optimizer = make_optimizer(config.optim, group)
-  dropping = _layer_dropping(config)
+  dropping = layer_dropping(config)
   total = _schedule_length(config, train_data, dropping)
   if config.optim.lr_unit != "steps" and total >= 2**31:
     raise ConfigError("optim.lr_unit", f"{config.optim.lr_unit} counts up to {total} overflow "
