@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 256
   c.model.num_layers = 2
   c.model.num_heads = 4
+  c.model.num_kv_heads = 0  # grouped-query attention; 0 means num_heads
   c.model.d_model = 64
   c.model.d_ff = 256
   c.model.max_seq_len = 128
@@ -94,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   for axis in ("data", "fsdp", "stage", "expert", "sequence", "tensor"):
     c.parallel[axis] = 1
   c.parallel.data = -1
+  # DeepSpeed-Ulysses needs seq_len % parallel.sequence == 0; pad=True right-pads
+  # causal-LM batches to a multiple instead (padded targets do not count).
+  c.sequence_parallel = ml_collections.ConfigDict(dict(pad=False))
 
   c.data_efficiency = _data_efficiency_defaults()
 
@@ -217,6 +221,43 @@ def _validate_data_efficiency(config: ml_collections.ConfigDict) -> None:
       raise ConfigError("data_efficiency.pld.gamma", f"must be >= 0, got {pld.gamma}")
 
 
+def _validate_sequence_parallel(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
+  """DeepSpeed-Ulysses: heads split over tensor x sequence, sequence split over sequence."""
+  sp, tp, model = shape["sequence"], shape["tensor"], config.model
+  if config.sequence_parallel.pad and model.name != "gpt":
+    raise ConfigError("sequence_parallel.pad", "padding is invisible only to a causal model; "
+                      f"allowed with model.name=gpt, got {model.name!r}")
+  if sp == 1:
+    return
+  if model.num_heads % (tp * sp):
+    raise ConfigError("model.num_heads", f"{model.num_heads} heads cannot be split over "
+                      f"parallel.tensor x parallel.sequence = {tp} x {sp}; need a multiple of "
+                      f"{tp * sp}")
+  local_kv = (model.num_kv_heads or model.num_heads) // tp
+  if local_kv % sp and sp % local_kv:
+    raise ConfigError("model.num_kv_heads", f"{local_kv} kv heads per tensor shard must be a "
+                      f"multiple or a divisor of parallel.sequence={sp}")
+  lengths = {"seq_len": config.seq_len}
+  seqlen = config.data_efficiency.seqlen
+  if seqlen.enabled:
+    lengths["data_efficiency.seqlen.difficulty_step"] = seqlen.difficulty_step
+  for key, length in lengths.items():
+    if length % sp and not config.sequence_parallel.pad:
+      raise ConfigError(key, f"{length} is not divisible by parallel.sequence={sp} (DeepSpeed "
+                        "issue #5177); change it or set sequence_parallel.pad=True")
+  padded = -(-config.seq_len // sp) * sp
+  if padded > model.max_seq_len:
+    raise ConfigError("model.max_seq_len", f"seq_len padded to {padded} exceeds "
+                      f"max_seq_len={model.max_seq_len}")
+  if config.optim.name in ONEBIT_OPTIMIZERS:
+    exact = [o for o in OPTIMIZERS if o not in ONEBIT_OPTIMIZERS]
+    raise ConfigError("optim.name", f"{config.optim.name} is not supported with sequence "
+                      f"parallelism; allowed: {', '.join(exact)}")
+  if config.data_efficiency.random_ltd.enabled:
+    raise ConfigError("data_efficiency.random_ltd.enabled", "random-LTD's kept tokens are not "
+                      "split over parallel.sequence; disable one of them")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
   """Checks every field; returns the resolved mesh shape.
 
@@ -259,10 +300,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     raise ConfigError("seq_len", f"{config.seq_len} exceeds model.max_seq_len="
                       f"{model.max_seq_len}")
   tp = shape["tensor"]
-  for key in ("num_heads", "d_ff", "vocab_size"):
-    if model[key] % tp:
-      raise ConfigError(f"model.{key}", f"{model[key]} is not divisible by the tensor-parallel "
+  kv_heads = model.num_kv_heads or model.num_heads
+  if model.num_kv_heads < 0 or model.num_heads % kv_heads:
+    raise ConfigError("model.num_kv_heads", f"must divide model.num_heads={model.num_heads} "
+                      f"(0 means num_heads), got {model.num_kv_heads}")
+  for key, value in (("num_heads", model.num_heads), ("num_kv_heads", kv_heads),
+                     ("d_ff", model.d_ff), ("vocab_size", model.vocab_size)):
+    if value % tp:
+      raise ConfigError(f"model.{key}", f"{value} is not divisible by the tensor-parallel "
                         f"size parallel.tensor={tp}")
+  _validate_sequence_parallel(config, shape)
   dp = math.prod(shape[a] for a in DATA_AXES)
   if config.batch_size % (dp * config.microbatches):
     raise ConfigError("batch_size", f"{config.batch_size} is not divisible by data-parallel size "
@@ -273,7 +320,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
                       f"gradient or momentum, so gradients cannot be ZeRO-sharded; allowed "
                       f"stages: 0, 1 (got {config.zero.stage})")
   _validate_data_efficiency(config)
-  for axis in ("stage", "expert", "sequence"):
+  for axis in ("stage", "expert"):
     if shape[axis] != 1:
       raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "
                         "set it to 1")

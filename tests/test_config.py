@@ -37,7 +37,7 @@ BAD_INPUTS = [
     ({"model.position": "sinusoidal"}, "model.position"),
     ({"data.tokenizer": "wordpiece"}, "data.tokenizer"),
     ({"model.dtype": "float16"}, "model.dtype"),
-    ({"parallel.data": 2, "parallel.sequence": 4}, "parallel.sequence"),
+    ({"parallel.data": 2, "parallel.sequence": 4, "model.num_kv_heads": 3}, "model.num_kv_heads"),
 ]
 
 

@@ -86,3 +86,17 @@ def test_pld_quick(tmp_path):
   summary = run_experiment("pld", tmp_path)["summary"]
   assert 0 < summary["expected_layer_saving"] < 0.5  # theta_bar = 0.5 drops under half
   assert {"time_per_sample_saving", "val_loss_rel_gap"} <= set(summary)
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_ulysses_comm_quick(tmp_path):
+  summary = run_experiment("ulysses_comm", tmp_path)["summary"]
+  assert summary["ulysses_bytes_spread"] <= 1.05  # constant when N and P grow together
+  assert summary["allgather_bytes_growth"] >= 3.9  # grows with N: 4x from P=2 to P=8
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_long_context_quick(tmp_path):
+  summary = run_experiment("long_context", tmp_path)["summary"]
+  assert summary["max_seq_sp8"] > summary["max_seq_sp1"] > 0
+  assert summary["max_seq_ratio_sp8"] >= 4

@@ -123,6 +123,16 @@ def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
     return (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
 
 
+def repeat_kv_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """[B, T, Hkv, D] -> [B, T, num_heads, D]: each kv head serves its query group.
+
+  Query head i reads kv head i // (num_heads / Hkv), as in grouped-query
+  attention (Ainslie et al. 2023).
+  """
+  groups = num_heads // x.shape[2]
+  return x if groups == 1 else jnp.repeat(x, groups, axis=2)
+
+
 AttentionFn = Callable[..., jax.Array]
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": dot_product_attention}

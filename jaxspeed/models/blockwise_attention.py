@@ -105,9 +105,10 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                      v_j).astype(jnp.float32)
       return (acc, new_peak, total * decay + weights.sum(-1, keepdims=True)), None
 
-    init = (jnp.zeros((batch, heads, BLOCK, dim), jnp.float32),
-            jnp.full((batch, heads, BLOCK, 1), jnp.finfo(jnp.float32).min, jnp.float32),
-            jnp.zeros((batch, heads, BLOCK, 1), jnp.float32))
+    # *_like: inside shard_map (Ulysses) the carry must vary over the same axes as q.
+    init = (jnp.zeros_like(q_i, jnp.float32),
+            jnp.full_like(q_i[..., :1], jnp.finfo(jnp.float32).min, jnp.float32),
+            jnp.zeros_like(q_i[..., :1], jnp.float32))
     (acc, _, total), _ = jax.lax.scan(step, init, xs)
     outs.append((acc / total).astype(q.dtype))
   return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)

@@ -20,6 +20,7 @@ class ModelConfig:
   vocab_size: int = 256
   num_layers: int = 2
   num_heads: int = 4
+  num_kv_heads: int = 0  # grouped-query attention; 0 means num_heads (multi-head)
   d_model: int = 64
   d_ff: int = 256
   max_seq_len: int = 128
@@ -38,6 +39,10 @@ class ModelConfig:
     return self.d_model // self.num_heads
 
   @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
@@ -49,7 +54,9 @@ class ModelConfig:
   def num_params(self, include_embeddings: bool = True) -> int:
     """Parameter count of the GPT decoder, computed from the shapes."""
     d, f = self.d_model, self.d_ff
-    per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
+    kv = self.kv_heads * self.head_dim
+    attention = 2 * d * d + 2 * d * kv + 2 * d + 2 * kv
+    per_layer = attention + 2 * d * f + f + d + 4 * d
     total = self.num_layers * per_layer + 2 * d
     if include_embeddings:
       total += self.vocab_size * d * (1 if self.tie_embeddings else 2)

@@ -13,9 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxspeed.models.attention import get_attention
+from jaxspeed.models.attention import get_attention, repeat_kv_heads
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.positions import alibi_bias, apply_rope
+from jaxspeed.parallel.ulysses import sequence_parallel_size, ulysses_attention
 
 INIT_STD = 0.02
 
@@ -86,12 +87,16 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., d_in] @ w [d_in, d_out] as one 2-D matmul.
+  """x [..., d_in] @ w [d_in, d_out], as one 2-D matmul when the sequence is whole.
 
   Contracting a [B, S, d] activation over (B, S) for the weight gradient makes
   XLA:CPU transpose it to [d, B·S] first; with the leading axes merged, the
-  backward matmuls read both operands in place.
+  backward matmuls read both operands in place. Under sequence parallelism
+  the merge would interleave the batch and sequence splits, and XLA would
+  all-gather the activation to do it, so the axes stay apart.
   """
+  if sequence_parallel_size() > 1:
+    return x @ w
   y = x.reshape(-1, x.shape[-1]) @ w
   return y.reshape(*x.shape[:-1], w.shape[-1])
 
@@ -102,6 +107,9 @@ class Attention(nn.Module):
   The q/k/v projections are column-parallel (sharded output heads) and the
   output projection is row-parallel (sharded input heads), so the only
   tensor-parallel collective is one all-reduce after the output projection.
+  With ``num_kv_heads < num_heads`` it is grouped-query attention (Ainslie et
+  al. 2023): each kv head serves num_heads / num_kv_heads query heads. On a
+  mesh with a ``sequence`` axis the attention itself runs DeepSpeed-Ulysses.
   """
 
   config: ModelConfig
@@ -118,20 +126,30 @@ class Attention(nn.Module):
     dtype = cfg.compute_dtype
     h, hd = cfg.num_heads, cfg.head_dim
 
-    def project(name: str) -> jax.Array:
-      w = self.param(name, param_init(("embed", "heads", "kv")), (cfg.d_model, h, hd))
-      b = self.param(f"{name}_bias", zeros_init(("heads", "kv")), (h, hd))
-      y = dense(x, w.reshape(cfg.d_model, h * hd).astype(dtype)).reshape(*x.shape[:-1], h, hd)
-      return constrain(y + b.astype(dtype), ("batch", "seq", "heads", "kv"))
+    def project(name: str, heads: int, axis: str) -> jax.Array:
+      w = self.param(name, param_init(("embed", axis, "kv")), (cfg.d_model, heads, hd))
+      b = self.param(f"{name}_bias", zeros_init((axis, "kv")), (heads, hd))
+      y = dense(x, w.reshape(cfg.d_model, heads * hd).astype(dtype))
+      y = y.reshape(*x.shape[:-1], heads, hd)
+      return constrain(y + b.astype(dtype), ("batch", "seq", axis, "kv"))
 
-    q, k, v = project("query"), project("key"), project("value")
+    q = project("query", h, "heads")
+    k, v = (project(name, cfg.kv_heads, "kv_heads") for name in ("key", "value"))
     bias = None
     if cfg.position == "rope":
       q, k = apply_rope(q, positions), apply_rope(k, positions)
     elif cfg.position == "alibi":
       rows = positions if self.per_row_positions else positions[0]
       bias = alibi_bias(h, rows, rows)
-    out = get_attention(cfg.attention)(q, k, v, bias=bias, mask=mask)
+    impl = get_attention(cfg.attention)
+
+    def attend(q, k, v, **masks):
+      return impl(q, repeat_kv_heads(k, q.shape[2]), repeat_kv_heads(v, q.shape[2]), **masks)
+
+    if sequence_parallel_size() > 1:
+      out = ulysses_attention(attend, q, k, v, bias=bias, mask=mask)
+    else:
+      out = attend(q, k, v, bias=bias, mask=mask)
     out = constrain(out, ("batch", "seq", "heads", "kv"))
     wo = self.param("out", param_init(("heads", "kv", "embed")), (h, hd, cfg.d_model))
     bo = self.param("out_bias", zeros_init(("embed",)), (cfg.d_model,))

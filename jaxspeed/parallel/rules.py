@@ -7,8 +7,9 @@ mesh axis. This module is the only place that maps them onto the mesh.
 Two tables, as in Levanter's parameter/compute axis mappings:
 
 * ``compute_rules``: where activations live during the step. The batch is split
-  over the data axes; Megatron tensor parallelism splits heads, MLP hidden units
-  and the vocabulary over ``tensor``.
+  over the data axes and the sequence over ``sequence`` (Ulysses); Megatron
+  tensor parallelism splits heads, MLP hidden units and the vocabulary over
+  ``tensor``.
 * parameters at rest start from the same tensor-parallel placement, and ZeRO
   then adds the data axes on top (``zero_spec``).
 
@@ -42,9 +43,10 @@ def compute_rules(batch_axes: tuple[str, ...] | None = DATA_AXES) -> LogicalRule
   """
   return (
       ("batch", batch_axes),
-      ("seq", None),
+      ("seq", "sequence"),
       ("embed", None),
       ("heads", "tensor"),
+      ("kv_heads", "tensor"),
       ("kv", None),
       ("mlp", "tensor"),
       ("vocab", "tensor"),

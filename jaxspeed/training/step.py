@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, use_abstract_mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxspeed.models.layer_drop import pld_theta
@@ -24,6 +24,7 @@ from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
+from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
 from jaxspeed.training.optim import Schedule
 from jaxspeed.training.state import StateSpecs, TrainState
 
@@ -99,8 +100,8 @@ def split_microbatches(batch: Batch, num: int) -> Batch:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch rows split over ``data`` x ``fsdp``, replicated over the other axes."""
-  return NamedSharding(mesh, P(DATA_AXES))
+  """Rows split over ``data`` x ``fsdp``, sequence over ``sequence`` (Ulysses)."""
+  return NamedSharding(mesh, P(DATA_AXES, SEQUENCE_AXIS))
 
 
 ALLREDUCE = "allreduce"  # the one communication kind of an optax optimizer
@@ -266,7 +267,7 @@ def _optax_step(model, optimizer: optax.GradientTransformation, schedule: Schedu
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rngs = step_rngs(state.rng, state.step)
     model_kwargs = dropping.model_kwargs(kept, state.step)
-    with nn.logical_axis_rules(compute_rules()):
+    with nn.logical_axis_rules(compute_rules()), use_abstract_mesh(mesh.abstract_mesh):
       total_loss, count, grads = _accumulate(grad_fn, state.params, batch, rngs, microbatches,
                                              deterministic, grad_shardings, model_kwargs)
     grads = jax.tree.map(lambda g: g / count, grads)
@@ -350,7 +351,7 @@ def make_eval_step(model: nn.Module, specs: StateSpecs, mesh: Mesh):
   loss_sum = loss_sum_fn(model)
 
   def evaluate(params, batch: Batch):
-    with nn.logical_axis_rules(compute_rules()):
+    with nn.logical_axis_rules(compute_rules()), use_abstract_mesh(mesh.abstract_mesh):
       return loss_sum(params, batch, None, True)
 
   return jax.jit(evaluate, in_shardings=(named(mesh, specs.state.params), batch_sharding(mesh)))

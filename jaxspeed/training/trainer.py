@@ -41,7 +41,7 @@ from jaxspeed.inference import sample_tokens
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.optimizers import CommunicatingOptimizer
-from jaxspeed.parallel import make_mesh
+from jaxspeed.parallel import SEQUENCE_AXIS, make_mesh, pad_to_multiple
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
 from jaxspeed.training.state import (
@@ -89,7 +89,13 @@ class Setup:
                           self.specs)
 
   def to_device(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Assembles each process's rows into one global batch array per key."""
+    """Assembles each process's rows into one global batch array per key.
+
+    With ``sequence_parallel.pad``, sequences are first right-padded to a
+    multiple of the ``sequence`` axis.
+    """
+    if self.config.sequence_parallel.pad:
+      local_batch = pad_to_multiple(local_batch, self.mesh.shape[SEQUENCE_AXIS])
     sharding = batch_sharding(self.mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v)
             for k, v in local_batch.items()}
