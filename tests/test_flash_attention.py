@@ -1,0 +1,96 @@
+"""Pallas flash attention (interpret mode on CPU) equals plain attention, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspeed.models import ATTENTION_IMPLS, causal_mask, dot_product_attention
+from jaxspeed.models.positions import alibi_bias
+from pallas_kernels.flash_attention import (
+    attention_reference,
+    flash_attention,
+    flash_dot_product_attention,
+)
+
+B, H, D = 2, 2, 16
+BLOCK = 16  # the smallest block Triton accepts: several blocks at tiny lengths
+
+
+def _qkv(q_len, kv_len):
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  return (jax.random.normal(keys[0], (B, q_len, H, D)),
+          jax.random.normal(keys[1], (B, kv_len, H, D)),
+          jax.random.normal(keys[2], (B, kv_len, H, D)))
+
+
+def _value_and_grads(attend, q, k, v, bias):
+  """Output and d/d(q, k, v, bias) of sum(sin(out)), in one compiled call."""
+  def loss(q, k, v, bias):
+    out = attend(q, k, v, bias)
+    return jnp.sum(jnp.sin(out)), out
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  grads, out = jax.jit(jax.grad(loss, argnums, has_aux=True))(q, k, v, bias)
+  return out, grads
+
+
+@pytest.mark.parametrize("q_len, kv_len, causal, alibi", [
+    (48, 48, True, False),  # three full blocks, upper-triangle blocks skipped
+    (40, 40, False, False),  # not a multiple of the block: padded keys masked
+    (24, 40, True, True),  # S < T (end-aligned causal, as causal_mask) with ALiBi
+])
+def test_kernel_values_and_gradients_match_plain_attention(q_len, kv_len, causal, alibi):
+  q, k, v = _qkv(q_len, kv_len)
+  mask = causal_mask(q_len, kv_len) if causal else None
+  bias = alibi_bias(H, jnp.arange(q_len) + kv_len - q_len, jnp.arange(kv_len)) if alibi else None
+  got, got_grads = _value_and_grads(
+      lambda q, k, v, b: flash_attention(q, k, v, bias=b, causal=causal, block_q=BLOCK,
+                                         block_k=BLOCK), q, k, v, bias)
+  want, want_grads = _value_and_grads(
+      lambda q, k, v, b: dot_product_attention(q, k, v, bias=b, mask=mask), q, k, v, bias)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  assert len(got_grads) == (4 if alibi else 3)
+  for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+    assert g.shape == w.shape, name
+    np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
+
+
+def test_reference_is_plain_attention():
+  q, k, v = _qkv(24, 40)
+  bias = alibi_bias(H, jnp.arange(24) + 16, jnp.arange(40))
+  np.testing.assert_allclose(attention_reference(q, k, v, bias=bias, causal=True),
+                             dot_product_attention(q, k, v, bias=bias,
+                                                   mask=causal_mask(24, 40)), atol=2e-6)
+
+
+def test_other_masks_apply_exactly_as_a_bias():
+  """A traced mask (unknown at trace time) and a padding mask give plain attention's result."""
+  q, k, v = _qkv(32, 32)
+  padding = jnp.arange(32)[None, None, None, :] < jnp.array([32, 20])[:, None, None, None]
+  mask = padding & causal_mask(32)  # [B, 1, S, T], with a fully masked row nowhere
+  got = jax.jit(lambda q, k, v, m: flash_dot_product_attention(q, k, v, mask=m))(q, k, v, mask)
+  np.testing.assert_allclose(got, dot_product_attention(q, k, v, mask=mask), atol=2e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_q=24), "power of two"),
+    (dict(block_k=8), "power of two"),
+    (dict(causal=True, q_len=40, kv_len=24), "S <= T"),
+    (dict(bias=jnp.zeros((3, 32, 32))), "does not broadcast"),
+])
+def test_bad_arguments_are_rejected(kwargs, match):
+  q, k, v = _qkv(kwargs.pop("q_len", 32), kwargs.pop("kv_len", 32))
+  with pytest.raises(ValueError, match=match):
+    flash_attention(q, k, v, **kwargs)
+
+
+def test_gpt_training_with_flash_matches_xla(tiny_config):
+  from tests.helpers import train_losses
+
+  tiny_config.model.position = "alibi"
+  plain, _, _ = train_losses(tiny_config, 3)
+  tiny_config.model.attention = "flash"
+  assert ATTENTION_IMPLS["flash"] is flash_dot_product_attention
+  flash, _, _ = train_losses(tiny_config, 3)
+  np.testing.assert_allclose(flash, plain, rtol=1e-5)
