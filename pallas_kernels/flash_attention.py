@@ -342,7 +342,7 @@ def _flash_bwd(plan: _Plan, residuals, do):
   if bias is None:
     return dq, dk, dv, None
   if not want_dbias:
-    return dq, dk, dv, jnp.zeros_like(bias)
+    return dq, dk, dv, None  # the bias is a constant here (symbolic zero)
   # Sum the per-(batch, head, row) gradient over the axes the bias broadcasts.
   axes = tuple(a for a in range(4) if bias.shape[a] == 1 and dbias.shape[a] > 1)
   return dq, dk, dv, dbias.sum(axis=axes, keepdims=True).astype(bias.dtype)

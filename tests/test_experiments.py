@@ -86,3 +86,12 @@ def test_pld_quick(tmp_path):
   summary = run_experiment("pld", tmp_path)["summary"]
   assert 0 < summary["expected_layer_saving"] < 0.5  # theta_bar = 0.5 drops under half
   assert {"time_per_sample_saving", "val_loss_rel_gap"} <= set(summary)
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_attention_memory_quick(tmp_path):
+  summary = run_experiment("attention_memory", tmp_path)["summary"]
+  assert summary["seq_growth"] == 4
+  assert summary["flash_temp_growth"] < 4.5  # linear in S
+  assert "blockwise_temp_growth" in summary
+  assert summary["xla_temp_growth"] > 10  # quadratic in S
