@@ -370,7 +370,7 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def _as_4d_bias(bias: jax.Array, batch: int, heads: int, s: int, t: int) -> jax.Array:
+def as_4d_bias(bias: jax.Array, batch: int, heads: int, s: int, t: int) -> jax.Array:
   """Bias broadcastable to [B, H, S, T] → [B or 1, H or 1, S or 1, T] (keys never broadcast)."""
   bias = jnp.asarray(bias)
   if bias.ndim > 4:
@@ -425,7 +425,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   q = _pad_axis(_pad_axis(q, 1, s_pad), 3, d_pad)
   k, v = (_pad_axis(_pad_axis(x, 1, t_pad), 3, d_pad) for x in (k, v))
   if bias is not None:
-    bias = _as_4d_bias(bias, batch, heads, s, t)
+    bias = as_4d_bias(bias, batch, heads, s, t)
     bias = _pad_axis(_pad_axis(bias, 3, t_pad), 2, s_pad if bias.shape[2] > 1 else 1)
   return _flash(q, k, v, bias, plan)[:, :s, :, :d]
 
@@ -444,21 +444,45 @@ def _mask_as_causal(mask, q_len: int, kv_len: int) -> bool | None:
   return True if (allowed == causal).all() else None
 
 
+def mask_to_causal_and_bias(mask: jax.Array | None, bias: jax.Array | None, q_len: int,
+                            kv_len: int) -> tuple[bool, jax.Array | None]:
+  """Maps ``dot_product_attention``'s (bias, mask) onto the kernel's (causal, bias).
+
+  The mask becomes the causal flag when it is ``causal_mask(S, T)`` known at
+  trace time (key blocks skipped, no [S, T] array), or disappears when it
+  allows everything. Any other mask (a padding mask, or a traced one such as
+  under ``model.remat``, whose values are unknown when tracing) is applied
+  exactly as an additive finfo.min at masked positions, which gives fully
+  masked rows uniform weights as ``dot_product_attention`` does; that costs a
+  bias array of the mask's broadcast shape and visits all blocks.
+
+  Args:
+    mask: boolean, broadcastable to [B, H, S, T]; True where attention is allowed.
+    bias: broadcastable to [B, H, S, T], or None.
+    q_len: S.
+    kv_len: T.
+
+  Returns:
+    (causal, bias) for ``flash_attention``.
+  """
+  if mask is None:
+    return False, bias
+  causal = _mask_as_causal(mask, q_len, kv_len)
+  if causal is not None:
+    return causal, bias
+  masked = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
+  return False, masked if bias is None else bias + masked
+
+
 def flash_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                 bias: jax.Array | None = None,
                                 mask: jax.Array | None = None) -> jax.Array:
-  """``dot_product_attention``'s interface on the flash kernels (``model.attention=flash``).
+  """``dot_product_attention``'s interface on the flash kernels.
 
-  The mask becomes the kernel's causal flag when it is ``causal_mask(S, T)``
-  known at trace time (key blocks skipped, no [S, T] array) or disappears
-  when it allows everything. Any other mask (a padding mask, or a traced one
-  such as under ``model.remat``, whose values are unknown when tracing) is
-  applied exactly as an additive bias of finfo.min at masked positions, which
-  gives fully masked rows uniform weights as ``dot_product_attention`` does;
-  that costs a bias array of the mask's broadcast shape and visits all blocks.
-
-  Runs compiled on GPU and in the (slow) Pallas interpreter elsewhere; on CPU
-  ``model.attention=blockwise`` is the fast memory-efficient path.
+  The mask is handled by ``mask_to_causal_and_bias``. Runs compiled on GPU
+  and in the (slow) Pallas interpreter elsewhere. Under a mesh, use
+  ``jaxspeed.models.flash_attention`` (``model.attention=flash``), which maps
+  this over the batch and head shards.
 
   Args:
     q: [B, S, H, D]; k, v: [B, T, H, D].
@@ -468,11 +492,5 @@ def flash_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   Returns:
     [B, S, H, D] in the dtype of ``q``.
   """
-  causal = False
-  if mask is not None:
-    causal = _mask_as_causal(mask, q.shape[1], k.shape[1])
-    if causal is None:
-      causal = False
-      masked = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-      bias = masked if bias is None else bias + masked
+  causal, bias = mask_to_causal_and_bias(mask, bias, q.shape[1], k.shape[1])
   return flash_attention(q, k, v, bias=bias, causal=causal)

@@ -1,16 +1,24 @@
 """Pallas flash attention (interpret mode on CPU) equals plain attention, values and gradients."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxspeed.models import ATTENTION_IMPLS, causal_mask, dot_product_attention
+from jaxspeed.comm.hlo import collectives
+from jaxspeed.models import (
+  ATTENTION_IMPLS,
+  causal_mask,
+  dot_product_attention,
+  sharded_flash_attention,
+)
 from jaxspeed.models.positions import alibi_bias
+from jaxspeed.parallel import compute_rules, make_mesh
 from pallas_kernels.flash_attention import (
-    attention_reference,
-    flash_attention,
-    flash_dot_product_attention,
+  attention_reference,
+  flash_attention,
+  flash_dot_product_attention,
 )
 
 B, H, D = 2, 2, 16
@@ -74,6 +82,28 @@ def test_other_masks_apply_exactly_as_a_bias():
   np.testing.assert_allclose(got, dot_product_attention(q, k, v, mask=mask), atol=2e-6)
 
 
+def test_sharded_over_batch_and_heads_without_collectives():
+  """data=2 x tensor=2: each device runs the kernel on its own rows and heads, no all-gather."""
+  mesh = make_mesh(dict(data=2, fsdp=1, stage=1, expert=1, sequence=1, tensor=2),
+                   jax.devices()[:4])
+  q, k, v = _qkv(32, 32)
+  bias = alibi_bias(H, jnp.arange(32), jnp.arange(32))
+
+  def grads(attend):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, bias=bias, mask=causal_mask(32))))
+    return jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, v).compile()
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(compute_rules()):
+    sharding = jax.NamedSharding(mesh, jax.P("data", None, "tensor", None))
+    q, k, v = (jax.device_put(x, sharding) for x in (q, k, v))
+    compiled = grads(sharded_flash_attention)
+    assert collectives(compiled.as_text(), 4) == []
+    got = compiled(q, k, v)
+  want = grads(dot_product_attention)(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(block_q=24), "power of two"),
     (dict(block_k=8), "power of two"),
@@ -94,7 +124,7 @@ def test_gpt_training_with_flash_matches_xla(tiny_config):
   tiny_config.batch_size = 8
   plain, _, _ = train_losses(tiny_config, 2)
   tiny_config.model.attention = "flash"
-  assert ATTENTION_IMPLS["flash"] is flash_dot_product_attention
+  assert ATTENTION_IMPLS["flash"] is sharded_flash_attention
   flash, _, _ = train_losses(tiny_config, 2)
   np.testing.assert_allclose(flash, plain, rtol=1e-5)
 

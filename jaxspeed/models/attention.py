@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.flash_attention import flash_dot_product_attention
-
 # Queries per block when a static mask lets whole key ranges be skipped. With
 # a causal mask and S = 256 this makes two blocks and drops a quarter of the
 # score matrix; smaller blocks skip more but pay per-op overhead on CPU.
@@ -127,10 +125,7 @@ def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
 
 AttentionFn = Callable[..., jax.Array]
 
-# "blockwise" registers itself in blockwise_attention.py. "flash" is the Pallas
-# kernel: compiled on GPU, interpreted (slow, for correctness) elsewhere.
-ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": dot_product_attention,
-                                           "flash": flash_dot_product_attention}
+ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": dot_product_attention}
 
 
 def get_attention(name: str) -> AttentionFn:
