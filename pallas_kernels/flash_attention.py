@@ -22,8 +22,11 @@ Backends: compiled with the Triton lowering on GPU, in the Pallas interpreter
 elsewhere (``interpret=None`` picks). Only the interpreter has run here (no
 GPU): the Triton path is written for its constraints (power-of-two block
 sizes of at least 16, a power-of-two head dimension, which the wrapper pads
-to) but is untested. The interpreter is slow; on CPU the pure-JAX
-``jaxspeed.models.blockwise_attention`` is the fast memory-efficient path.
+to) but is untested, and so are its block sizes and warp counts (Triton's
+defaults). The interpreter is slow; on CPU the pure-JAX
+``jaxspeed.models.blockwise_attention`` is the fast path. Under a mesh,
+``jaxspeed.models.flash_attention`` maps these kernels over the batch and
+head shards.
 """
 
 from __future__ import annotations
@@ -339,10 +342,8 @@ def _flash_bwd(plan: _Plan, residuals, do):
   q, k, v, bias, bias_for_grad, o, lse = residuals
   want_dbias = bias_for_grad is not None
   dq, dk, dv, dbias = _backward(q, k, v, bias, o, lse, do, plan, want_dbias)
-  if bias is None:
-    return dq, dk, dv, None
   if not want_dbias:
-    return dq, dk, dv, None  # the bias is a constant here (symbolic zero)
+    return dq, dk, dv, None  # no bias, or a constant one: a symbolic zero
   # Sum the per-(batch, head, row) gradient over the axes the bias broadcasts.
   axes = tuple(a for a in range(4) if bias.shape[a] == 1 and dbias.shape[a] > 1)
   return dq, dk, dv, dbias.sum(axis=axes, keepdims=True).astype(bias.dtype)
@@ -371,7 +372,14 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 
 def as_4d_bias(bias: jax.Array, batch: int, heads: int, s: int, t: int) -> jax.Array:
-  """Bias broadcastable to [B, H, S, T] → [B or 1, H or 1, S or 1, T] (keys never broadcast)."""
+  """The kernels' bias layout: broadcastable to [B, H, S, T] → [B or 1, H or 1, S or 1, T].
+
+  Size-1 batch, head and query axes stay size 1 (the kernels read index 0);
+  the key axis is broadcast to T, since each program reads a row of keys.
+
+  Raises:
+    ValueError: if ``bias`` does not broadcast to [B, H, S, T].
+  """
   bias = jnp.asarray(bias)
   if bias.ndim > 4:
     raise ValueError(f"bias must broadcast to [B, H, S, T], got shape {bias.shape}")
