@@ -100,3 +100,12 @@ def test_long_context_quick(tmp_path):
   summary = run_experiment("long_context", tmp_path)["summary"]
   assert summary["max_seq_sp8"] > summary["max_seq_sp1"] > 0
   assert summary["max_seq_ratio_sp8"] >= 4
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_attention_memory_quick(tmp_path):
+  summary = run_experiment("attention_memory", tmp_path)["summary"]
+  assert summary["seq_growth"] == 4
+  assert summary["flash_temp_growth"] < 4.5  # linear in S
+  assert "blockwise_temp_growth" in summary
+  assert summary["xla_temp_growth"] > 10  # quadratic in S

@@ -4,6 +4,7 @@ from jaxspeed.models.attention import ATTENTION_IMPLS, causal_mask, dot_product_
 from jaxspeed.models.bert import BertEncoder, BertForMaskedLM
 from jaxspeed.models.blockwise_attention import blockwise_attention  # registers "blockwise"
 from jaxspeed.models.config import ModelConfig
+from jaxspeed.models.flash_attention import sharded_flash_attention  # registers "flash"
 from jaxspeed.models.gpt import GPT
 from jaxspeed.models.positions import alibi_bias, alibi_slopes, apply_rope
 
@@ -31,4 +32,5 @@ __all__ = [
   "build_model",
   "causal_mask",
   "dot_product_attention",
+  "sharded_flash_attention",
 ]
