@@ -26,11 +26,10 @@ from absl import app, flags
 from experiments import common
 from jaxspeed.compression.export import save_integer_model
 from jaxspeed.compression.integer import tree_nbytes
-from jaxspeed.compression.qat import QuantGroup, assign_groups, dense_weight_names
+from jaxspeed.compression.qat import QuantGroup, assign_groups, matmul_shapes
 from jaxspeed.compression.zeroquant import (
     layer_plan,
     lkd_layer,
-    matmul_shapes,
     quantize_model,
 )
 from jaxspeed.models.bert import BertEncoder
@@ -128,7 +127,7 @@ def main(argv):
   ref = embed_all(float_embed, params, eval_sents)
   ids0, mask0 = tokenizer(eval_sents[:batch])
   shapes = matmul_shapes(apply, params, ids0, mask0)
-  names = dense_weight_names(params)
+  names = list(shapes)
 
   def lkd(plan):
     """ZeroQuant's LKD: each layer fit to the float layer's output, layer by layer."""
@@ -142,12 +141,12 @@ def main(argv):
     acts = [(a, mask) for a, (_, mask) in zip(acts, batches(lkd_sents), strict=True)
             if mask.shape[0] == batch]
     new, losses = dict(params), {}
+    apply_layer = lambda p, x, pos, mask: layer.apply({"params": p}, x, pos, mask, True)
     for i in range(cfg.num_layers):
       source = "ln_embed" if i == 0 else f"layer_{i - 1}"
       inputs = [(a[source]["__call__"][0], positions, mask[:, None, None, :])
                 for a, mask in acts]
       targets = [a[f"layer_{i}"]["__call__"][0] for a, _ in acts]
-      apply_layer = lambda p, x, pos, mask: layer.apply({"params": p}, x, pos, mask, True)
       new[f"layer_{i}"], losses[i] = lkd_layer(
           apply_layer, params[f"layer_{i}"], layer_plan(plan, f"layer_{i}"), inputs, targets,
           steps=lkd_steps, learning_rate=LKD_LR.value)

@@ -15,7 +15,6 @@ model code trains, evaluates or serves quantized:
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -27,7 +26,7 @@ from jaxspeed.compression.integer import QuantizedWeight, quantized_matmul
 from jaxspeed.compression.quantizers import quantize_tokenwise, quantize_weight
 from jaxspeed.compression.sparsity import sparsify_nm
 from jaxspeed.errors import ConfigError
-from jaxspeed.models.layers import DenseInterceptor, matmul
+from jaxspeed.models.layers import DenseInterceptor, intercept_dense, matmul
 
 DenseInterceptorAt = Callable[[jax.Array | None], DenseInterceptor]
 
@@ -121,14 +120,21 @@ def integer_interceptor(weights: Mapping[str, QuantizedWeight]) -> DenseIntercep
   return intercept
 
 
-def dense_weight_names(params) -> list[str]:
-  """Params paths of every weight a ``dense`` call reads (ndim >= 2, not a position table)."""
-  names = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = tuple(str(getattr(k, "key", k)) for k in path)
-    if len(leaf.shape) >= 2 and keys[-1] not in ("pos_embed", "type_embed"):
-      names.append(weight_name(keys))
-  return names
+def matmul_shapes(apply: Callable, *args) -> dict[str, tuple[int, int]]:
+  """Weight name -> the [K, N] shape each ``dense`` call sees, from one abstract run.
+
+  Attention weights are stored 3-D ([d, heads, head_dim]); this records how
+  the model flattens each of them for its matmul.
+  """
+  shapes = {}
+
+  def record(x, w, path):
+    shapes[weight_name(path)] = tuple(w.shape)
+    return matmul(x, w)
+
+  with intercept_dense(record):
+    jax.eval_shape(apply, *args)
+  return shapes
 
 
 def plan_from_config(compression: ml_collections.ConfigDict,
@@ -168,13 +174,13 @@ def interceptor_from_config(compression: ml_collections.ConfigDict,
   return at
 
 
-def compression_from_config(compression: ml_collections.ConfigDict, params
-                            ) -> DenseInterceptorAt | None:
+def compression_from_config(compression: ml_collections.ConfigDict,
+                            shapes: Mapping[str, tuple[int, int]]) -> DenseInterceptorAt | None:
   """The trainer's ``step -> DenseInterceptor`` for ``config.compression``, or None if off.
 
   Args:
     compression: ``config.compression``.
-    params: the model's params or their shapes (``jax.eval_shape``).
+    shapes: the model's ``matmul_shapes``.
 
   Raises:
     ConfigError: for a pattern matching no weight, or groups / m not dividing a weight.
@@ -182,9 +188,7 @@ def compression_from_config(compression: ml_collections.ConfigDict, params
   sections = ("weight_quantization", "activation_quantization", "sparse_pruning")
   if not any(compression[s].enabled for s in sections):
     return None
-  shapes = {weight_name(tuple(str(getattr(k, "key", k)) for k in path)): leaf.shape
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  names = dense_weight_names(params)
+  names = list(shapes)
   for section in sections:
     try:
       plan_from_config(compression, names) if compression[section].enabled else None
@@ -192,10 +196,11 @@ def compression_from_config(compression: ml_collections.ConfigDict, params
       raise ConfigError(f"compression.{section}.modules", str(e)) from e
   plan = plan_from_config(compression, names)
   for name, group in plan.items():
-    size, k = math.prod(shapes[name]), shapes[name][0]
-    if group.weight_bits < FLOAT_BITS and size % group.groups:
+    k, n = shapes[name]
+    if group.weight_bits < FLOAT_BITS and n % group.groups:
       raise ConfigError("compression.weight_quantization.quantize_groups",
-                        f"{group.groups} groups do not divide {name} {shapes[name]}")
+                        f"{group.groups} groups do not divide the {n} output channels of "
+                        f"{name}")
     if group.sparsity is not None and k % group.sparsity[1]:
       raise ConfigError("compression.sparse_pruning.m", f"m={group.sparsity[1]} does not "
                         f"divide the input dimension of {name} {shapes[name]}")

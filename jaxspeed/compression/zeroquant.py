@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import flax.struct
@@ -24,26 +25,8 @@ from jaxspeed.compression.qat import (
     QuantGroup,
     fake_quant_interceptor,
     integer_interceptor,
-    weight_name,
 )
-from jaxspeed.models.layers import intercept_dense, matmul
-
-
-def matmul_shapes(apply: Callable, *args) -> dict[str, tuple[int, int]]:
-  """Weight name -> the [K, N] shape each ``dense`` call sees, from one abstract run.
-
-  Attention weights are stored 3-D ([d, heads, head_dim]); this records how
-  the model flattens each of them for its matmul.
-  """
-  shapes = {}
-
-  def record(x, w, path):
-    shapes[weight_name(path)] = tuple(w.shape)
-    return matmul(x, w)
-
-  with intercept_dense(record):
-    jax.eval_shape(apply, *args)
-  return shapes
+from jaxspeed.models.layers import intercept_dense
 
 
 def _get(tree, name: str):
@@ -135,10 +118,22 @@ def lkd_layer(apply_layer: Callable, layer_params, plan: Mapping[str, QuantGroup
   Returns:
     (the distilled float params, the loss of each step).
   """
+  step, optimizer = _lkd_step(apply_layer, tuple(sorted(plan.items())), learning_rate)
+  params, opt_state, losses = layer_params, optimizer.init(layer_params), []
+  for i in range(steps):
+    params, opt_state, loss = step(params, opt_state, inputs[i % len(inputs)],
+                                   targets[i % len(targets)])
+    losses.append(float(loss))
+  return params, losses
+
+
+@functools.lru_cache(maxsize=8)
+def _lkd_step(apply_layer: Callable, plan: tuple, learning_rate: float):
+  """(jitted LKD update, its Adam), shared by layers with the same plan (compiled once)."""
   optimizer = optax.adam(learning_rate)
 
   def loss_fn(p, batch_inputs, target):
-    with intercept_dense(fake_quant_interceptor(plan)):
+    with intercept_dense(fake_quant_interceptor(dict(plan))):
       out = apply_layer(p, *batch_inputs)
     return jnp.mean(jnp.square(out - target))
 
@@ -148,12 +143,7 @@ def lkd_layer(apply_layer: Callable, layer_params, plan: Mapping[str, QuantGroup
     updates, opt_state = optimizer.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state, loss
 
-  params, opt_state, losses = layer_params, optimizer.init(layer_params), []
-  for i in range(steps):
-    params, opt_state, loss = step(params, opt_state, inputs[i % len(inputs)],
-                                   targets[i % len(targets)])
-    losses.append(float(loss))
-  return params, losses
+  return step, optimizer
 
 
 def layer_plan(plan: Mapping[str, QuantGroup], prefix: str) -> dict[str, QuantGroup]:

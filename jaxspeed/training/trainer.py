@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jaxspeed.checkpoint import Checkpointer
 from jaxspeed.comm import WorkerGroup
-from jaxspeed.compression.qat import compression_from_config
+from jaxspeed.compression.qat import compression_from_config, matmul_shapes
 from jaxspeed.config import validate
 from jaxspeed.data import (
   BatchIterator,
@@ -188,8 +188,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
     raise ConfigError("optim.lr_unit", f"{config.optim.lr_unit} counts up to {total} overflow "
                       "the int32 counter; use 'steps'")
   specs = state_specs(model, optimizer, _model_input(config), mesh, config.zero.stage)
-  compression = compression_from_config(config.compression, abstract_params(model,
-                                                                             _model_input(config)))
+  compression = compression_from_config(config.compression, matmul_shapes(
+      lambda p, x: model.apply({"params": p}, x), abstract_params(model, _model_input(config)),
+      _model_input(config)))
   train_step = make_train_step(
       model, optimizer, make_schedule(config.optim, total), specs, mesh,
       microbatches=config.microbatches, lr_unit=config.optim.lr_unit,
