@@ -97,8 +97,8 @@ def main(argv):
   del argv
   common.setup_devices(1)
   quick = QUICK.value
-  n_eval, n_lkd = (24, 16) if quick else (NUM_SENTENCES.value, LKD_SENTENCES.value)
-  max_length, lkd_steps = (32, 3) if quick else (MAX_LENGTH.value, LKD_STEPS.value)
+  n_eval, n_lkd = (16, 16) if quick else (NUM_SENTENCES.value, LKD_SENTENCES.value)
+  max_length, lkd_steps = (24, 3) if quick else (MAX_LENGTH.value, LKD_STEPS.value)
   batch = 8 if quick else BATCH.value
 
   cfg, params = load_minilm()
