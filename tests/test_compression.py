@@ -197,20 +197,23 @@ def test_integer_model_equals_fake_quantized_model_and_is_smaller(tmp_path):
   assert set(plan) == {f"layer_{i}/{m}" for i in range(2) for m in (
       "attention/query", "attention/key", "attention/value", "attention/out", "mlp/wi",
       "mlp/wo")}
-  with intercept_dense(fake_quant_interceptor(plan)):
-    fake = apply(params, ids)
+  def fake_apply(p, ids):
+    with intercept_dense(fake_quant_interceptor(plan)):
+      return apply(p, ids)
+
+  fake = jax.jit(fake_apply)(params, ids)
   model = quantize_model(params, plan, shapes)
-  real = jax.jit(lambda m, ids: m.apply(apply, ids))(model, ids)
-  np.testing.assert_allclose(real, fake, atol=2e-4)
-  assert float(jnp.max(jnp.abs(real - apply(params, ids)))) > 1e-3  # really quantized
   # The compiled program takes the integer codes, no float copy of the quantized weights,
   # and runs integer dots.
-  compiled = jax.jit(lambda m, ids: m.apply(apply, ids)).lower(model, ids).compile()
-  assert compiled.memory_analysis().argument_size_in_bytes == model.nbytes + ids.nbytes
-  assert "s32[" in compiled.as_text() and "s8[" in compiled.as_text()
+  run = jax.jit(lambda m, ids: m.apply(apply, ids)).lower(model, ids).compile()
+  assert run.memory_analysis().argument_size_in_bytes == model.nbytes + ids.nbytes
+  assert "s32[" in run.as_text() and "s8[" in run.as_text()
+  real = run(model, ids)
+  np.testing.assert_allclose(real, fake, atol=2e-4)
+  assert float(jnp.max(jnp.abs(real - jax.jit(apply)(params, ids)))) > 1e-3  # quantized
   size = save_integer_model(tmp_path / "m.safetensors", model)
   loaded = load_integer_model(tmp_path / "m.safetensors")
-  np.testing.assert_array_equal(jax.jit(lambda m, ids: m.apply(apply, ids))(loaded, ids), real)
+  np.testing.assert_array_equal(run(loaded, ids), real)
   linear_float = sum(int(np.prod(s)) * 4 for _, s in model.shapes)
   linear_int = sum(w.nbytes for w in model.weights.values())
   assert linear_float / linear_int > 4.5  # mix of 4x (int8) and 8x (int4), minus scales

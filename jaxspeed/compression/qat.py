@@ -133,7 +133,9 @@ def matmul_shapes(apply: Callable, *args) -> dict[str, tuple[int, int]]:
     return matmul(x, w)
 
   with intercept_dense(record):
-    jax.eval_shape(apply, *args)
+    # A fresh wrapper: jax caches traces per function, and a trace of ``apply`` made
+    # under this interceptor must not be reused by a later ``jax.jit(apply)``.
+    jax.eval_shape(lambda *a: apply(*a), *args)
   return shapes
 
 

@@ -98,7 +98,12 @@ _DENSE_INTERCEPTOR: contextvars.ContextVar[DenseInterceptor | None] = contextvar
 
 @contextlib.contextmanager
 def intercept_dense(fn: DenseInterceptor | None) -> Iterator[None]:
-  """Routes ``dense`` calls traced inside the block through ``fn`` (None: no-op)."""
+  """Routes ``dense`` calls traced inside the block through ``fn`` (None: no-op).
+
+  The interceptor is read while tracing, so enter the block inside the jitted
+  function (``jax.jit`` reuses traces per function and would not see a block
+  entered around an already traced function).
+  """
   token = _DENSE_INTERCEPTOR.set(fn)
   try:
     yield
