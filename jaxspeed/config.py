@@ -100,6 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sequence_parallel = ml_collections.ConfigDict(dict(pad=False))
 
   c.data_efficiency = _data_efficiency_defaults()
+  c.compression = _compression_defaults()
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "python_docs"  # or comma-separated .txt/.jsonl paths
@@ -136,6 +137,49 @@ def _data_efficiency_defaults() -> ml_collections.ConfigDict:
   # Progressive layer dropping: theta(t) = (1 - theta_bar) exp(-gamma t) + theta_bar.
   c.pld = ml_collections.ConfigDict(dict(enabled=False, theta=0.5, gamma=0.001))
   return c
+
+
+def _compression_defaults() -> ml_collections.ConfigDict:
+  """DeepSpeed's ``compression_training`` with one group per technique; all off.
+
+  ``modules`` are comma-separated regexes searched in each weight's params path
+  (e.g. ``layer_0/attention/query``, ``layer_1/mlp/wi``, ``embed/table``).
+  """
+  c = ml_collections.ConfigDict()
+  c.weight_quantization = ml_collections.ConfigDict(dict(
+      enabled=False, schedule_offset=0, quantize_groups=1, quantization_type="symmetric",
+      target_bits=8, modules="attention,mlp"))
+  c.activation_quantization = ml_collections.ConfigDict(dict(
+      enabled=False, schedule_offset=1000, quantization_type="symmetric",
+      range_calibration="dynamic", bits=8, modules="attention,mlp"))
+  # N:M semi-structured sparsity: in every group of m consecutive input weights of an
+  # output channel, the n largest in magnitude are kept (mask recomputed each step).
+  c.sparse_pruning = ml_collections.ConfigDict(dict(
+      enabled=False, schedule_offset=0, n=2, m=4, modules="mlp"))
+  return c
+
+
+def _validate_compression(config: ml_collections.ConfigDict) -> None:
+  comp = config.compression
+  for section in ("weight_quantization", "activation_quantization"):
+    _choice(config, f"compression.{section}.quantization_type", ("symmetric", "asymmetric"))
+    _positive(config, f"compression.{section}.schedule_offset", allow_zero=True)
+  if not 1 <= comp.weight_quantization.target_bits <= 8:
+    raise ConfigError("compression.weight_quantization.target_bits",
+                      f"must be in 1..8 (1 binary, 2 ternary), got "
+                      f"{comp.weight_quantization.target_bits}")
+  _positive(config, "compression.weight_quantization.quantize_groups")
+  if not 2 <= comp.activation_quantization.bits <= 8:
+    raise ConfigError("compression.activation_quantization.bits",
+                      f"must be in 2..8, got {comp.activation_quantization.bits}")
+  # Static ranges need calibration state carried through training; the trainer
+  # quantizes activations token-wise on the fly (ZeroQuant's choice).
+  _choice(config, "compression.activation_quantization.range_calibration", ("dynamic",))
+  sp = comp.sparse_pruning
+  if not 1 <= sp.n < sp.m:
+    raise ConfigError("compression.sparse_pruning.n", f"need 1 <= n < m, got n={sp.n}, "
+                      f"m={sp.m}")
+  _positive(config, "compression.sparse_pruning.schedule_offset", allow_zero=True)
 
 
 def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
@@ -320,6 +364,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
                       f"gradient or momentum, so gradients cannot be ZeRO-sharded; allowed "
                       f"stages: 0, 1 (got {config.zero.stage})")
   _validate_data_efficiency(config)
+  _validate_compression(config)
   for axis in ("stage", "expert"):
     if shape[axis] != 1:
       raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "

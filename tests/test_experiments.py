@@ -109,3 +109,37 @@ def test_attention_memory_quick(tmp_path):
   assert summary["flash_temp_growth"] < 4.5  # linear in S
   assert "blockwise_temp_growth" in summary
   assert summary["xla_temp_growth"] > 10  # quadratic in S
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_zeroquant_minilm_quick(tmp_path):
+  payload = run_experiment("zeroquant_minilm", tmp_path)
+  summary = payload["summary"]
+  assert summary["w8a8_cosine"] >= 0.99  # issue target, with real integer matmuls
+  assert summary["w8a8_cosine"] > summary["w4a8_cosine"]
+  assert 3.9 < summary["int8_size_ratio"] <= 4 and 7.5 < summary["int4_size_ratio"] <= 8
+  assert summary["paraphrase_similarity"] > summary["unrelated_similarity"] + 0.3
+  assert summary["lkd_loss_last"] < summary["lkd_loss_first"]
+  rows = {r["variant"]: r for r in payload["rows"]}
+  # Integer weights really shrink the file and the compiled program's inputs.
+  assert rows["W4/8A8"]["file_MB"] < rows["W8A8"]["file_MB"] < rows["float32"]["file_MB"]
+  assert rows["W8A8"]["arg_MB"] < rows["float32"]["arg_MB"]
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_xtc_quick(tmp_path):
+  summary = run_experiment("xtc", tmp_path)["summary"]
+  for key in ("teacher_val_loss", "ternary_val_loss", "binary_val_loss",
+              "binary_reduced_val_loss"):
+    assert 0 < summary[key] < 6  # below the uniform byte loss log(256) = 5.5 + slack
+  assert 31 < summary["binary_linear_size_ratio"] <= 32
+  assert summary["binary_reduced_linear_size_ratio"] > 2 * 31
+  assert summary["binary_reduced_size_ratio"] > summary["binary_size_ratio"] > \
+      summary["ternary_size_ratio"] > 1
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_quant_matmul_bench_quick(tmp_path):
+  payload = run_experiment("quant_matmul_bench", tmp_path)
+  assert payload["summary"]["int8_speedup"] > 0
+  assert {"f32_ms", "int8_ms", "w8a8_ms", "w4a8_ms"} <= set(payload["rows"][0])

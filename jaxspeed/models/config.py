@@ -33,6 +33,7 @@ class ModelConfig:
   attention: str = "xla"
   type_vocab_size: int = 2  # BERT token types
   layernorm_eps: float = 1e-5
+  gelu_approximate: bool = True  # tanh GELU; BERT checkpoints use the exact (erf) one
 
   @property
   def head_dim(self) -> int:

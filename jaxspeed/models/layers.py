@@ -7,7 +7,10 @@ mesh by ``jaxspeed.parallel.rules``; nothing here knows the mesh.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -86,7 +89,30 @@ def _layer_norm_bwd(eps, res, dy):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+# (x [..., d_in], w [d_in, d_out], name) -> [..., d_out]: replaces every weight
+# matmul while `intercept_dense` is active. Compression (QAT fake quantization,
+# integer execution) lives in such a function, so no model code is duplicated.
+DenseInterceptor = Callable[[jax.Array, jax.Array, tuple[str, ...]], jax.Array]
+_DENSE_INTERCEPTOR: contextvars.ContextVar[DenseInterceptor | None] = contextvars.ContextVar(
+    "dense_interceptor", default=None)
+
+
+@contextlib.contextmanager
+def intercept_dense(fn: DenseInterceptor | None) -> Iterator[None]:
+  """Routes ``dense`` calls traced inside the block through ``fn`` (None: no-op).
+
+  The interceptor is read while tracing, so enter the block inside the jitted
+  function (``jax.jit`` reuses traces per function and would not see a block
+  entered around an already traced function).
+  """
+  token = _DENSE_INTERCEPTOR.set(fn)
+  try:
+    yield
+  finally:
+    _DENSE_INTERCEPTOR.reset(token)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., d_in] @ w [d_in, d_out], as one 2-D matmul when the sequence is whole.
 
   Contracting a [B, S, d] activation over (B, S) for the weight gradient makes
@@ -99,6 +125,19 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     return x @ w
   y = x.reshape(-1, x.shape[-1]) @ w
   return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def dense(x: jax.Array, w: jax.Array, name: tuple[str, ...] = ()) -> jax.Array:
+  """``matmul(x, w)``, or the active interceptor's version of it.
+
+  Args:
+    x: [..., d_in] activations.
+    w: [d_in, d_out] weight.
+    name: the weight's path in the params tree (module path + param name),
+      which interceptors match against their layer patterns.
+  """
+  fn = _DENSE_INTERCEPTOR.get()
+  return matmul(x, w) if fn is None else fn(x, w, name)
 
 
 class Attention(nn.Module):
@@ -129,7 +168,7 @@ class Attention(nn.Module):
     def project(name: str, heads: int, axis: str) -> jax.Array:
       w = self.param(name, param_init(("embed", axis, "kv")), (cfg.d_model, heads, hd))
       b = self.param(f"{name}_bias", zeros_init((axis, "kv")), (heads, hd))
-      y = dense(x, w.reshape(cfg.d_model, heads * hd).astype(dtype))
+      y = dense(x, w.reshape(cfg.d_model, heads * hd).astype(dtype), (*self.path, name))
       y = y.reshape(*x.shape[:-1], heads, hd)
       return constrain(y + b.astype(dtype), ("batch", "seq", axis, "kv"))
 
@@ -154,7 +193,8 @@ class Attention(nn.Module):
     wo = self.param("out", param_init(("heads", "kv", "embed")), (h, hd, cfg.d_model))
     bo = self.param("out_bias", zeros_init(("embed",)), (cfg.d_model,))
     out = out.reshape(*out.shape[:-2], h * hd)
-    y = dense(out, wo.reshape(h * hd, cfg.d_model).astype(dtype)) + bo.astype(dtype)
+    y = dense(out, wo.reshape(h * hd, cfg.d_model).astype(dtype), (*self.path, "out"))
+    y = y + bo.astype(dtype)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return constrain(y, ("batch", "seq", "embed"))
 
@@ -172,9 +212,10 @@ class Mlp(nn.Module):
     b1 = self.param("wi_bias", zeros_init(("mlp",)), (cfg.d_ff,))
     w2 = self.param("wo", param_init(("mlp", "embed")), (cfg.d_ff, cfg.d_model))
     b2 = self.param("wo_bias", zeros_init(("embed",)), (cfg.d_model,))
-    h = jax.nn.gelu(dense(x, w1.astype(dtype)) + b1.astype(dtype))
+    h = dense(x, w1.astype(dtype), (*self.path, "wi")) + b1.astype(dtype)
+    h = jax.nn.gelu(h, approximate=cfg.gelu_approximate)
     h = constrain(h, ("batch", "seq", "mlp"))
-    y = dense(h, w2.astype(dtype)) + b2.astype(dtype)
+    y = dense(h, w2.astype(dtype), (*self.path, "wo")) + b2.astype(dtype)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return constrain(y, ("batch", "seq", "embed"))
 
@@ -245,5 +286,5 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied LM head: [B, S, d_model] → logits [B, S, vocab] (vocab-parallel)."""
-    logits = dense(x, self.table.astype(x.dtype).T)
+    logits = dense(x, self.table.astype(x.dtype).T, (*self.path, "table"))
     return constrain(logits, ("batch", "seq", "vocab"))

@@ -60,6 +60,11 @@ def _boxed_params(model: nn.Module, sample_input):
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _zeros(sample_input)))["params"]
 
 
+def abstract_params(model: nn.Module, sample_input) -> Any:
+  """The params tree as ShapeDtypeStructs (nothing is allocated)."""
+  return nn.meta.unbox(_boxed_params(model, sample_input))
+
+
 def tensor_parallel_specs(model: nn.Module, sample_input) -> Any:
   """Each parameter's ``PartitionSpec`` from its logical axes (no data axes)."""
   logical = nn.get_partition_spec(_boxed_params(model, sample_input))
@@ -71,7 +76,7 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
                 sample_input, mesh: Mesh, zero_stage: int) -> StateSpecs:
   """Derives every PartitionSpec from abstract shapes (nothing is allocated)."""
   tp = tensor_parallel_specs(model, sample_input)
-  shapes = nn.meta.unbox(_boxed_params(model, sample_input))
+  shapes = abstract_params(model, sample_input)
   zero = jax.tree.map(lambda s, x: zero_spec(s, x.shape, mesh), tp, shapes,
                       is_leaf=lambda x: isinstance(x, P))
   params = zero if zero_stage >= 3 else tp

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, use_abstract_mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxspeed.models.layer_drop import pld_theta
+from jaxspeed.models.layers import DenseInterceptor, intercept_dense
 from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.parallel.mesh import DATA_AXES
@@ -31,6 +32,7 @@ from jaxspeed.training.state import StateSpecs, TrainState
 MODEL_KWARGS = ("positions", "token_types", "padding_mask")
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+DenseInterceptorAt = Callable[[jax.Array | None], DenseInterceptor]
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -56,16 +58,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def loss_sum_fn(model: nn.Module) -> Callable:
-  """``(params, batch, rngs, deterministic, **model_kwargs) -> (loss_sum, token_count)``.
+def loss_sum_fn(model: nn.Module, dense_interceptor: DenseInterceptorAt | None = None
+                ) -> Callable:
+  """``(params, batch, rngs, deterministic, step=None, **model_kwargs) -> (loss_sum, count)``.
 
   ``rngs`` maps flax rng streams (``dropout``, ``random_ltd``, ``layer_drop``)
-  to keys, or is None for evaluation.
+  to keys, or is None for evaluation. ``dense_interceptor(step)`` (compression)
+  replaces the model's weight matmuls; ``step`` is None when evaluating.
   """
-  def loss_sum(params, batch: Batch, rngs, deterministic: bool, **model_kwargs):
+  def loss_sum(params, batch: Batch, rngs, deterministic: bool, step=None, **model_kwargs):
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
-    logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                         rngs=rngs, **kwargs, **model_kwargs)
+    with intercept_dense(None if dense_interceptor is None else dense_interceptor(step)):
+      logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                           rngs=rngs, **kwargs, **model_kwargs)
     return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
   return loss_sum
 
@@ -228,7 +233,8 @@ def _clip(grads, grad_norm, grad_clip: float):
 def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: StateSpecs,
                     mesh: Mesh, *, microbatches: int = 1, lr_unit: str = "steps",
                     grad_clip: float = 0.0, deterministic: bool = True,
-                    layer_dropping: LayerDropping | None = None) -> TrainStep:
+                    layer_dropping: LayerDropping | None = None,
+                    dense_interceptor: DenseInterceptorAt | None = None) -> TrainStep:
   """Builds the train step, jitted with shardings, for an optax or communicating optimizer.
 
   One optimizer step per call: gradients of the token-mean loss over the whole
@@ -236,17 +242,19 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   optimizer update scaled by ``schedule`` of the step, tokens or layer-tokens
   seen (``lr_unit``). A step whose loss or gradient norm is not finite leaves
   parameters and optimizer state untouched and counts itself in
-  ``state.skipped``.
+  ``state.skipped``. ``dense_interceptor(step)`` runs the weight matmuls
+  compressed (``jaxspeed.compression``).
   """
   dropping = layer_dropping or LayerDropping()
   options = dict(microbatches=microbatches, lr_unit=lr_unit, grad_clip=grad_clip,
-                 deterministic=deterministic, dropping=dropping)
+                 deterministic=deterministic, dropping=dropping,
+                 loss_sum=loss_sum_fn(model, dense_interceptor))
   if isinstance(optimizer, CommunicatingOptimizer):
-    build = lambda kind: _communicating_step(model, optimizer, schedule, specs, mesh, *kind,
+    build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind,
                                              **options)
     return TrainStep(build, lambda step: (optimizer.kind_at(step),
                                           dropping.kept_length_at(step)))
-  build = lambda kind: _optax_step(model, optimizer, schedule, specs, mesh, kind[1], **options)
+  build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1], **options)
   return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)))
 
 
@@ -255,18 +263,19 @@ def _schedule_time(state: TrainState, lr_unit: str) -> jax.Array:
           "layer_tokens": state.layer_tokens}[lr_unit]
 
 
-def _optax_step(model, optimizer: optax.GradientTransformation, schedule: Schedule,
+def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
                 specs: StateSpecs, mesh: Mesh, kept: int | None, *, microbatches: int,
-                lr_unit: str, grad_clip: float, deterministic: bool, dropping: LayerDropping):
+                lr_unit: str, grad_clip: float, deterministic: bool, dropping: LayerDropping,
+                loss_sum: Callable):
   """The step of an optax optimizer: XLA inserts the gradient all-reduce."""
-  grad_fn = jax.value_and_grad(loss_sum_fn(model), has_aux=True)
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   grad_shardings = named(mesh, specs.grads)
   update_shardings = named(mesh, specs.update)
   state_shardings = named(mesh, specs.state)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rngs = step_rngs(state.rng, state.step)
-    model_kwargs = dropping.model_kwargs(kept, state.step)
+    model_kwargs = {**dropping.model_kwargs(kept, state.step), "step": state.step}
     with nn.logical_axis_rules(compute_rules()), use_abstract_mesh(mesh.abstract_mesh):
       total_loss, count, grads = _accumulate(grad_fn, state.params, batch, rngs, microbatches,
                                              deterministic, grad_shardings, model_kwargs)
@@ -285,10 +294,10 @@ def _optax_step(model, optimizer: optax.GradientTransformation, schedule: Schedu
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def _communicating_step(model, optimizer: CommunicatingOptimizer, schedule: Schedule,
+def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
                         specs: StateSpecs, mesh: Mesh, kind: str, kept: int | None, *,
                         microbatches: int, lr_unit: str, grad_clip: float, deterministic: bool,
-                        dropping: LayerDropping):
+                        dropping: LayerDropping, loss_sum: Callable):
   """The step of a communicating optimizer for one communication ``kind``.
 
   Each worker's gradient is computed without any reduction (``vmap`` over a
@@ -301,7 +310,7 @@ def _communicating_step(model, optimizer: CommunicatingOptimizer, schedule: Sche
   all-reduce, so every worker clips by the same factor. It bounds the norm of
   the averaged gradient from above (Jensen), so clipping is never weaker.
   """
-  grad_fn = jax.value_and_grad(loss_sum_fn(model), has_aux=True)
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   world = math.prod(mesh.shape[a] for a in DATA_AXES)
   state_shardings = named(mesh, specs.state)
   stacked_shardings = named(mesh, jax.tree.map(lambda s: P(DATA_AXES, *s), specs.grads,
@@ -311,7 +320,7 @@ def _communicating_step(model, optimizer: CommunicatingOptimizer, schedule: Sche
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rngs = step_rngs(state.rng, state.step)
-    model_kwargs = dropping.model_kwargs(kept, state.step)
+    model_kwargs = {**dropping.model_kwargs(kept, state.step), "step": state.step}
     per_worker = jax.tree.map(lambda x: x.reshape(world, -1, *x.shape[1:]), batch)
     own_params = optimizer.worker_params(state.params, state.opt_state, kind)
 
@@ -346,9 +355,10 @@ def _communicating_step(model, optimizer: CommunicatingOptimizer, schedule: Sche
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def make_eval_step(model: nn.Module, specs: StateSpecs, mesh: Mesh):
+def make_eval_step(model: nn.Module, specs: StateSpecs, mesh: Mesh,
+                   dense_interceptor: DenseInterceptorAt | None = None):
   """``eval_step(params, batch) -> (loss_sum, token_count)``, jitted."""
-  loss_sum = loss_sum_fn(model)
+  loss_sum = loss_sum_fn(model, dense_interceptor)
 
   def evaluate(params, batch: Batch):
     with nn.logical_axis_rules(compute_rules()), use_abstract_mesh(mesh.abstract_mesh):

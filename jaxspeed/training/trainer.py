@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jaxspeed.checkpoint import Checkpointer
 from jaxspeed.comm import WorkerGroup
+from jaxspeed.compression.qat import compression_from_config, matmul_shapes
 from jaxspeed.config import validate
 from jaxspeed.data import (
   BatchIterator,
@@ -47,6 +48,7 @@ from jaxspeed.training.optim import make_optimizer, make_schedule
 from jaxspeed.training.state import (
   StateSpecs,
   TrainState,
+  abstract_params,
   abstract_state,
   init_state,
   state_specs,
@@ -192,12 +194,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
     raise ConfigError("optim.lr_unit", f"{config.optim.lr_unit} counts up to {total} overflow "
                       "the int32 counter; use 'steps'")
   specs = state_specs(model, optimizer, _model_input(config), mesh, config.zero.stage)
+  compression = compression_from_config(config.compression, matmul_shapes(
+      lambda p, x: model.apply({"params": p}, x), abstract_params(model, _model_input(config)),
+      _model_input(config)))
   train_step = make_train_step(
       model, optimizer, make_schedule(config.optim, total), specs, mesh,
       microbatches=config.microbatches, lr_unit=config.optim.lr_unit,
       grad_clip=config.optim.grad_clip, deterministic=config.model.dropout == 0,
-      layer_dropping=dropping)
-  eval_step = make_eval_step(model, specs, mesh)
+      layer_dropping=dropping, dense_interceptor=compression)
+  eval_step = make_eval_step(model, specs, mesh, compression)
   return Setup(config, mesh, model_config, model, optimizer, specs, train_step, eval_step,
                tokenizer, train_data, val_data)
 
