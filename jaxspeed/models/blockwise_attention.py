@@ -3,17 +3,21 @@
 Rabe & Staats 2021 ("Self-attention does not need O(n²) memory") and the
 forward pass of FlashAttention (Dao et al. 2022, Alg. 1): each query block
 scans the key blocks it may attend to, keeping a running max m, running sum l
-and unnormalized output acc; the score block of one step is recomputed in the
-backward pass (``jax.checkpoint``), so activation memory grows linearly with
-the sequence length instead of quadratically. Key blocks that a static mask
-(``causal_mask``) excludes entirely are never visited.
+and unnormalized output acc. The backward pass is FlashAttention's (Alg. 4 in
+FlashAttention-2, Dao 2023): it keeps only q, k, v, the output and each row's
+logsumexp, and recomputes every score block, so activation memory grows
+linearly with the sequence length instead of quadratically. Key blocks that a
+static mask (``causal_mask``) excludes entirely are never visited.
 
 Same signature and result as ``attention.dot_product_attention``, to float
 tolerance. A bias (ALiBi) is read block by block but is itself a [.., S, T]
-array, so it stays quadratic in memory (batch-independent).
+array, so it stays quadratic in memory (batch-independent). The bias is a
+constant: no gradient flows into it (ALiBi's has none).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,40 +69,59 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
   Args:
     q: [B, S, H, D]; k, v: [B, T, H, D].
-    bias: broadcastable to [B, H, S, T].
+    bias: broadcastable to [B, H, S, T]; treated as a constant.
     mask: boolean, broadcastable to [B, H, S, T]; True where attention is allowed.
 
   Returns:
     [B, S, H, D] in the dtype of ``q``. Sequences that are not a multiple of
     ``BLOCK`` (or fit in one block) take the dense path, which is exact.
   """
-  batch, q_len, heads, dim = q.shape
-  kv_len = k.shape[1]
+  q_len, kv_len = q.shape[1], k.shape[1]
   if q_len % BLOCK or kv_len % BLOCK or max(q_len, kv_len) <= BLOCK:
     return dot_product_attention(q, k, v, bias=bias, mask=mask)
-  scale = dim ** -0.5
+  ranges = tuple(_key_block_ranges(mask, q_len // BLOCK, kv_len // BLOCK))
+  if bias is not None:
+    bias = jax.lax.stop_gradient(bias)
+  scale = q.shape[-1] ** -0.5
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * scale, k, v))  # [B, H, S, D]
-  num_q, num_k = q_len // BLOCK, kv_len // BLOCK
-  outs = []
-  for i, (k0, k1) in enumerate(_key_block_ranges(mask, num_q, num_k)):
+  return jnp.swapaxes(_attention(q, k, v, bias, mask, ranges), 1, 2)
+
+
+def _blocks_of(x: jax.Array, k0: int, k1: int) -> jax.Array:
+  """Key blocks k0..k1 of [B, H, T, D] as [n, B, H, BLOCK, D] to scan over."""
+  b, h, _, d = x.shape
+  return jnp.moveaxis(x[:, :, k0 * BLOCK:k1 * BLOCK].reshape(b, h, -1, BLOCK, d), 2, 0)
+
+
+def _scores(q_i, k_j, bias_j, mask_j) -> jax.Array:
+  logits = jnp.einsum("bhsd,bhtd->bhst", q_i, k_j).astype(jnp.float32)
+  if bias_j is not None:
+    logits = logits + bias_j
+  if mask_j is not None:
+    logits = jnp.where(mask_j, logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, bias, mask, ranges):
+  """Head-major attention, q pre-scaled: [B, H, S, D] -> [B, H, S, D]."""
+  return _forward(q, k, v, bias, mask, ranges)[0].astype(q.dtype)
+
+
+def _forward(q, k, v, bias, mask, ranges):
+  """(output [B, H, S, D] float32, row logsumexp [B, H, S, 1])."""
+  outs, lses = [], []
+  for i, (k0, k1) in enumerate(ranges):
     rows = slice(i * BLOCK, (i + 1) * BLOCK)
     q_i = q[:, :, rows]
-    keys = jnp.moveaxis(k[:, :, k0 * BLOCK:k1 * BLOCK].reshape(batch, heads, -1, BLOCK, dim),
-                        2, 0)
-    values = jnp.moveaxis(v[:, :, k0 * BLOCK:k1 * BLOCK].reshape(batch, heads, -1, BLOCK, dim),
-                          2, 0)
-    xs = (keys, values, _key_blocks(bias, rows, k0, k1), _key_blocks(mask, rows, k0, k1))
+    xs = (_blocks_of(k, k0, k1), _blocks_of(v, k0, k1), _key_blocks(bias, rows, k0, k1),
+          _key_blocks(mask, rows, k0, k1))
 
-    @jax.checkpoint
     def step(carry, x, q_i=q_i):
       acc, peak, total = carry
       k_j, v_j, bias_j, mask_j = x
-      logits = jnp.einsum("bhsd,bhtd->bhst", q_i, k_j).astype(jnp.float32)
-      if bias_j is not None:
-        logits = logits + bias_j
-      if mask_j is not None:
-        logits = jnp.where(mask_j, logits, jnp.finfo(jnp.float32).min)
-      new_peak = jnp.maximum(peak, jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+      logits = _scores(q_i, k_j, bias_j, mask_j)
+      new_peak = jnp.maximum(peak, logits.max(-1, keepdims=True))
       weights = jnp.exp(logits - new_peak)
       decay = jnp.exp(peak - new_peak)
       acc = acc * decay + jnp.einsum("bhst,bhtd->bhsd", weights.astype(v_j.dtype),
@@ -109,9 +132,58 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     init = (jnp.zeros_like(q_i, jnp.float32),
             jnp.full_like(q_i[..., :1], jnp.finfo(jnp.float32).min, jnp.float32),
             jnp.zeros_like(q_i[..., :1], jnp.float32))
-    (acc, _, total), _ = jax.lax.scan(step, init, xs)
-    outs.append((acc / total).astype(q.dtype))
-  return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
+    (acc, peak, total), _ = jax.lax.scan(step, init, xs)
+    outs.append(acc / total)
+    lses.append(peak + jnp.log(total))
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+def _attention_fwd(q, k, v, bias, mask, ranges):
+  out, lse = _forward(q, k, v, bias, mask, ranges)
+  return out.astype(q.dtype), (q, k, v, bias, mask, out, lse)
+
+
+def _attention_bwd(ranges, residuals, d_out):
+  """dq, dk, dv from recomputed probabilities p = exp(s − lse) (FlashAttention-2, Alg. 2)."""
+  q, k, v, bias, mask, out, lse = residuals
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # rowsum(dO ∘ O)
+  dk, dv = jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32)
+  dqs = []
+  for i, (k0, k1) in enumerate(ranges):
+    rows = slice(i * BLOCK, (i + 1) * BLOCK)
+    q_i, do_i, lse_i, delta_i = q[:, :, rows], d_out[:, :, rows], lse[:, :, rows], \
+        delta[:, :, rows]
+    xs = (_blocks_of(k, k0, k1), _blocks_of(v, k0, k1), _key_blocks(bias, rows, k0, k1),
+          _key_blocks(mask, rows, k0, k1))
+
+    def step(dq_i, x, q_i=q_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
+      k_j, v_j, bias_j, mask_j = x
+      p = jnp.exp(_scores(q_i, k_j, bias_j, mask_j) - lse_i)
+      dp = jnp.einsum("bhsd,bhtd->bhst", do_i, v_j.astype(jnp.float32))
+      ds = p * (dp - delta_i)
+      if mask_j is not None:  # masked logits are constants, also in fully masked rows
+        ds = jnp.where(mask_j, ds, 0.0)
+      dq_i = dq_i + jnp.einsum("bhst,bhtd->bhsd", ds, k_j.astype(jnp.float32))
+      return dq_i, (jnp.einsum("bhst,bhsd->bhtd", ds, q_i.astype(jnp.float32)),
+                    jnp.einsum("bhst,bhsd->bhtd", p, do_i))
+
+    dq_i, (dk_j, dv_j) = jax.lax.scan(step, jnp.zeros_like(q_i, jnp.float32), xs)
+    dqs.append(dq_i)
+    keys = slice(k0 * BLOCK, k1 * BLOCK)
+    dk = dk.at[:, :, keys].add(_unblock(dk_j))
+    dv = dv.at[:, :, keys].add(_unblock(dv_j))
+  dq = jnp.concatenate(dqs, axis=2)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+def _unblock(x: jax.Array) -> jax.Array:
+  """[n, B, H, BLOCK, D] -> [B, H, n·BLOCK, D]."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(*x.shape[:2], -1, x.shape[-1])
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 ATTENTION_IMPLS["blockwise"] = blockwise_attention
