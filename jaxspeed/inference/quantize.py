@@ -17,7 +17,7 @@ PER_BYTE = 8 // BITS
 
 def pack(q: jax.Array) -> jax.Array:
   """uint8 codes in [0, 3], [..., D] with D % 4 == 0 -> uint8 [..., D/4], 4 codes per byte."""
-  q = q.astype(jnp.uint8).reshape(*q.shape[:-1], -1, PER_BYTE)
+  q = q.astype(jnp.uint8).reshape(*q.shape[:-1], q.shape[-1] // PER_BYTE, PER_BYTE)
   shifts = jnp.arange(PER_BYTE, dtype=jnp.uint8) * BITS
   return jnp.bitwise_or.reduce(q << shifts, axis=-1)
 
@@ -26,7 +26,7 @@ def unpack(packed: jax.Array) -> jax.Array:
   """Inverse of ``pack``: uint8 [..., D/4] -> uint8 codes [..., D]."""
   shifts = jnp.arange(PER_BYTE, dtype=jnp.uint8) * BITS
   q = (packed[..., None] >> shifts) & LEVELS
-  return q.reshape(*packed.shape[:-1], -1)
+  return q.reshape(*packed.shape[:-1], packed.shape[-1] * PER_BYTE)
 
 
 def quant_params(x: jax.Array, axis: int, valid: jax.Array | None = None
