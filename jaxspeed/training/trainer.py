@@ -39,6 +39,7 @@ from jaxspeed.data_efficiency.batches import SampledBatches, SeqlenCurriculum
 from jaxspeed.data_efficiency.from_config import curriculum_source
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference import Generator, SamplingConfig
+from jaxspeed.inference.from_config import save_run_config
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.optimizers import CommunicatingOptimizer
@@ -230,6 +231,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   setup = build(config, workdir)
   lead = jax.process_index() == 0
+  if lead:
+    save_run_config(config, workdir)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   with jax.set_mesh(setup.mesh):
     start = checkpointer.latest_step()
