@@ -156,6 +156,15 @@ class Generator:
       caches, logits = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths))
     return caches, logits, lengths
 
+  def decode_step(self, caches, tokens: jax.Array, positions: jax.Array, rng: jax.Array,
+                  sampling: SamplingConfig = SamplingConfig()):
+    """Feeds tokens [B] at positions [B]; returns (caches, next tokens [B], logits [B, V]).
+
+    The caches passed in are donated (their buffers are reused).
+    """
+    with self._mesh_context():
+      return self._decode(self.params, caches, tokens, positions, rng, sampling=sampling)
+
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                stop_tokens: Sequence[int] = (), on_token: TokenCallback | None = None
@@ -196,8 +205,8 @@ class Generator:
         if not active.any() or step == steps - 1:
           break
         rng, sub = jax.random.split(rng)
-        caches, tokens, _ = self._decode(self.params, caches, tokens,
-                                         jnp.asarray(lengths + step), sub, sampling=sampling)
+        caches, tokens, _ = self.decode_step(caches, tokens, jnp.asarray(lengths + step), sub,
+                                             sampling)
     return out
 
   def teacher_forced_logits(self, tokens: np.ndarray, prompt_len: int) -> jax.Array:
