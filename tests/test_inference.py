@@ -114,7 +114,7 @@ def test_seed_stop_tokens_and_streaming():
 def test_bad_input_errors():
   model, params = tiny_model("learned")
   generator = Generator(model, params, cache_len=CACHE_LEN)
-  with pytest.raises(ConfigError, match="prompts.*empty"):
+  with pytest.raises(ConfigError, match=r"prompts.*empty"):
     generator.generate([[1, 2], []], 4)
   with pytest.raises(ConfigError, match="no prompts"):
     generator.generate([], 4)

@@ -131,7 +131,7 @@ def test_merging_identical_keys_is_exact():
 
 
 def test_bad_policy_settings():
-  with pytest.raises(ConfigError, match="policy.*allowed values"):
+  with pytest.raises(ConfigError, match=r"policy.*allowed values"):
     CompressionConfig(policy="random")
   for budget in (0.0, 1.01, -0.5):
     with pytest.raises(ConfigError, match=r"budget.*\(0, 1\]"):

@@ -233,7 +233,7 @@ class SlotPolicy:
     valid = positions < lengths[:, None]
     pos = jnp.broadcast_to(jnp.where(valid, positions, -1)[:, None], (batch, heads, prompt_len))
     score = jnp.where(pos >= 0, cache.score, 0.0)
-    kind = head_policy = log_mass = incoming = None
+    kind = head_policy = incoming = None
     if cfg.policy == "fastgen":
       kind = jnp.broadcast_to(token_kinds(tokens, positions, cfg)[:, None], pos.shape)
       head_policy = fastgen_head_policy(score, kind, pos, lengths, cfg)

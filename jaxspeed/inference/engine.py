@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxspeed.errors import ConfigError
-from jaxspeed.inference.kv_cache import KVCache
+from jaxspeed.inference.kv_cache import KVCache, cache_bytes
 from jaxspeed.inference.sampling import SamplingConfig, sample_logits
 from jaxspeed.models.gpt import GPT
 from jaxspeed.parallel.rules import compute_rules, logical_to_spec
@@ -33,6 +33,7 @@ from jaxspeed.parallel.rules import compute_rules, logical_to_spec
 # Generation replicates the batch: rows are few, and heads/MLP/vocab carry the split.
 RULES = compute_rules(batch_axes=None)
 MIN_PROMPT_BUCKET = 16
+GREEDY = SamplingConfig()
 
 TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
 
@@ -96,7 +97,7 @@ class Generator:
     return (cache,) * cfg.num_layers
 
   def _prefill_fn(self, params, tokens: jax.Array, lengths: jax.Array):
-    """tokens [B, P] right-padded, lengths [B] -> (caches, logits [B, V] at each row's last token)."""
+    """tokens [B, P] right-padded, lengths [B] -> (caches, logits [B, V] at each last token)."""
     batch, prompt_len = tokens.shape
     compress = self.policy is not None
     # The full cache is only needed up to the prompt when a policy compresses it afterwards.
@@ -156,8 +157,19 @@ class Generator:
       caches, logits = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths))
     return caches, logits, lengths
 
+  def cache_bytes(self, batch: int, prompt_len: int) -> int:
+    """Bytes of the arrays the decode program carries for ``batch`` prompts of ``prompt_len``.
+
+    Read from the shapes ``prefill`` returns (nothing runs); constant while decoding.
+    """
+    tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    with self._mesh_context():
+      caches, _ = jax.eval_shape(self._prefill_fn, self.params, tokens, lengths)
+    return cache_bytes(caches)
+
   def decode_step(self, caches, tokens: jax.Array, positions: jax.Array, rng: jax.Array,
-                  sampling: SamplingConfig = SamplingConfig()):
+                  sampling: SamplingConfig = GREEDY):
     """Feeds tokens [B] at positions [B]; returns (caches, next tokens [B], logits [B, V]).
 
     The caches passed in are donated (their buffers are reused).
@@ -166,7 +178,7 @@ class Generator:
       return self._decode(self.params, caches, tokens, positions, rng, sampling=sampling)
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-               sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+               sampling: SamplingConfig = GREEDY, seed: int = 0,
                stop_tokens: Sequence[int] = (), on_token: TokenCallback | None = None
                ) -> list[list[int]]:
     """Continues each prompt by up to ``max_new_tokens`` tokens.
