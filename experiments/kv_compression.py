@@ -60,7 +60,8 @@ def train_config(quick: bool):
   config.model.update(position="rope", num_layers=2 if quick else 4, d_model=64 if quick else 128,
                       d_ff=256 if quick else 512, num_heads=4)
   config.steps = 10 if quick else STEPS.value
-  config.log_every = config.eval_every = config.checkpoint_every = config.steps
+  config.log_every = max(1, config.steps // 10)
+  config.eval_every = config.checkpoint_every = config.steps
   config.eval_batches = 2
   config.optim.warmup = max(1, config.steps // 10)
   return config
