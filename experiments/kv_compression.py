@@ -41,7 +41,7 @@ from jaxspeed.training import read_metrics
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: seq 128, 2-layer model, 10 steps, "
                           "budget 50% only.")
-STEPS = flags.DEFINE_integer("steps", 150, "Training steps.")
+STEPS = flags.DEFINE_integer("steps", 80, "Training steps.")
 PROMPT = flags.DEFINE_integer("prompt", 256, "Prefilled tokens per held-out sequence.")
 EVAL_ROWS = flags.DEFINE_integer("eval_rows", 4, "Held-out sequences.")
 REUSE = flags.DEFINE_bool("reuse_run", False, "Evaluate the model a previous run of this "

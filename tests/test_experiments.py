@@ -164,4 +164,5 @@ def test_kv_compression_quick(tmp_path):
     # Kept slots at 50% plus positions and scores (and FastGen's kinds, KVMerger's masses).
     assert 0.5 <= summary[f"{policy}_50_kv_bytes_ratio"] < 0.56
     assert summary[f"{policy}_50_ppl_ratio"] > 0
-  assert summary["minikv_50_kv_bytes_ratio"] < 0.3  # 2-bit storage on top of the budget
+  # 2-bit storage on top of the budget (here half the kept tokens are in the float32 window).
+  assert summary["minikv_50_kv_bytes_ratio"] < 0.7 * summary["h2o_50_kv_bytes_ratio"]
