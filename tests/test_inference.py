@@ -17,9 +17,9 @@ CACHE_LEN = 40
 PROMPTS = [list(range(3, 19)), [7, 8, 9, 10, 11], [42]]
 
 
-def tiny_model(position: str, seed: int = 1):
+def tiny_model(position: str, seed: int = 1, num_layers: int = 2):
   """A random GPT whose weights are scaled up so that greedy outputs vary."""
-  model = GPT(ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, d_ff=64,
+  model = GPT(ModelConfig(vocab_size=64, num_layers=num_layers, num_heads=4, d_model=32, d_ff=64,
                           max_seq_len=CACHE_LEN, position=position))
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32)))
   return model, jax.tree.map(lambda x: 3 * x, params["params"])

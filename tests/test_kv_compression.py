@@ -28,7 +28,7 @@ FULL_BUDGET = {
 
 
 def test_each_policy_at_full_budget_equals_full_cache():
-  model, params = tiny_model("alibi")
+  model, params = tiny_model("alibi", num_layers=1)
   tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (2, CACHE_LEN), 0, 64))
   full = Generator(model, params, cache_len=CACHE_LEN).teacher_forced_logits(tokens, 9)
   for name, extra in FULL_BUDGET.items():
@@ -97,13 +97,17 @@ def test_fastgen_picks_the_cheapest_policy_reaching_the_threshold():
 
 def test_two_bit_packing_round_trips():
   codes = jax.random.randint(jax.random.PRNGKey(0), (3, 5, 16), 0, 4).astype(jnp.uint8)
-  packed = q2.pack(codes)
+  packed = jax.jit(q2.pack)(codes)
   assert packed.shape == (3, 5, 4) and packed.dtype == jnp.uint8
-  assert (q2.unpack(packed) == codes).all()
+  assert (jax.jit(q2.unpack)(packed) == codes).all()
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 8))
-  for axis in (-1, 1):  # per token, per channel
+
+  def error_and_scale(x, axis):
     scale, zero = q2.quant_params(x, axis=axis)
-    error = jnp.abs(q2.dequantize(q2.quantize(x, scale, zero), scale, zero, x.dtype) - x)
+    return jnp.abs(q2.dequantize(q2.quantize(x, scale, zero), scale, zero, x.dtype) - x), scale
+
+  for axis in (-1, 1):  # per token, per channel
+    error, scale = jax.jit(error_and_scale, static_argnums=1)(x, axis)
     assert (error <= scale / 2 + 1e-6).all()
 
 
@@ -116,17 +120,20 @@ def test_merging_identical_keys_is_exact():
   entries = dict(k=k, v=v, pos=pos, score=jnp.ones((1, 1, 6)), log_mass=jnp.zeros((1, 1, 6)))
   kept = jnp.asarray([[[True, True, False, False, True, True]]])
   cfg = CompressionConfig(policy="kvmerger", merge_threshold=0.99)
-  merged = merge_evicted(entries, kept, cfg)
+  merged = jax.jit(merge_evicted, static_argnums=2)(entries, kept, cfg)
   q = jax.random.normal(jax.random.PRNGKey(2), (1, 1, 8))
   cur = jnp.array([6])
 
   def attend(e, keep):
+    keep = np.asarray(keep)
     w = slot_attention_weights(q, e["k"][:, :, keep], e["pos"][:, :, keep], cur,
                                e["log_mass"][:, :, keep], None)
     return jnp.einsum("bhn,bhnd->bhd", w, e["v"][:, :, keep])
 
   kept_idx = np.flatnonzero(np.asarray(kept[0, 0]))
-  np.testing.assert_allclose(attend(merged, kept_idx), attend(entries, np.arange(6)), atol=1e-6)
+  attend = jax.jit(attend, static_argnums=1)
+  np.testing.assert_allclose(attend(merged, tuple(kept_idx)), attend(entries, tuple(range(6))),
+                             atol=1e-6)
   assert float(jnp.exp(merged["log_mass"][0, 0, 1])) == pytest.approx(3.0)
 
 
