@@ -17,10 +17,10 @@ CACHE_LEN = 40
 PROMPTS = [list(range(3, 19)), [7, 8, 9, 10, 11], [42]]
 
 
-def tiny_model(position: str, seed: int = 1, num_layers: int = 2):
+def tiny_model(position: str, seed: int = 1, num_layers: int = 2, num_kv_heads: int = 0):
   """A random GPT whose weights are scaled up so that greedy outputs vary."""
   model = GPT(ModelConfig(vocab_size=64, num_layers=num_layers, num_heads=4, d_model=32, d_ff=64,
-                          max_seq_len=CACHE_LEN, position=position))
+                          max_seq_len=CACHE_LEN, position=position, num_kv_heads=num_kv_heads))
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32)))
   return model, jax.tree.map(lambda x: 3 * x, params["params"])
 
@@ -47,6 +47,15 @@ def test_cache_decode_equals_recomputation(position):
   for prompt, row in zip(PROMPTS, rows):
     assert row == recompute_greedy(model, params, prompt, 12)
   assert len({tuple(r) for r in rows}) > 1 and len(set(rows[0])) > 1  # not degenerate
+
+
+def test_grouped_query_attention_caches_only_the_kv_heads():
+  model, params = tiny_model("rope", num_kv_heads=2)
+  generator = Generator(model, params, cache_len=CACHE_LEN)
+  assert generator.prefill(PROMPTS)[0][0].k.shape == (3, CACHE_LEN, 2, 8)
+  rows = generator.generate(PROMPTS[:2], 8)
+  for prompt, row in zip(PROMPTS[:2], rows):
+    assert row == recompute_greedy(model, params, prompt, 8)
 
 
 def test_one_decode_program_and_cache_capacity():

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference.kv_cache import NEG_INF, KVCache
+from jaxspeed.models.attention import repeat_kv_heads
 
 POLICIES = ("full", "local", "h2o", "fastgen", "kvmerger", "minikv")
 
@@ -151,6 +152,7 @@ class SlotCache:
       raise ValueError("a compressed cache decodes one token per row at a time")
     cur = positions[:, 0]
     b, h = self.pos.shape[:2]
+    k, v = repeat_kv_heads(k, h), repeat_kv_heads(v, h)
     entry = lambda old, new: jnp.concatenate([old, new[:, :, None]], axis=2)
     keys = entry(self.k, jnp.swapaxes(k, 1, 2)[:, :, 0].astype(self.k.dtype))
     values = entry(self.v, jnp.swapaxes(v, 1, 2)[:, :, 0].astype(self.v.dtype))
@@ -227,8 +229,10 @@ class SlotPolicy:
   def compress(self, cache: KVCache, tokens: jax.Array, lengths: jax.Array) -> SlotCache:
     """The prompt's full cache [B, P, H, D] -> ``capacity`` slots per head."""
     cfg = self.config
-    batch, prompt_len, heads, _ = cache.k.shape
-    k, v = (jnp.swapaxes(x, 1, 2) for x in (cache.k, cache.v))  # [B, H, P, D]
+    batch, prompt_len = cache.k.shape[:2]
+    heads = cache.score.shape[1]
+    # Query heads rank keys differently, so each gets its own slots, also under GQA.
+    k, v = (jnp.swapaxes(repeat_kv_heads(x, heads), 1, 2) for x in (cache.k, cache.v))
     positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)
     valid = positions < lengths[:, None]
     pos = jnp.broadcast_to(jnp.where(valid, positions, -1)[:, None], (batch, heads, prompt_len))

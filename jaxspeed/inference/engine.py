@@ -90,9 +90,9 @@ class Generator:
 
   def _empty_caches(self, batch: int, length: int, track_scores: bool) -> tuple[KVCache, ...]:
     cfg = self.model.config
-    cache = KVCache.zeros(batch, length, cfg.num_heads, cfg.head_dim, cfg.compute_dtype,
-                          track_scores)
-    names = ("batch", "seq", "heads", "kv")
+    cache = KVCache.zeros(batch, length, cfg.num_heads, cfg.kv_heads, cfg.head_dim,
+                          cfg.compute_dtype, track_scores)
+    names = ("batch", "seq", "kv_heads", "kv")
     cache = cache.replace(k=_constrain(cache.k, names), v=_constrain(cache.v, names))
     return (cache,) * cfg.num_layers
 

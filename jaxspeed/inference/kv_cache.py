@@ -12,7 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxspeed.models.attention import dot_product_attention
+from jaxspeed.models.attention import dot_product_attention, repeat_kv_heads
 from jaxspeed.models.layers import constrain
 
 NEG_INF = jnp.finfo(jnp.float32).min
@@ -20,7 +20,7 @@ NEG_INF = jnp.finfo(jnp.float32).min
 
 @flax.struct.dataclass
 class KVCache:
-  """One layer's keys and values, [B, T, H, D] each.
+  """One layer's keys and values, [B, T, Hkv, D] each (the kv heads of grouped-query attention).
 
   ``score`` [B, H, T] (float32, or None) accumulates the attention each key
   received; KV-compression policies rank keys by it (H2O's heavy hitters).
@@ -31,9 +31,9 @@ class KVCache:
   score: jax.Array | None = None
 
   @classmethod
-  def zeros(cls, batch: int, length: int, num_heads: int, head_dim: int, dtype,
-            track_scores: bool = False) -> KVCache:
-    shape = (batch, length, num_heads, head_dim)
+  def zeros(cls, batch: int, length: int, num_heads: int, num_kv_heads: int, head_dim: int,
+            dtype, track_scores: bool = False) -> KVCache:
+    shape = (batch, length, num_kv_heads, head_dim)
     score = jnp.zeros((batch, num_heads, length), jnp.float32) if track_scores else None
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), score)
 
@@ -46,7 +46,7 @@ class KVCache:
     """Writes k, v at their positions, then attends q to every slot at or before its own.
 
     Args:
-      q, k, v: [B, S, H, D] for S new tokens per row (a prompt or one token).
+      q: [B, S, H, D], k, v: [B, S, Hkv, D] for S new tokens per row (a prompt or one token).
       positions: [B, S] int, consecutive within a row; also the cache slots.
       alibi_slopes: [H] ALiBi slopes, or None.
 
@@ -55,7 +55,7 @@ class KVCache:
     """
     write = jax.vmap(lambda cache, new, at: jax.lax.dynamic_update_slice_in_dim(cache, new, at, 0))
     start = positions[:, 0]
-    names = ("batch", "seq", "heads", "kv")
+    names = ("batch", "seq", "kv_heads", "kv")
     new_k = constrain(write(self.k, k.astype(self.k.dtype), start), names)
     new_v = constrain(write(self.v, v.astype(self.v.dtype), start), names)
     slots = jnp.arange(self.length)
@@ -63,11 +63,12 @@ class KVCache:
     mask = distance >= 0
     bias = None if alibi_slopes is None else (
         -alibi_slopes[:, None, None] * distance.astype(jnp.float32))
+    keys, values = (repeat_kv_heads(x, q.shape[2]) for x in (new_k, new_v))
     if self.score is None:
-      out = dot_product_attention(q, new_k, new_v, bias=bias, mask=mask)
+      out = dot_product_attention(q, keys, values, bias=bias, mask=mask)
       return out, KVCache(new_k, new_v)
-    weights = attention_weights(q, new_k, bias, mask)
-    out = jnp.einsum("bhst,bthd->bshd", weights.astype(v.dtype), new_v).astype(q.dtype)
+    weights = attention_weights(q, keys, bias, mask)
+    out = jnp.einsum("bhst,bthd->bshd", weights.astype(v.dtype), values).astype(q.dtype)
     return out, KVCache(new_k, new_v, self.score + weights.sum(axis=2))
 
 

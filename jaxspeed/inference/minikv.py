@@ -26,6 +26,7 @@ from jaxspeed.inference.compression import (
   slot_attention_weights,
 )
 from jaxspeed.inference.kv_cache import KVCache
+from jaxspeed.models.attention import repeat_kv_heads
 
 
 @flax.struct.dataclass
@@ -54,6 +55,7 @@ class MiniKVCache:
       raise ValueError("a compressed cache decodes one token per row at a time")
     cur = positions[:, 0]
     b, h, stored = self.pos.shape
+    k, v = repeat_kv_heads(k, h), repeat_kv_heads(v, h)
     dtype = self.wk.dtype
     new_k, new_v = (jnp.swapaxes(x, 1, 2)[:, :, :1].astype(dtype) for x in (k, v))  # [B,H,1,D]
     keys = jnp.concatenate([q2.dequantize(self.kq, self.k_scale, self.k_zero, dtype), self.wk,
@@ -113,11 +115,12 @@ class MiniKVPolicy:
 
   def compress(self, cache: KVCache, tokens: jax.Array, lengths: jax.Array) -> MiniKVCache:
     del tokens
-    batch, prompt_len, heads, head_dim = cache.k.shape
+    batch, prompt_len, _, head_dim = cache.k.shape
+    heads = cache.score.shape[1]
     if head_dim % q2.PER_BYTE:
       raise ConfigError("model.d_model", f"minikv packs 4 codes per byte: the head dimension "
                         f"{head_dim} must be a multiple of 4")
-    k, v = (jnp.swapaxes(x, 1, 2) for x in (cache.k, cache.v))  # [B, H, P, D]
+    k, v = (jnp.swapaxes(repeat_kv_heads(x, heads), 1, 2) for x in (cache.k, cache.v))
     positions = jnp.arange(prompt_len)
     last = lengths[:, None, None]
     pos = jnp.broadcast_to(jnp.where(positions < last, positions, -1), (batch, heads, prompt_len))
