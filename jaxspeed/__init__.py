@@ -15,7 +15,7 @@ or the whole loop with checkpoints and logging: ``jaxspeed.train(config, workdir
 from jaxspeed.checkpoint import Checkpointer
 from jaxspeed.config import default_config, validate
 from jaxspeed.errors import ConfigError
-from jaxspeed.inference import sample_tokens
+from jaxspeed.inference import Generator, SamplingConfig
 from jaxspeed.models import GPT, BertEncoder, BertForMaskedLM, ModelConfig, build_model
 from jaxspeed.parallel import MESH_AXES, make_mesh, use_cpu_devices
 from jaxspeed.training import (
@@ -41,7 +41,9 @@ __all__ = [
     "BertForMaskedLM",
     "Checkpointer",
     "ConfigError",
+    "Generator",
     "ModelConfig",
+    "SamplingConfig",
     "Setup",
     "TrainState",
     "build",
@@ -54,7 +56,6 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
-    "sample_tokens",
     "state_specs",
     "train",
     "use_cpu_devices",

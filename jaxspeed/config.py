@@ -13,6 +13,7 @@ import math
 import ml_collections
 
 from jaxspeed.errors import ConfigError
+from jaxspeed.inference.compression import POLICIES
 from jaxspeed.models.attention import ATTENTION_IMPLS
 from jaxspeed.models.config import DTYPES, POSITIONS, REMAT_POLICIES
 from jaxspeed.parallel.mesh import DATA_AXES, resolve_mesh_shape
@@ -102,6 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_efficiency = _data_efficiency_defaults()
   c.compression = _compression_defaults()
 
+  c.inference = _inference_defaults()
+
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "python_docs"  # or comma-separated .txt/.jsonl paths
   c.data.jsonl_field = "text"
@@ -180,6 +183,61 @@ def _validate_compression(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("compression.sparse_pruning.n", f"need 1 <= n < m, got n={sp.n}, "
                       f"m={sp.m}")
   _positive(config, "compression.sparse_pruning.schedule_offset", allow_zero=True)
+
+
+def _inference_defaults() -> ml_collections.ConfigDict:
+  """Generation (``experiments.generate``), with DeepSpeed Inference's names where they exist."""
+  c = ml_collections.ConfigDict()
+  c.max_out_tokens = 0  # KV-cache slots per sequence; 0 = model.max_seq_len
+  c.max_new_tokens = 64
+  c.temperature = 0.0  # 0 = greedy
+  c.top_k = 0  # 0 = no top-k cut
+  c.top_p = 1.0
+  c.stop_tokens = ""  # comma-separated token ids
+  c.seed = 0
+  c.tensor_parallel = ml_collections.ConfigDict(dict(tp_size=1))
+  c.kv_compression = ml_collections.ConfigDict(dict(
+      policy="full", budget=1.0, sink_tokens=4, recent_ratio=0.5, threshold=0.95,
+      fastgen_ratio=0.3, merge_threshold=0.8, merge_sigma=1.0, window=32))
+  return c
+
+
+def _validate_inference(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  inf = config.inference
+  _choice(config, "inference.kv_compression.policy", POLICIES)
+  kv = inf.kv_compression
+  for key in ("budget", "threshold", "recent_ratio", "fastgen_ratio"):
+    if not 0 < kv[key] <= 1:
+      raise ConfigError(f"inference.kv_compression.{key}", f"must be in (0, 1], got {kv[key]!r}")
+  if kv.policy == "minikv" and (config.model.d_model // config.model.num_heads) % 4:
+    raise ConfigError("inference.kv_compression.policy", "minikv packs four 2-bit codes per "
+                      "byte; the head dimension (model.d_model / model.num_heads) must be a "
+                      "multiple of 4")
+  if kv.policy == "minikv" and kv.window < 1:
+    raise ConfigError("inference.kv_compression.window", f"must be >= 1, got {kv.window}")
+  if inf.max_out_tokens < 0 or (config.model.position == "learned"
+                                and inf.max_out_tokens > config.model.max_seq_len):
+    raise ConfigError("inference.max_out_tokens", f"must be in [0, model.max_seq_len="
+                      f"{config.model.max_seq_len}] with learned positions (0 = max_seq_len), "
+                      f"got {inf.max_out_tokens}")
+  _positive(config, "inference.max_new_tokens")
+  _positive(config, "inference.temperature", allow_zero=True)
+  _positive(config, "inference.top_k", allow_zero=True)
+  if not 0 < inf.top_p <= 1:
+    raise ConfigError("inference.top_p", f"must be in (0, 1], got {inf.top_p!r}")
+  try:
+    [int(t) for t in str(inf.stop_tokens).split(",") if t.strip()]
+  except ValueError as e:
+    raise ConfigError("inference.stop_tokens", f"comma-separated token ids, got "
+                      f"{inf.stop_tokens!r}") from e
+  tp = inf.tensor_parallel.tp_size
+  if tp < 1 or num_devices % tp:
+    raise ConfigError("inference.tensor_parallel.tp_size", f"must divide the {num_devices} "
+                      f"devices, got {tp}")
+  for key in ("num_heads", "d_ff", "vocab_size"):
+    if config.model[key] % tp:
+      raise ConfigError("inference.tensor_parallel.tp_size", f"model.{key}={config.model[key]}"
+                        f" is not divisible by tp_size={tp}")
 
 
 def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
@@ -365,6 +423,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
                       f"stages: 0, 1 (got {config.zero.stage})")
   _validate_data_efficiency(config)
   _validate_compression(config)
+  _validate_inference(config, num_devices)
   for axis in ("stage", "expert"):
     if shape[axis] != 1:
       raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "

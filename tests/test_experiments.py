@@ -143,3 +143,26 @@ def test_quant_matmul_bench_quick(tmp_path):
   payload = run_experiment("quant_matmul_bench", tmp_path)
   assert payload["summary"]["int8_speedup"] > 0
   assert {"f32_ms", "int8_ms", "w8a8_ms", "w4a8_ms"} <= set(payload["rows"][0])
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_generate_bench_quick(tmp_path):
+  payload = run_experiment("generate_bench", tmp_path)
+  summary = payload["summary"]
+  assert summary["cache_speedup_1024"] > 1  # a ratio of two timings in one run
+  for tp in (2, 4):
+    assert summary[f"tp{tp}_same_tokens"]
+    assert summary[f"tp{tp}_allreduce_bytes_per_step"] > 0  # TP decode all-reduces
+  assert summary["tp1_allreduce_bytes_per_step"] == 0
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_kv_compression_quick(tmp_path):
+  payload = run_experiment("kv_compression", tmp_path)
+  summary = payload["summary"]
+  for policy in ("local", "h2o", "fastgen", "kvmerger"):
+    # Kept slots at 50% plus positions and scores (and FastGen's kinds, KVMerger's masses).
+    assert 0.5 <= summary[f"{policy}_50_kv_bytes_ratio"] < 0.56
+    assert summary[f"{policy}_50_ppl_ratio"] > 0
+  # 2-bit storage on top of the budget (here half the kept tokens are in the float32 window).
+  assert summary["minikv_50_kv_bytes_ratio"] < 0.7 * summary["h2o_50_kv_bytes_ratio"]

@@ -1,5 +1,15 @@
-"""Inference: token sampling from trained decoders."""
+"""Inference: KV-cache generation, tensor-parallel decoding and KV-cache compression."""
 
-from jaxspeed.inference.sampling import sample_tokens
+from jaxspeed.inference.engine import Generator, prompt_bucket
+from jaxspeed.inference.kv_cache import KVCache, attention_weights, cache_bytes
+from jaxspeed.inference.sampling import SamplingConfig, sample_logits
 
-__all__ = ["sample_tokens"]
+__all__ = [
+  "Generator",
+  "KVCache",
+  "SamplingConfig",
+  "attention_weights",
+  "cache_bytes",
+  "prompt_bucket",
+  "sample_logits",
+]

@@ -1,49 +1,53 @@
-"""Text sampling from a decoder by full recomputation over a fixed-size window.
-
-One compiled program generates every token (static shapes: a [1, max_len]
-buffer and a ``fori_loop``), so sampling never recompiles. It recomputes the
-whole window per token, which is fine for the short samples printed after
-training.
-"""
+"""Next-token sampling: greedy, temperature, top-k and nucleus (top-p)."""
 
 from __future__ import annotations
 
-import flax.linen as nn
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from jaxspeed.errors import ConfigError
 
-def sample_tokens(model: nn.Module, params, prompt: list[int], num_tokens: int, *,
-                  max_len: int, rng: jax.Array, temperature: float = 0.8) -> list[int]:
-  """Samples ``num_tokens`` tokens after ``prompt`` (greedy when temperature is 0).
 
-  Args:
-    model: a decoder whose ``apply`` maps tokens [1, S] to logits [1, S, V].
-    prompt: token ids; at least one token, shorter than ``max_len``.
-    max_len: the model's context; generation stops when the buffer is full.
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How the next token is drawn from the logits.
 
-  Returns:
-    The generated ids (without the prompt).
+  Attributes:
+    temperature: 0 for greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0 = all).
+    top_p: keep the smallest set of most likely tokens whose probability
+      reaches p (Holtzman et al. 2020); 1.0 = all.
   """
-  if not 0 < len(prompt) < max_len:
-    raise ValueError(f"prompt length {len(prompt)} must be in [1, {max_len})")
-  num_tokens = min(num_tokens, max_len - len(prompt))
-  buffer = jnp.zeros((1, max_len), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))
 
-  @jax.jit
-  def generate(params, buffer, rng):
-    def body(i, carry):
-      tokens, key = carry
-      pos = len(prompt) + i
-      logits = model.apply({"params": params}, tokens)[0, pos - 1]
-      key, sub = jax.random.split(key)
-      if temperature > 0:
-        nxt = jax.random.categorical(sub, logits / temperature)
-      else:
-        nxt = jnp.argmax(logits)
-      return tokens.at[0, pos].set(nxt.astype(jnp.int32)), key
-    tokens, _ = jax.lax.fori_loop(0, num_tokens, body, (buffer, rng))
-    return tokens
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
 
-  tokens = generate(params, buffer, rng)
-  return [int(t) for t in jax.device_get(tokens[0, len(prompt): len(prompt) + num_tokens])]
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ConfigError("top_k", f"must be >= 0 (0 keeps all tokens), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """Draws one token per row: logits [B, V] float32 -> ids [B] int32."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    mass_before = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1) - jax.nn.softmax(
+        ordered, axis=-1)
+    # The smallest logit still needed to reach top_p (the first token is always kept).
+    cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, ordered, jnp.inf), axis=-1,
+                     keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)

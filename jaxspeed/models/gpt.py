@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxspeed.models.attention import causal_mask
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.layer_drop import draw_layer_keeps, run_or_skip
-from jaxspeed.models.layers import Embed, LayerNorm, constrain, param_init, remat_block
+from jaxspeed.models.layers import Block, Embed, LayerNorm, constrain, param_init, remat_block
 from jaxspeed.models.random_ltd import (
     active_kept_length,
     drops_tokens,
@@ -29,7 +29,7 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                deterministic: bool = True, *, random_ltd_kept: int | None = None,
-               layer_keep_theta: jax.Array | None = None) -> jax.Array:
+               layer_keep_theta: jax.Array | None = None, cache: tuple | None = None):
     """tokens, positions: [B, S] int.
 
     Args:
@@ -40,6 +40,10 @@ class GPT(nn.Module):
         layers are dropped with the ``layer_drop`` rng. Off when None.
 
     Both are training-only (pass None to evaluate), as in DeepSpeed.
+
+    With ``cache`` (one KV cache per layer, from ``jaxspeed.inference``) the
+    tokens attend to the cache, which they extend; returns
+    ``(logits, new_cache)``.
     """
     cfg = self.config
     dtype = cfg.compute_dtype
@@ -65,6 +69,13 @@ class GPT(nn.Module):
     if not init and layer_keep_theta is not None:
       keeps, probs = draw_layer_keeps(self.make_rng("layer_drop"), cfg.num_layers,
                                       layer_keep_theta)
+    if cache is not None:
+      cache = list(cache)
+      for i in range(cfg.num_layers):
+        # Remat only matters for gradients; the parameter names are the same.
+        x, cache[i] = Block(cfg, causal=True, pre_ln=True, name=f"layer_{i}")(
+            x, positions, None, deterministic, None, cache[i])
+      return self._logits(embed, x), tuple(cache)
     for i in range(cfg.num_layers):
       idx = None
       if kept is not None and drops_tokens(i, cfg.num_layers):
@@ -74,12 +85,17 @@ class GPT(nn.Module):
                     name=f"layer_{i}")
       run = _layer_runner(positions, mask, idx, deterministic)
       x = run(layer, x, None) if keeps is None else run_or_skip(layer, run, x, keeps[i], probs[i])
+    return self._logits(embed, x)
+
+  def _logits(self, embed: Embed, x: jax.Array) -> jax.Array:
+    """Final LayerNorm and LM head: [B, S, d_model] -> float32 logits [B, S, vocab]."""
+    cfg = self.config
     x = LayerNorm(cfg.layernorm_eps, name="ln_final")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
       w = self.param("lm_head", param_init(("embed", "vocab")), (cfg.d_model, cfg.vocab_size))
-      logits = constrain(x @ w.astype(dtype), ("batch", "seq", "vocab"))
+      logits = constrain(x @ w.astype(cfg.compute_dtype), ("batch", "seq", "vocab"))
     return logits.astype(jnp.float32)
 
 

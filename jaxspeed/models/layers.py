@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxspeed.models.attention import get_attention, repeat_kv_heads
 from jaxspeed.models.config import ModelConfig
-from jaxspeed.models.positions import alibi_bias, apply_rope
+from jaxspeed.models.positions import alibi_bias, alibi_slopes, apply_rope
 from jaxspeed.parallel.ulysses import sequence_parallel_size, ulysses_attention
 
 INIT_STD = 0.02
@@ -159,8 +159,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
-               deterministic: bool) -> jax.Array:
-    """x: [B, S, d_model]; positions: [B, S]; mask: broadcastable to [B, H, S, S]."""
+               deterministic: bool, cache=None):
+    """x: [B, S, d_model]; positions: [B, S]; mask: broadcastable to [B, H, S, S].
+
+    With a KV ``cache`` (see ``jaxspeed.inference``), the new keys and values
+    are written into it and the queries attend to the cache instead of to
+    ``mask``; returns ``(y, new_cache)``. Without one, returns ``y``.
+    """
     cfg = self.config
     dtype = cfg.compute_dtype
     h, hd = cfg.num_heads, cfg.head_dim
@@ -177,18 +182,23 @@ class Attention(nn.Module):
     bias = None
     if cfg.position == "rope":
       q, k = apply_rope(q, positions), apply_rope(k, positions)
-    elif cfg.position == "alibi":
-      rows = positions if self.per_row_positions else positions[0]
-      bias = alibi_bias(h, rows, rows)
-    impl = get_attention(cfg.attention)
-
-    def attend(q, k, v, **masks):
-      return impl(q, repeat_kv_heads(k, q.shape[2]), repeat_kv_heads(v, q.shape[2]), **masks)
-
-    if sequence_parallel_size() > 1:
-      out = ulysses_attention(attend, q, k, v, bias=bias, mask=mask)
+    if cache is not None:
+      # The cache stores the kv heads and each key's position (it builds ALiBi's bias).
+      slopes = alibi_slopes(h) if cfg.position == "alibi" else None
+      out, cache = cache.attend(q, k, v, positions, slopes)
     else:
-      out = attend(q, k, v, bias=bias, mask=mask)
+      if cfg.position == "alibi":
+        rows = positions if self.per_row_positions else positions[0]
+        bias = alibi_bias(h, rows, rows)
+      impl = get_attention(cfg.attention)
+
+      def attend(q, k, v, **masks):
+        return impl(q, repeat_kv_heads(k, q.shape[2]), repeat_kv_heads(v, q.shape[2]), **masks)
+
+      if sequence_parallel_size() > 1:
+        out = ulysses_attention(attend, q, k, v, bias=bias, mask=mask)
+      else:
+        out = attend(q, k, v, bias=bias, mask=mask)
     out = constrain(out, ("batch", "seq", "heads", "kv"))
     wo = self.param("out", param_init(("heads", "kv", "embed")), (h, hd, cfg.d_model))
     bo = self.param("out_bias", zeros_init(("embed",)), (cfg.d_model,))
@@ -196,7 +206,8 @@ class Attention(nn.Module):
     y = dense(out, wo.reshape(h * hd, cfg.d_model).astype(dtype), (*self.path, "out"))
     y = y + bo.astype(dtype)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
-    return constrain(y, ("batch", "seq", "embed"))
+    y = constrain(y, ("batch", "seq", "embed"))
+    return y if cache is None else (y, cache)
 
 
 class Mlp(nn.Module):
@@ -230,11 +241,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
-               deterministic: bool, branch_scale: jax.Array | None = None) -> jax.Array:
+               deterministic: bool, branch_scale: jax.Array | None = None, cache=None):
     """x: [B, S, d_model]; positions: [B, S]; mask: broadcastable to [B, H, S, S].
 
     ``branch_scale`` (a scalar) multiplies both residual branches before they
-    are added; Progressive Layer Dropping passes 1/p_i.
+    are added; Progressive Layer Dropping passes 1/p_i. With a KV ``cache``
+    returns ``(x, new_cache)`` (see ``Attention``).
     """
     cfg = self.config
     attn = Attention(cfg, causal=self.causal, per_row_positions=self.per_row_positions,
@@ -246,6 +258,10 @@ class Block(nn.Module):
     def scaled(y: jax.Array) -> jax.Array:
       return y if branch_scale is None else y * branch_scale.astype(y.dtype)
 
+    if cache is not None:  # decoding: pre-LN GPT only
+      y, cache = attn(ln1(x), positions, mask, deterministic, cache)
+      x = x + y
+      return x + mlp(ln2(x), deterministic), cache
     if self.pre_ln:
       x = x + scaled(attn(ln1(x), positions, mask, deterministic))
       return x + scaled(mlp(ln2(x), deterministic))

@@ -38,7 +38,8 @@ from jaxspeed.data import (
 from jaxspeed.data_efficiency.batches import SampledBatches, SeqlenCurriculum
 from jaxspeed.data_efficiency.from_config import curriculum_source
 from jaxspeed.errors import ConfigError
-from jaxspeed.inference import sample_tokens
+from jaxspeed.inference import Generator, SamplingConfig
+from jaxspeed.inference.from_config import save_run_config
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.optimizers import CommunicatingOptimizer
@@ -230,6 +231,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   setup = build(config, workdir)
   lead = jax.process_index() == 0
+  if lead:
+    save_run_config(config, workdir)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   with jax.set_mesh(setup.mesh):
     start = checkpointer.latest_step()
@@ -306,8 +309,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       plot_loss(read_metrics(writer.path), os.path.join(workdir, "loss.png"))
     if config.sample_tokens and config.model.name == "gpt":
       prompt = [int(t) for t in setup.tokenizer.encode(config.sample_prompt)]
-      ids = sample_tokens(setup.model, state.params, prompt, config.sample_tokens,
-                          max_len=config.seq_len, rng=jax.random.PRNGKey(config.seed))
+      generator = Generator(setup.model, state.params, cache_len=config.seq_len,
+                            mesh=setup.mesh)
+      ids = generator.generate([prompt], config.sample_tokens, seed=config.seed,
+                               sampling=SamplingConfig(temperature=0.8))[0]
       summary["sample"] = config.sample_prompt + setup.tokenizer.decode(ids)
   if lead:
     print(_summary_table({k: v for k, v in summary.items() if k != "sample"}))
