@@ -55,6 +55,20 @@ class GPT(nn.Module):
       x = LayerNorm(cfg.layernorm_eps, name="ln_embed")(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "seq", "embed"))
+    x = self.layer_stack(x, positions, deterministic, random_ltd_kept, layer_keep_theta)
+    x = LayerNorm(cfg.layernorm_eps, name="ln_final")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      w = self.param("lm_head", param_init(("embed", "vocab")), (cfg.d_model, cfg.vocab_size))
+      logits = constrain(x @ w.astype(dtype), ("batch", "seq", "vocab"))
+    return logits.astype(jnp.float32)
+
+  def layer_stack(self, x: jax.Array, positions: jax.Array, deterministic: bool,
+                  random_ltd_kept: int | None, layer_keep_theta: jax.Array | None) -> jax.Array:
+    """The L blocks: x [B, S, d_model] -> [B, S, d_model]; see ``__call__``'s arguments."""
+    cfg = self.config
+    batch, seq_len = positions.shape
     block = remat_block(cfg.remat)
     mask = causal_mask(seq_len)
     # At init the parameters are the same either way, and drawing no rngs
@@ -68,19 +82,13 @@ class GPT(nn.Module):
     for i in range(cfg.num_layers):
       idx = None
       if kept is not None and drops_tokens(i, cfg.num_layers):
-        idx = sample_kept_indices(self.make_rng("random_ltd"), tokens.shape[0], seq_len, kept)
+        idx = sample_kept_indices(self.make_rng("random_ltd"), batch, seq_len, kept)
         self.sow("intermediates", "random_ltd_indices", idx)
       layer = block(cfg, causal=True, pre_ln=True, per_row_positions=idx is not None,
                     name=f"layer_{i}")
       run = _layer_runner(positions, mask, idx, deterministic)
       x = run(layer, x, None) if keeps is None else run_or_skip(layer, run, x, keeps[i], probs[i])
-    x = LayerNorm(cfg.layernorm_eps, name="ln_final")(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      w = self.param("lm_head", param_init(("embed", "vocab")), (cfg.d_model, cfg.vocab_size))
-      logits = constrain(x @ w.astype(dtype), ("batch", "seq", "vocab"))
-    return logits.astype(jnp.float32)
+    return x
 
 
 def _layer_runner(positions: jax.Array, mask: jax.Array, idx: jax.Array | None,
