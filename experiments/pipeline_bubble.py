@@ -134,8 +134,8 @@ def main(argv):
       "with m microbatches; reference: stage=1 x data=8 with m/p sequential microbatches "
       "(same rows per matmul, same useful FLOPs, no bubble). bubble_time = 1 − t_ref / t_pipe "
       f"(median of {repeats} interleaved steps); theory (p−1)/(m+p−1) (GPipe). Virtual "
-      "devices share the host's cores, so the bubble shows as filler work the cores do rather than idle time on "
-      "a device: same fraction of slots, but overlap of sends with compute and link bandwidth "
+      "devices share the host's cores, so the bubble shows as filler work the cores do "
+      "rather than idle time on a device: same fraction of slots, but overlap of sends with compute and link bandwidth "
       "are not visible here. The measure includes the replicated embedding/LM head (p copies), "
       "the pipeline's one other overhead.")
   config = _config(quick, deepest, 4 * deepest)
