@@ -126,18 +126,18 @@ def main(argv):
       "repeats": repeats,
       "claim": "bubble (p-1)/(m+p-1), negligible for m >= 4p (GPipe)",
   }
-  model = _config(quick, 1, 1).model
+  base = _config(quick, 1, 1)
   header = (
-      f"GPT, {model.num_layers} layers, d_model {model.d_model}, seq "
-      f"{_config(quick, 1, 1).seq_len}, global batch {_config(quick, 1, 1).batch_size}, "
-      f"{common.CPU_DEVICES.value} virtual CPU devices. pipeline: stage=p x data=8/p, GPipe "
-      "with m microbatches; reference: stage=1 x data=8 with m/p sequential microbatches "
-      "(same rows per matmul, same useful FLOPs, no bubble). bubble_time = 1 − t_ref / t_pipe "
-      f"(median of {repeats} interleaved steps); theory (p−1)/(m+p−1) (GPipe). Virtual "
-      "devices share the host's cores, so the bubble shows as filler work the cores do "
-      "rather than idle time on a device: same fraction of slots, but overlap of sends with compute and link bandwidth "
-      "are not visible here. The measure includes the replicated embedding/LM head (p copies), "
-      "the pipeline's one other overhead.")
+      f"GPT, {base.model.num_layers} layers, d_model {base.model.d_model}, seq {base.seq_len}, "
+      f"global batch {base.batch_size}, {common.CPU_DEVICES.value} virtual CPU devices. "
+      "pipeline: stage=p x data=8/p, GPipe with m microbatches; reference: stage=1 x data=8 "
+      "with m/p sequential microbatches (same rows per matmul, same useful FLOPs, no bubble). "
+      f"bubble_time = 1 − t_ref / t_pipe (median of {repeats} interleaved steps); theory "
+      "(p−1)/(m+p−1) (GPipe; paper: negligible for m >= 4p). Virtual devices share the "
+      "host's cores, so the bubble shows as filler work the cores do rather than idle time "
+      "on a device: the same share of slots, but overlap of sends with compute and link "
+      "bandwidth are not visible here. The measure includes the replicated embedding/LM head "
+      "(p copies), the pipeline's one other overhead.")
   config = _config(quick, deepest, 4 * deepest)
   common.write_results("pipeline_bubble", summary, rows, config.to_dict(), header)
 
