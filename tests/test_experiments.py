@@ -1,6 +1,7 @@
 """Every experiment's ``--quick`` run works and follows the output convention."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -143,3 +144,12 @@ def test_quant_matmul_bench_quick(tmp_path):
   payload = run_experiment("quant_matmul_bench", tmp_path)
   assert payload["summary"]["int8_speedup"] > 0
   assert {"f32_ms", "int8_ms", "w8a8_ms", "w4a8_ms"} <= set(payload["rows"][0])
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_pipeline_bubble_quick(tmp_path):
+  payload = run_experiment("pipeline_bubble", tmp_path)
+  summary = payload["summary"]
+  assert summary["bubble_theory_4p"] == pytest.approx(1 / 9)  # p = 2, m = 8
+  assert math.isfinite(summary["bubble_measured_vs_theory"])
+  assert [(r["stages_p"], r["microbatches_m"]) for r in payload["rows"]] == [(2, 8)]
