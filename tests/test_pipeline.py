@@ -191,3 +191,11 @@ def test_good_pipeline_config_validates(tiny_config):
   tiny_config.parallel.update(data=-1, stage=4)
   tiny_config.microbatches = 4
   assert validate(tiny_config, 8)["stage"] == 4
+
+
+def test_train_step_refuses_sequential_accumulation_of_a_pipeline():
+  from jaxspeed.training import make_train_step
+
+  model = PipelinedGPT(_tiny_model_config(), num_stages=2, microbatches=4)
+  with pytest.raises(ValueError, match="microbatches=1"):
+    make_train_step(model, None, None, None, None, microbatches=4)
