@@ -28,9 +28,10 @@ the same fraction. Medians of ``--repeats`` interleaved steps. What this
 cannot show: overlap of the ``ppermute`` with compute, or link bandwidth
 (collectives between virtual devices are memory copies).
 
-The measure also holds the pipeline's one overhead besides the bubble: the
-embedding and LM head run replicated on every stage (p copies), a few percent
-of a step here, so it sits slightly above the theory. (XLA's
+The measure also holds every other overhead of the pipelined program: the
+embedding and LM head run replicated on every stage (p copies), and the
+iteration loop and per-stage layer scan run as XLA while loops; so it sits
+above the theory, and its change with m is the part the bubble explains. (XLA's
 ``cost_analysis`` cannot stand in for the timing: it counts the body of a
 loop once, and the pipeline is a loop over its m + p − 1 iterations.)
 """
@@ -136,8 +137,8 @@ def main(argv):
       "(p−1)/(m+p−1) (GPipe; paper: negligible for m >= 4p). Virtual devices share the "
       "host's cores, so the bubble shows as filler work the cores do rather than idle time "
       "on a device: the same share of slots, but overlap of sends with compute and link "
-      "bandwidth are not visible here. The measure includes the replicated embedding/LM head "
-      "(p copies), the pipeline's one other overhead.")
+      "bandwidth are not visible here. The measure includes the pipeline's other overheads "
+      "(p copies of embedding/LM head, the iteration loop).")
   config = _config(quick, deepest, 4 * deepest)
   common.write_results("pipeline_bubble", summary, rows, config.to_dict(), header)
 
