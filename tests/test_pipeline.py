@@ -83,9 +83,17 @@ def _tiny_model_config(**overrides):
 
 @pytest.fixture(scope="module")
 def alibi_model():
-  """(config, boxed plain GPT params) with ALiBi and an untied head; one init (slow on XLA:CPU)."""
+  """(config, boxed plain GPT params) with ALiBi and an untied head.
+
+  Random numpy values in the init's boxes: compiling the init's random number
+  generation costs XLA:CPU seconds, and any values serve an equality test.
+  """
   cfg = _tiny_model_config(position="alibi", tie_embeddings=False)
-  return cfg, jax.jit(GPT(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
+  abstract = jax.eval_shape(GPT(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
+  rng = np.random.default_rng(0)
+  return cfg, jax.tree.map(
+      lambda box: box.replace(value=0.1 * rng.standard_normal(box.value.shape, np.float32)),
+      abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def test_stack_layers_layout_and_round_trip(alibi_model):
