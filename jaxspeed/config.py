@@ -304,8 +304,9 @@ def _validate_sequence_parallel(config: ml_collections.ConfigDict, shape: dict[s
                       "split over parallel.sequence; disable one of them")
 
 
-def _validate_pipeline(config: ml_collections.ConfigDict, stages: int) -> None:
+def _validate_pipeline(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
   """GPipe over ``parallel.stage``: layers split evenly, and the techniques it runs with."""
+  stages = shape["stage"]
   if stages == 1:
     return
   layers = config.model.num_layers
@@ -330,6 +331,11 @@ def _validate_pipeline(config: ml_collections.ConfigDict, stages: int) -> None:
                                       "pipeline yet"),
       "model.dropout": (config.model.dropout > 0, "dropout does not run in a pipeline yet; "
                         "allowed: 0"),
+      "parallel.sequence": (shape["sequence"] > 1, "sequence parallelism does not run inside "
+                            "pipeline stages yet; allowed: 1"),
+      **{f"compression.{section}.enabled": (config.compression[section].enabled,
+                                            "compression does not run in a pipeline yet")
+         for section in ("weight_quantization", "activation_quantization", "sparse_pruning")},
   }
   for key, (bad, why) in unsupported.items():
     if bad:
@@ -399,7 +405,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
                       f"stages: 0, 1 (got {config.zero.stage})")
   _validate_data_efficiency(config)
   _validate_compression(config)
-  _validate_pipeline(config, shape["stage"])
+  _validate_pipeline(config, shape)
   for axis in ("expert",):
     if shape[axis] != 1:
       raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "

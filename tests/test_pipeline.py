@@ -179,6 +179,9 @@ def test_bubble_fraction():
     ({"parallel.stage": 2, "data_efficiency.pld.enabled": True}, "data_efficiency.pld.enabled",
      "layer dropping"),
     ({"parallel.stage": 2, "model.dropout": 0.1}, "model.dropout", "allowed: 0"),
+    ({"parallel.stage": 2, "parallel.sequence": 2}, "parallel.sequence", "allowed: 1"),
+    ({"parallel.stage": 2, "compression.weight_quantization.enabled": True},
+     "compression.weight_quantization.enabled", "compression"),
 ])
 def test_bad_pipeline_configs(tiny_config, overrides, key, match):
   tiny_config.model.num_layers = 4
