@@ -34,7 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.steps = 100
   c.batch_size = 16  # global, in sequences
   c.seq_len = 128
-  c.microbatches = 1  # gradient accumulation steps per optimizer step
+  # Gradient accumulation steps per optimizer step; with parallel.stage > 1, the
+  # pipeline's microbatches (DeepSpeed's gradient_accumulation_steps in its PipelineEngine).
+  c.microbatches = 1
   c.log_every = 10
   c.eval_every = 50
   c.eval_batches = 4
@@ -360,6 +362,44 @@ def _validate_sequence_parallel(config: ml_collections.ConfigDict, shape: dict[s
                       "split over parallel.sequence; disable one of them")
 
 
+def _validate_pipeline(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
+  """GPipe over ``parallel.stage``: layers split evenly, and the techniques it runs with."""
+  stages = shape["stage"]
+  if stages == 1:
+    return
+  layers = config.model.num_layers
+  if stages > layers:
+    raise ConfigError("parallel.stage", f"{stages} pipeline stages exceed model.num_layers="
+                      f"{layers}; each stage needs at least one layer")
+  if layers % stages:
+    raise ConfigError("parallel.stage", f"model.num_layers={layers} does not split evenly "
+                      f"into {stages} stages; use a divisor of {layers}")
+  unsupported = {
+      "model.name": (config.model.name != "gpt", "the pipeline runs the GPT decoder; allowed "
+                     "value with parallel.stage > 1: 'gpt'"),
+      "optim.name": (config.optim.name in ONEBIT_OPTIMIZERS, "1-bit optimizers do not run "
+                     "with a pipeline yet; allowed: " + ", ".join(
+                         o for o in OPTIMIZERS if o not in ONEBIT_OPTIMIZERS)),
+      "zero.stage": (config.zero.stage > 1, "ZeRO stages 2 and 3 are not supported with a "
+                     f"pipeline yet; allowed: 0, 1 (got {config.zero.stage})"),
+      "data_efficiency.random_ltd.enabled": (config.data_efficiency.random_ltd.enabled,
+                                             "random-LTD does not run in a pipeline yet"),
+      "data_efficiency.pld.enabled": (config.data_efficiency.pld.enabled,
+                                      "progressive layer dropping does not run in a "
+                                      "pipeline yet"),
+      "model.dropout": (config.model.dropout > 0, "dropout does not run in a pipeline yet; "
+                        "allowed: 0"),
+      "parallel.sequence": (shape["sequence"] > 1, "sequence parallelism does not run inside "
+                            "pipeline stages yet; allowed: 1"),
+      **{f"compression.{section}.enabled": (config.compression[section].enabled,
+                                            "compression does not run in a pipeline yet")
+         for section in ("weight_quantization", "activation_quantization", "sparse_pruning")},
+  }
+  for key, (bad, why) in unsupported.items():
+    if bad:
+      raise ConfigError(key, f"{why} (parallel.stage={stages})")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
   """Checks every field; returns the resolved mesh shape.
 
@@ -424,7 +464,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _validate_data_efficiency(config)
   _validate_compression(config)
   _validate_inference(config, num_devices)
-  for axis in ("stage", "expert"):
+  _validate_pipeline(config, shape)
+  for axis in ("expert",):
     if shape[axis] != 1:
       raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "
                         "set it to 1")

@@ -1,6 +1,7 @@
 """Every experiment's ``--quick`` run works and follows the output convention."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -166,3 +167,12 @@ def test_kv_compression_quick(tmp_path):
     assert summary[f"{policy}_50_ppl_ratio"] > 0
   # 2-bit storage on top of the budget (here half the kept tokens are in the float32 window).
   assert summary["minikv_50_kv_bytes_ratio"] < 0.7 * summary["h2o_50_kv_bytes_ratio"]
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_pipeline_bubble_quick(tmp_path):
+  payload = run_experiment("pipeline_bubble", tmp_path)
+  summary = payload["summary"]
+  assert summary["bubble_theory_4p"] == pytest.approx(1 / 9)  # p = 2, m = 8
+  assert math.isfinite(summary["bubble_measured_vs_theory"])
+  assert [(r["stages_p"], r["microbatches_m"]) for r in payload["rows"]] == [(2, 8)]

@@ -6,15 +6,20 @@ from jaxspeed.models.blockwise_attention import blockwise_attention  # registers
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.flash_attention import sharded_flash_attention  # registers "flash"
 from jaxspeed.models.gpt import GPT
+from jaxspeed.models.pipelined_gpt import PipelinedGPT
 from jaxspeed.models.positions import alibi_bias, alibi_slopes, apply_rope
 
 MODELS = {"gpt": GPT, "bert": BertForMaskedLM}
 
 
-def build_model(name: str, config: ModelConfig):
-  """The flax module for ``config.model.name``."""
+def build_model(name: str, config: ModelConfig, num_stages: int = 1, microbatches: int = 1):
+  """The flax module for ``config.model.name``; pipelined over ``num_stages`` if > 1."""
   if name not in MODELS:
     raise ValueError(f"model.name={name!r}; allowed: {sorted(MODELS)}")
+  if num_stages > 1:
+    if name != "gpt":
+      raise ValueError(f"pipeline parallelism supports model.name='gpt', got {name!r}")
+    return PipelinedGPT(config, num_stages=num_stages, microbatches=microbatches)
   return MODELS[name](config)
 
 
@@ -25,6 +30,7 @@ __all__ = [
   "BertEncoder",
   "BertForMaskedLM",
   "ModelConfig",
+  "PipelinedGPT",
   "alibi_bias",
   "alibi_slopes",
   "apply_rope",

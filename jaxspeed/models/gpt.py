@@ -59,6 +59,21 @@ class GPT(nn.Module):
       x = LayerNorm(cfg.layernorm_eps, name="ln_embed")(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "seq", "embed"))
+    if cache is not None:
+      cache = list(cache)
+      for i in range(cfg.num_layers):
+        # Remat only matters for gradients; the parameter names are the same.
+        x, cache[i] = Block(cfg, causal=True, pre_ln=True, name=f"layer_{i}")(
+            x, positions, None, deterministic, None, cache[i])
+      return self._logits(embed, x), tuple(cache)
+    x = self.layer_stack(x, positions, deterministic, random_ltd_kept, layer_keep_theta)
+    return self._logits(embed, x)
+
+  def layer_stack(self, x: jax.Array, positions: jax.Array, deterministic: bool,
+                  random_ltd_kept: int | None, layer_keep_theta: jax.Array | None) -> jax.Array:
+    """The L blocks: x [B, S, d_model] -> [B, S, d_model]; see ``__call__``'s arguments."""
+    cfg = self.config
+    batch, seq_len = positions.shape
     block = remat_block(cfg.remat)
     mask = causal_mask(seq_len)
     # At init the parameters are the same either way, and drawing no rngs
@@ -69,23 +84,16 @@ class GPT(nn.Module):
     if not init and layer_keep_theta is not None:
       keeps, probs = draw_layer_keeps(self.make_rng("layer_drop"), cfg.num_layers,
                                       layer_keep_theta)
-    if cache is not None:
-      cache = list(cache)
-      for i in range(cfg.num_layers):
-        # Remat only matters for gradients; the parameter names are the same.
-        x, cache[i] = Block(cfg, causal=True, pre_ln=True, name=f"layer_{i}")(
-            x, positions, None, deterministic, None, cache[i])
-      return self._logits(embed, x), tuple(cache)
     for i in range(cfg.num_layers):
       idx = None
       if kept is not None and drops_tokens(i, cfg.num_layers):
-        idx = sample_kept_indices(self.make_rng("random_ltd"), tokens.shape[0], seq_len, kept)
+        idx = sample_kept_indices(self.make_rng("random_ltd"), batch, seq_len, kept)
         self.sow("intermediates", "random_ltd_indices", idx)
       layer = block(cfg, causal=True, pre_ln=True, per_row_positions=idx is not None,
                     name=f"layer_{i}")
       run = _layer_runner(positions, mask, idx, deterministic)
       x = run(layer, x, None) if keeps is None else run_or_skip(layer, run, x, keeps[i], probs[i])
-    return self._logits(embed, x)
+    return x
 
   def _logits(self, embed: Embed, x: jax.Array) -> jax.Array:
     """Final LayerNorm and LM head: [B, S, d_model] -> float32 logits [B, S, vocab]."""

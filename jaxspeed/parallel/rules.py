@@ -1,8 +1,9 @@
 """Logical axis names -> mesh axes: where every parameter and activation lives.
 
 Model code names the dimensions of its arrays with logical axes (``batch``,
-``seq``, ``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``); it never mentions a
-mesh axis. This module is the only place that maps them onto the mesh.
+``seq``, ``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``, and ``stage``,
+``layers`` for pipelined layer stacks); it never mentions a mesh axis. This
+module is the only place that maps them onto the mesh.
 
 Two tables, as in Levanter's parameter/compute axis mappings:
 
@@ -50,6 +51,9 @@ def compute_rules(batch_axes: tuple[str, ...] | None = DATA_AXES) -> LogicalRule
       ("kv", None),
       ("mlp", "tensor"),
       ("vocab", "tensor"),
+      # Pipeline: stacked layer parameters [stage, layers, ...], one stage per device group.
+      ("stage", "stage"),
+      ("layers", None),
   )
 
 

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxspeed.models.layer_drop import pld_theta
 from jaxspeed.models.layers import DenseInterceptor, intercept_dense
+from jaxspeed.models.pipelined_gpt import PipelinedGPT
 from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.parallel.mesh import DATA_AXES
@@ -245,6 +246,9 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   ``state.skipped``. ``dense_interceptor(step)`` runs the weight matmuls
   compressed (``jaxspeed.compression``).
   """
+  if isinstance(model, PipelinedGPT) and microbatches > 1:
+    raise ValueError("a PipelinedGPT splits the batch into its own microbatches; pass "
+                     "microbatches=1 (the trainer does) instead of accumulating sequentially")
   dropping = layer_dropping or LayerDropping()
   options = dict(microbatches=microbatches, lr_unit=lr_unit, grad_clip=grad_clip,
                  deterministic=deterministic, dropping=dropping,

@@ -186,7 +186,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
 
   mesh = make_mesh(config.parallel, devices)
   model_config = ModelConfig.from_config(config.model)
-  model = build_model(config.model.name, model_config)
+  # With a pipeline, config.microbatches are its microbatches (as DeepSpeed's
+  # gradient_accumulation_steps in PipelineEngine), not a sequential accumulation.
+  num_stages = mesh.shape["stage"]
+  model = build_model(config.model.name, model_config, num_stages, config.microbatches)
   group = WorkerGroup.on_mesh(mesh, tensor_parallel_specs(model, _model_input(config)))
   optimizer = make_optimizer(config.optim, group)
   dropping = layer_dropping(config)
@@ -200,7 +203,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       _model_input(config)))
   train_step = make_train_step(
       model, optimizer, make_schedule(config.optim, total), specs, mesh,
-      microbatches=config.microbatches, lr_unit=config.optim.lr_unit,
+      microbatches=config.microbatches if num_stages == 1 else 1, lr_unit=config.optim.lr_unit,
       grad_clip=config.optim.grad_clip, deterministic=config.model.dropout == 0,
       layer_dropping=dropping, dense_interceptor=compression)
   eval_step = make_eval_step(model, specs, mesh, compression)

@@ -1,0 +1,184 @@
+"""GPipe pipeline parallelism over the ``stage`` mesh axis (Huang et al. 2019).
+
+The L layers are split into p stages of L/p consecutive layers. Their
+parameters are stacked into arrays with a leading [p, L/p] pair of dimensions
+(logical axes ``stage`` and ``layers``), and the ``stage`` dimension is split
+over the ``stage`` mesh axis: device group s holds stage s's layers only.
+
+The batch is cut into m microbatches. In iteration t = 0 .. m + p − 2 every
+stage s runs its layers on microbatch t − s at once (one SPMD program), then
+hands its output to stage s + 1 with a ``ppermute``: GPipe's forward
+wavefront. The backward pass is the autodiff transpose of that loop (the
+reverse wavefront, the ``ppermute`` reversed). In the first and last p − 1
+iterations some stages have no microbatch and compute on filler: the bubble,
+(p − 1) / (m + p − 1) of the iterations (``bubble_fraction``).
+
+Only the stage axis is manual inside the ``shard_map``; the data and tensor
+axes stay automatic, so data, ZeRO and tensor parallelism inside a stage are
+the same sharding rules as without a pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+STAGE_AXIS = "stage"  # the mesh axis, and the logical name of the stacked stage dimension
+LAYERS = "layers"  # logical name of the layer-within-stage dimension (never sharded)
+STACKED = "layers"  # the parameter collection key of the stacked layers
+
+
+def bubble_fraction(num_stages: int, microbatches: int) -> float:
+  """GPipe's idle share of a step, (p − 1) / (m + p − 1) (Huang et al. 2019, §2.2)."""
+  return (num_stages - 1) / (microbatches + num_stages - 1)
+
+
+def layer_name(index: int) -> str:
+  """The parameter key of layer ``index`` in the plain (unstacked) GPT."""
+  return f"layer_{index}"
+
+
+def _stack_leaf(leaves: list, num_stages: int):
+  """Stacks L per-layer leaves into one [p, L/p, ...] leaf (boxed or plain)."""
+  if isinstance(leaves[0], nn.Partitioned):
+    value = _stack_leaf([x.value for x in leaves], num_stages)
+    # ``replace`` keeps the box's class (flax's LogicallyPartitioned and its rules).
+    return leaves[0].replace(value=value, names=(STAGE_AXIS, LAYERS, *leaves[0].names))
+  stacked = jnp.stack(leaves)
+  return stacked.reshape(num_stages, len(leaves) // num_stages, *stacked.shape[1:])
+
+
+def stack_layers(params: dict[str, Any], num_layers: int, num_stages: int) -> dict[str, Any]:
+  """Plain GPT parameters (``layer_0`` .. ``layer_{L-1}``) -> the pipelined layout.
+
+  Args:
+    params: the GPT's ``params`` collection; leaves plain or ``nn.Partitioned``.
+    num_layers: L.
+    num_stages: p; must divide L.
+
+  Returns:
+    The same dict with the L layer subtrees replaced by one subtree under
+    ``"layers"`` whose leaves are [p, L/p, ...]; stage s holds layers
+    s·L/p .. (s + 1)·L/p − 1. Boxed leaves get the logical names
+    ``("stage", "layers", ...)``.
+  """
+  if num_layers % num_stages:
+    raise ValueError(f"{num_layers} layers do not split evenly into {num_stages} stages")
+  rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  layers = [params[layer_name(i)] for i in range(num_layers)]
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  rest[STACKED] = jax.tree.map(lambda *xs: _stack_leaf(list(xs), num_stages), *layers,
+                               is_leaf=is_box)
+  return rest
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of ``stack_layers``: back to ``layer_0`` .. ``layer_{L-1}`` (plain leaves)."""
+  params = dict(params)
+  stacked = params.pop(STACKED)
+  first = jax.tree.leaves(stacked)[0]
+  num_layers = first.shape[0] * first.shape[1]
+  for i in range(num_layers):
+    params[layer_name(i)] = jax.tree.map(lambda x, i=i: x.reshape(num_layers, *x.shape[2:])[i],
+                                         stacked)
+  return params
+
+
+def to_microbatches(x: jax.Array, num: int) -> jax.Array:
+  """[B, ...] -> [num, B/num, ...]; microbatch j takes rows j, j + num, j + 2·num, ...
+
+  Strided rather than contiguous: with the rows split over data-parallel
+  devices, every device keeps an equal share of each microbatch, so the
+  split moves no data.
+  """
+  x = x.reshape(x.shape[0] // num, num, *x.shape[1:])
+  return jnp.swapaxes(x, 0, 1)
+
+
+def from_microbatches(x: jax.Array) -> jax.Array:
+  """The inverse of ``to_microbatches``: [num, B/num, ...] -> [B, ...]."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+StageFn = Callable[[Any, jax.Array, Any], jax.Array]
+
+
+def run_stages_sequentially(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None):
+  """The pure-JAX reference: every microbatch through stage 0, then 1, ... on one device.
+
+  Same arguments and result as ``gpipe``; used when the mesh has no ``stage``
+  axis (e.g. sampling outside the training mesh) and as the test reference.
+  """
+  num_stages = jax.tree.leaves(stage_params)[0].shape[0]
+
+  def one_microbatch(x, extra):
+    for s in range(num_stages):
+      x = stage_fn(jax.tree.map(lambda a, s=s: a[s], stage_params), x, extra)
+    return x
+
+  return jax.lax.map(lambda args: one_microbatch(*args), (inputs, extras))
+
+
+def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> jax.Array:
+  """Runs ``inputs`` through p pipelined stages with the GPipe schedule.
+
+  Args:
+    stage_fn: ``(params of one stage, x [b, ...], extra) -> y [b, ...]``, the
+      stage's L/p layers; y has x's shape and dtype.
+    stage_params: pytree of [p, L/p, ...] leaves, split over ``stage``.
+    inputs: [m, b, ...] microbatches (``to_microbatches``), replicated over
+      ``stage``.
+    extras: pytree of [m, ...] per-microbatch values every stage reads
+      (e.g. positions), or None.
+
+  Returns:
+    [m, b, ...]: the last stage's output for every microbatch, replicated
+    over ``stage``.
+  """
+  num_stages = jax.tree.leaves(stage_params)[0].shape[0]
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get(STAGE_AXIS, 1) == 1:
+    return run_stages_sequentially(stage_fn, stage_params, inputs, extras)
+  if mesh.shape[STAGE_AXIS] != num_stages:
+    raise ValueError(f"parameters have {num_stages} stages but the mesh's {STAGE_AXIS} axis "
+                     f"has {mesh.shape[STAGE_AXIS]} devices")
+  microbatches = inputs.shape[0]
+  iterations = microbatches + num_stages - 1
+  last = num_stages - 1
+  # Stage s sends to s + 1; the last stage's output leaves the loop instead.
+  forward = [(s, s + 1) for s in range(last)]
+
+  def schedule(params, inputs, extras):
+    params = jax.tree.map(lambda a: a[0], params)  # this device's stage: [L/p, ...]
+    stage = jax.lax.axis_index(STAGE_AXIS)
+
+    def iteration(carry, t):
+      received, outputs = carry
+      # Stage s works on microbatch t − s; outside [0, m) it computes filler (the bubble).
+      index = jnp.clip(t - stage, 0, microbatches - 1)
+      x = jnp.where(stage == 0, inputs[jnp.minimum(t, microbatches - 1)], received)
+      extra = jax.tree.map(lambda e: e[index], extras)
+      y = stage_fn(params, x, extra)
+      # Every stage writes its slot; only the last stage's buffer is read below.
+      done = jnp.clip(t - last, 0, microbatches - 1)
+      keep = (t >= last)
+      outputs = jax.lax.dynamic_update_index_in_dim(
+          outputs, jnp.where(keep, y, outputs[done]), done, 0)
+      return (jax.lax.ppermute(y, STAGE_AXIS, forward), outputs), None
+
+    # The carry differs per stage from the first iteration on: declare it so.
+    start = jax.lax.pcast((jnp.zeros_like(inputs[0]), jnp.zeros_like(inputs)), STAGE_AXIS,
+                          to="varying")
+    (_, outputs), _ = jax.lax.scan(iteration, start, jnp.arange(iterations))
+    # Hand the last stage's outputs to every stage (embedding and head are replicated).
+    return jax.lax.psum(jnp.where(stage == last, outputs, jnp.zeros_like(outputs)), STAGE_AXIS)
+
+  param_specs = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)
+  replicated = jax.tree.map(lambda _: P(), (inputs, extras))
+  return jax.shard_map(schedule, mesh=mesh, in_specs=(param_specs, *replicated),
+                       out_specs=P(), axis_names={STAGE_AXIS})(stage_params, inputs, extras)

@@ -1,0 +1,212 @@
+"""GPipe pipeline parallelism: same losses as one device, real ppermutes, clear config errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import train_losses
+
+from jaxspeed.comm.hlo import collectives
+from jaxspeed.config import validate
+from jaxspeed.errors import ConfigError
+from jaxspeed.models import GPT, ModelConfig, PipelinedGPT
+from jaxspeed.parallel import compute_rules, make_mesh
+from jaxspeed.parallel.pipeline import (
+    bubble_fraction,
+    from_microbatches,
+    gpipe,
+    run_stages_sequentially,
+    stack_layers,
+    to_microbatches,
+    unstack_layers,
+)
+
+LAYOUTS = {  # parallel axes, ZeRO stage, microbatches
+    "pp2_dp4_zero1": ({"stage": 2, "data": 4}, 1, 4),
+    "pp4_dp2": ({"stage": 4, "data": 2}, 0, 8),
+    "pp2_tp2_dp2": ({"stage": 2, "tensor": 2, "data": 2}, 0, 2),
+}
+
+
+def _pipeline_config(config):
+  """4 layers, d_model 32: small enough for three pipelined layouts in a few seconds each."""
+  config.model.update(num_layers=4, d_model=32, d_ff=64)
+  config.seq_len = config.model.max_seq_len = 16
+  return config
+
+
+@pytest.fixture(scope="module")
+def reference_losses():
+  from conftest import tiny_config
+
+  config = _pipeline_config(tiny_config.__wrapped__())
+  losses, _, _ = train_losses(config, 10, devices=jax.devices()[:1])
+  return losses
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_pipeline_matches_single_device(layout, tiny_config, reference_losses):
+  parallel, zero_stage, microbatches = LAYOUTS[layout]
+  config = _pipeline_config(tiny_config)
+  config.parallel.data = 1
+  config.parallel.update(parallel)
+  config.zero.stage = zero_stage
+  config.microbatches = microbatches
+  losses, setup, state = train_losses(config, 10)
+  assert isinstance(setup.model, PipelinedGPT)
+  # Each stage's devices hold only that stage's layers.
+  wi = state.params["layers"]["mlp"]["wi"]
+  assert wi.shape[:2] == (parallel["stage"], 4 // parallel["stage"])
+  assert wi.sharding.spec[0] == "stage"
+  np.testing.assert_allclose(losses, reference_losses, rtol=1e-4)
+  assert losses[-1] < losses[0]
+  if layout == "pp2_dp4_zero1":
+    _assert_microbatches_are_permuted(setup, state, rows=16 // 4 // microbatches)
+
+
+def _assert_microbatches_are_permuted(setup, state, rows: int):
+  """The compiled step sends microbatch activations [rows, S, d_model] with collective-permutes:
+  the forward sends and their transposes in the backward pass."""
+  with jax.set_mesh(setup.mesh):
+    batch = setup.to_device(setup.train_data.batch_at(0))
+    hlo = setup.train_step.lower(state, batch).compile().as_text()
+  permutes = [c for c in collectives(hlo, 8) if c.op == "collective-permute"]
+  assert len(permutes) >= 2
+  assert max(c.result_bytes for c in permutes) == rows * 16 * 32 * 4  # float32
+
+
+def _tiny_model_config(**overrides):
+  return ModelConfig(**{**dict(num_layers=4, d_model=32, num_heads=4, d_ff=64, max_seq_len=16),
+                        **overrides})
+
+
+@pytest.fixture(scope="module")
+def alibi_model():
+  """(config, boxed plain GPT params) with ALiBi and an untied head.
+
+  Random numpy values in the init's boxes: compiling the init's random number
+  generation costs XLA:CPU seconds, and any values serve an equality test.
+  """
+  cfg = _tiny_model_config(position="alibi", tie_embeddings=False)
+  abstract = jax.eval_shape(GPT(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
+  rng = np.random.default_rng(0)
+  return cfg, jax.tree.map(
+      lambda box: box.replace(value=0.1 * rng.standard_normal(box.value.shape, np.float32)),
+      abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def test_stack_layers_layout_and_round_trip(alibi_model):
+  cfg, plain = alibi_model
+  plain = plain["params"]
+  stacked = stack_layers(plain, 4, 2)
+  # Stage 1, slot 0 is layer 2; boxes carry the logical names of the stacked dimensions.
+  np.testing.assert_array_equal(stacked["layers"]["mlp"]["wi"].value[1, 0],
+                                plain["layer_2"]["mlp"]["wi"].value)
+  assert stacked["layers"]["mlp"]["wi"].names == ("stage", "layers", "embed", "mlp")
+  # PipelinedGPT.init has exactly this layout (its values are GPT.init's, so the
+  # first losses of the layout tests above equal the single-device ones).
+  abstract = jax.eval_shape(PipelinedGPT(cfg, num_stages=2).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, 16), jnp.int32))["params"]
+  shapes = lambda tree: jax.tree.map(lambda x: (x.value.shape, x.names), tree,
+                                     is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert shapes(abstract) == shapes(stacked)
+  unboxed = nn.meta.unbox(plain)
+  jax.tree.map(np.testing.assert_array_equal, unstack_layers(stack_layers(unboxed, 4, 2)),
+               unboxed)
+  with pytest.raises(ValueError, match="do not split evenly"):
+    stack_layers(unboxed, 4, 3)
+
+
+def test_pipelined_logits_and_grads_equal_plain(alibi_model):
+  """On a 2-stage x 2-data x 2-tensor mesh, with ALiBi (positions inside the stages) and an
+  untied LM head: a loss of the logits and its gradients equal the plain GPT's."""
+  cfg, plain = alibi_model
+  plain = nn.meta.unbox(plain)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 16), 0, cfg.vocab_size)
+  model = PipelinedGPT(cfg, num_stages=2, microbatches=4)
+  piped = {"params": stack_layers(plain["params"], 4, 2)}
+  loss_and_grads = lambda m: jax.jit(jax.value_and_grad(
+      lambda v: jnp.mean(jnp.sin(m.apply(v, tokens)))))
+  ref_loss, ref_grads = loss_and_grads(GPT(cfg))(plain)
+  with jax.set_mesh(make_mesh({"stage": 2, "data": 2, "tensor": 2})), \
+      nn.logical_axis_rules(compute_rules()):
+    loss, grads = loss_and_grads(model)(piped)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               unstack_layers(grads["params"]), ref_grads["params"])
+
+
+def test_gpipe_against_sequential_reference():
+  """Stages x -> x·w_s + s on 4 stages, 8 microbatches: the schedule only reorders work."""
+  stage_fn = lambda w, x, extra: x @ w[0] + extra[:, None]
+  weights = jax.random.normal(jax.random.PRNGKey(0), (4, 1, 3, 3))
+  inputs = jax.random.normal(jax.random.PRNGKey(1), (8, 2, 3))
+  extras = jnp.arange(16.0).reshape(8, 2)
+  expected = run_stages_sequentially(stage_fn, weights, inputs, extras)
+  by_hand = inputs
+  for s in range(4):
+    by_hand = by_hand @ weights[s, 0] + extras[:, :, None]
+  np.testing.assert_allclose(expected, by_hand, rtol=1e-5)
+  with jax.set_mesh(make_mesh({"stage": 4, "data": 2})):
+    out = jax.jit(gpipe, static_argnums=0)(stage_fn, weights, inputs, extras)
+  np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+def test_microbatch_split_round_trip():
+  x = jnp.arange(24).reshape(12, 2)
+  micro = to_microbatches(x, 3)
+  assert micro.shape == (3, 4, 2)
+  np.testing.assert_array_equal(micro[1, :, 0], [2, 8, 14, 20])  # rows 1, 4, 7, 10
+  np.testing.assert_array_equal(from_microbatches(micro), x)
+
+
+def test_bubble_fraction():
+  assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+  assert bubble_fraction(2, 8) == pytest.approx(1 / 9)
+  assert bubble_fraction(1, 5) == 0
+
+
+@pytest.mark.parametrize("overrides,key,match", [
+    ({"parallel.stage": 8, "model.num_layers": 4}, "parallel.stage", "exceed model.num_layers"),
+    ({"parallel.stage": 4, "model.num_layers": 6}, "parallel.stage", "split evenly"),
+    ({"parallel.stage": 2, "microbatches": 3}, "batch_size", "microbatches"),
+    ({"parallel.stage": 2, "model.name": "bert"}, "model.name", "'gpt'"),
+    ({"parallel.stage": 2, "optim.name": "onebit_adam"}, "optim.name", "1-bit"),
+    ({"parallel.stage": 2, "zero.stage": 3}, "zero.stage", "allowed: 0, 1"),
+    ({"parallel.stage": 2, "data_efficiency.random_ltd.enabled": True},
+     "data_efficiency.random_ltd.enabled", "random-LTD"),
+    ({"parallel.stage": 2, "data_efficiency.pld.enabled": True}, "data_efficiency.pld.enabled",
+     "layer dropping"),
+    ({"parallel.stage": 2, "model.dropout": 0.1}, "model.dropout", "allowed: 0"),
+    ({"parallel.stage": 2, "parallel.sequence": 2}, "parallel.sequence", "allowed: 1"),
+    ({"parallel.stage": 2, "compression.weight_quantization.enabled": True},
+     "compression.weight_quantization.enabled", "compression"),
+])
+def test_bad_pipeline_configs(tiny_config, overrides, key, match):
+  tiny_config.model.num_layers = 4
+  tiny_config.parallel.data = -1
+  for dotted, value in overrides.items():
+    section, name = dotted.rsplit(".", 1) if "." in dotted else ("", dotted)
+    node = tiny_config
+    for part in filter(None, section.split(".")):
+      node = node[part]
+    node[name] = value
+  with pytest.raises(ConfigError, match=match) as error:
+    validate(tiny_config, 8)
+  assert error.value.key == key
+
+
+def test_good_pipeline_config_validates(tiny_config):
+  tiny_config.model.num_layers = 4
+  tiny_config.parallel.update(data=-1, stage=4)
+  tiny_config.microbatches = 4
+  assert validate(tiny_config, 8)["stage"] == 4
+
+
+def test_train_step_refuses_sequential_accumulation_of_a_pipeline():
+  from jaxspeed.training import make_train_step
+
+  model = PipelinedGPT(_tiny_model_config(), num_stages=2, microbatches=4)
+  with pytest.raises(ValueError, match="microbatches=1"):
+    make_train_step(model, None, None, None, None, microbatches=4)
