@@ -50,16 +50,19 @@ def _key_block_ranges(mask, num_q: int, num_k: int) -> list[tuple[int, int]]:
   return ranges
 
 
-def _key_blocks(x, rows: slice, k0: int, k1: int):
-  """x[..., rows, k0:k1 blocks] as [n, B', H', q, BLOCK] to scan over (or None)."""
+def _key_block(x, rows: slice, j) -> jax.Array | None:
+  """x[..., rows, key block j] of a [.., S|1, T|1] bias or mask (None stays None).
+
+  ``j`` is traced (the scan index): a dynamic slice reads the block in place,
+  where slicing every query block's key range up front would copy keys,
+  values and masks once per query block (quadratic memory in total).
+  """
   if x is None:
     return None
   x = x[..., rows, :] if x.shape[-2] > 1 else x
-  x = x[..., k0 * BLOCK:k1 * BLOCK] if x.shape[-1] > 1 else x
-  x = jnp.broadcast_to(x, (*x.shape[:-1], (k1 - k0) * BLOCK))
-  x = x.reshape(*x.shape[:-1], k1 - k0, BLOCK)
-  x = x.reshape((1,) * (5 - x.ndim) + x.shape)  # [B', H', q, n, BLOCK]
-  return jnp.moveaxis(x, -2, 0)
+  if x.shape[-1] > 1:
+    x = jax.lax.dynamic_slice_in_dim(x, j * BLOCK, BLOCK, axis=x.ndim - 1)
+  return x
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -87,10 +90,10 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return jnp.swapaxes(_attention(q, k, v, bias, mask, ranges), 1, 2)
 
 
-def _blocks_of(x: jax.Array, k0: int, k1: int) -> jax.Array:
-  """Key blocks k0..k1 of [B, H, T, D] as [n, B, H, BLOCK, D] to scan over."""
+def _blocks_of(x: jax.Array) -> jax.Array:
+  """[B, H, T, D] -> [T/BLOCK, B, H, BLOCK, D], indexed by key block."""
   b, h, _, d = x.shape
-  return jnp.moveaxis(x[:, :, k0 * BLOCK:k1 * BLOCK].reshape(b, h, -1, BLOCK, d), 2, 0)
+  return jnp.moveaxis(x.reshape(b, h, -1, BLOCK, d), 2, 0)
 
 
 def _scores(q_i, k_j, bias_j, mask_j) -> jax.Array:
@@ -110,29 +113,27 @@ def _attention(q, k, v, bias, mask, ranges):
 
 def _forward(q, k, v, bias, mask, ranges):
   """(output [B, H, S, D] float32, row logsumexp [B, H, S, 1])."""
+  keys, values = _blocks_of(k), _blocks_of(v)
   outs, lses = [], []
   for i, (k0, k1) in enumerate(ranges):
     rows = slice(i * BLOCK, (i + 1) * BLOCK)
     q_i = q[:, :, rows]
-    xs = (_blocks_of(k, k0, k1), _blocks_of(v, k0, k1), _key_blocks(bias, rows, k0, k1),
-          _key_blocks(mask, rows, k0, k1))
 
-    def step(carry, x, q_i=q_i):
+    def step(carry, j, q_i=q_i, rows=rows):
       acc, peak, total = carry
-      k_j, v_j, bias_j, mask_j = x
-      logits = _scores(q_i, k_j, bias_j, mask_j)
+      logits = _scores(q_i, keys[j], _key_block(bias, rows, j), _key_block(mask, rows, j))
       new_peak = jnp.maximum(peak, logits.max(-1, keepdims=True))
       weights = jnp.exp(logits - new_peak)
       decay = jnp.exp(peak - new_peak)
-      acc = acc * decay + jnp.einsum("bhst,bhtd->bhsd", weights.astype(v_j.dtype),
-                                     v_j).astype(jnp.float32)
+      acc = acc * decay + jnp.einsum("bhst,bhtd->bhsd", weights.astype(v.dtype),
+                                     values[j]).astype(jnp.float32)
       return (acc, new_peak, total * decay + weights.sum(-1, keepdims=True)), None
 
     # *_like: inside shard_map (Ulysses) the carry must vary over the same axes as q.
     init = (jnp.zeros_like(q_i, jnp.float32),
             jnp.full_like(q_i[..., :1], jnp.finfo(jnp.float32).min, jnp.float32),
             jnp.zeros_like(q_i[..., :1], jnp.float32))
-    (acc, peak, total), _ = jax.lax.scan(step, init, xs)
+    (acc, peak, total), _ = jax.lax.scan(step, init, jnp.arange(k0, k1))
     outs.append(acc / total)
     lses.append(peak + jnp.log(total))
   return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
@@ -144,41 +145,45 @@ def _attention_fwd(q, k, v, bias, mask, ranges):
 
 
 def _attention_bwd(ranges, residuals, d_out):
-  """dq, dk, dv from recomputed probabilities p = exp(s − lse) (FlashAttention-2, Alg. 2)."""
+  """dq, dk, dv from recomputed probabilities p = exp(s − lse) (FlashAttention-2, Alg. 2).
+
+  dk and dv are carried through every query block's scan and updated one key
+  block at a time, so the blocks run in sequence and nothing larger than the
+  inputs is ever live.
+  """
   q, k, v, bias, mask, out, lse = residuals
   d_out = d_out.astype(jnp.float32)
   delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # rowsum(dO ∘ O)
-  dk, dv = jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32)
+  keys, values = _blocks_of(k), _blocks_of(v)
+  dk, dv = jnp.zeros_like(keys, jnp.float32), jnp.zeros_like(values, jnp.float32)
   dqs = []
   for i, (k0, k1) in enumerate(ranges):
     rows = slice(i * BLOCK, (i + 1) * BLOCK)
-    q_i, do_i, lse_i, delta_i = q[:, :, rows], d_out[:, :, rows], lse[:, :, rows], \
-        delta[:, :, rows]
-    xs = (_blocks_of(k, k0, k1), _blocks_of(v, k0, k1), _key_blocks(bias, rows, k0, k1),
-          _key_blocks(mask, rows, k0, k1))
+    q_i, do_i, lse_i, delta_i = (x[:, :, rows] for x in (q, d_out, lse, delta))
 
-    def step(dq_i, x, q_i=q_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
-      k_j, v_j, bias_j, mask_j = x
-      p = jnp.exp(_scores(q_i, k_j, bias_j, mask_j) - lse_i)
-      dp = jnp.einsum("bhsd,bhtd->bhst", do_i, v_j.astype(jnp.float32))
+    def step(carry, j, q_i=q_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i, rows=rows):
+      dq_i, dk, dv = carry
+      mask_j = _key_block(mask, rows, j)
+      p = jnp.exp(_scores(q_i, keys[j], _key_block(bias, rows, j), mask_j) - lse_i)
+      dp = jnp.einsum("bhsd,bhtd->bhst", do_i, values[j].astype(jnp.float32))
       ds = p * (dp - delta_i)
       if mask_j is not None:  # masked logits are constants, also in fully masked rows
         ds = jnp.where(mask_j, ds, 0.0)
-      dq_i = dq_i + jnp.einsum("bhst,bhtd->bhsd", ds, k_j.astype(jnp.float32))
-      return dq_i, (jnp.einsum("bhst,bhsd->bhtd", ds, q_i.astype(jnp.float32)),
-                    jnp.einsum("bhst,bhsd->bhtd", p, do_i))
+      dq_i = dq_i + jnp.einsum("bhst,bhtd->bhsd", ds, keys[j].astype(jnp.float32))
+      dk = dk.at[j].add(jnp.einsum("bhst,bhsd->bhtd", ds, q_i.astype(jnp.float32)))
+      dv = dv.at[j].add(jnp.einsum("bhst,bhsd->bhtd", p, do_i))
+      return (dq_i, dk, dv), None
 
-    dq_i, (dk_j, dv_j) = jax.lax.scan(step, jnp.zeros_like(q_i, jnp.float32), xs)
+    (dq_i, dk, dv), _ = jax.lax.scan(step, (jnp.zeros_like(q_i, jnp.float32), dk, dv),
+                                     jnp.arange(k0, k1))
     dqs.append(dq_i)
-    keys = slice(k0 * BLOCK, k1 * BLOCK)
-    dk = dk.at[:, :, keys].add(_unblock(dk_j))
-    dv = dv.at[:, :, keys].add(_unblock(dv_j))
   dq = jnp.concatenate(dqs, axis=2)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  return (dq.astype(q.dtype), _unblock(dk).astype(k.dtype), _unblock(dv).astype(v.dtype),
+          None, None)
 
 
 def _unblock(x: jax.Array) -> jax.Array:
-  """[n, B, H, BLOCK, D] -> [B, H, n·BLOCK, D]."""
+  """[T/BLOCK, B, H, BLOCK, D] -> [B, H, T, D]."""
   x = jnp.moveaxis(x, 0, 2)
   return x.reshape(*x.shape[:2], -1, x.shape[-1])
 
