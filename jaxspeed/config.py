@@ -16,6 +16,8 @@ from jaxspeed.errors import ConfigError
 from jaxspeed.inference.compression import POLICIES
 from jaxspeed.models.attention import ATTENTION_IMPLS
 from jaxspeed.models.config import DTYPES, POSITIONS, REMAT_POLICIES
+from jaxspeed.moe.config import NOISY_GATE_POLICIES, RESIDUAL_MIXES
+from jaxspeed.moe.gating import DROP_POLICIES
 from jaxspeed.parallel.mesh import DATA_AXES, resolve_mesh_shape
 
 ONEBIT_OPTIMIZERS = ("onebit_adam", "onebit_lamb", "zero_one_adam")
@@ -104,6 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data_efficiency = _data_efficiency_defaults()
   c.compression = _compression_defaults()
+  c.moe = _moe_defaults()
+  c.kd = _kd_defaults()
 
   c.inference = _inference_defaults()
 
@@ -240,6 +244,41 @@ def _validate_inference(config: ml_collections.ConfigDict, num_devices: int) -> 
     if config.model[key] % tp:
       raise ConfigError("inference.tensor_parallel.tp_size", f"model.{key}={config.model[key]}"
                         f" is not divisible by tp_size={tp}")
+
+
+def _moe_defaults() -> ml_collections.ConfigDict:
+  """DeepSpeed-MoE (``deepspeed.moe.layer.MoE`` and Megatron-DeepSpeed's flags); off."""
+  return ml_collections.ConfigDict(dict(
+      num_experts=1,  # 1: dense model
+      layer_num_experts=(),  # PR-MoE pyramid: experts of each MoE layer, e.g. (4, 8)
+      expert_interval=2,  # every 2nd layer is MoE (Megatron-DeepSpeed --expert-interval)
+      top_k=1,
+      capacity_factor=1.0,
+      eval_capacity_factor=1.0,
+      min_capacity=4,
+      noisy_gate_policy="none",  # none, Jitter or RSample
+      drop_tokens=True,  # False: dropless (grouped matmul)
+      use_rts=True,
+      top2_2nd_expert_sampling=True,
+      drop_policy="probs",  # top-k (k > 2): probs or position
+      use_residual=False,  # Residual-MoE
+      residual_mix="sum",  # sum (paper) or learned (DeepSpeed's softmax coefficient)
+      aux_loss_coef=0.01,  # DeepSpeed tutorial; Megatron's --moe-loss-coeff default is 0.1
+  ))
+
+
+def _kd_defaults() -> ml_collections.ConfigDict:
+  """MoS knowledge distillation from a trained teacher (Megatron-DeepSpeed ``--kd``); off."""
+  return ml_collections.ConfigDict(dict(
+      enabled=False,
+      teacher_workdir="",  # --load-teacher: a finished run's workdir (its checkpoints)
+      num_layers_teacher=0,  # 0: the student's model.num_layers
+      num_experts_teacher=(),  # the teacher's moe.layer_num_experts; empty: the student's
+      temperature=1.0,  # --kd-temp
+      alpha_ce=1.0,  # --kd-alpha-ce
+      beta_ce=1.0,  # --kd-beta-ce
+      stop_step=0,  # staged KD: plain LM loss from this step on; 0 distills throughout
+  ))
 
 
 def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
@@ -400,6 +439,77 @@ def _validate_pipeline(config: ml_collections.ConfigDict, shape: dict[str, int])
       raise ConfigError(key, f"{why} (parallel.stage={stages})")
 
 
+def _validate_moe(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
+  moe = config.moe
+  _choice(config, "moe.noisy_gate_policy", NOISY_GATE_POLICIES)
+  _choice(config, "moe.drop_policy", DROP_POLICIES)
+  _choice(config, "moe.residual_mix", RESIDUAL_MIXES)
+  for key in ("moe.num_experts", "moe.expert_interval", "moe.top_k", "moe.capacity_factor",
+              "moe.eval_capacity_factor"):
+    _positive(config, key)
+  _positive(config, "moe.min_capacity", allow_zero=True)
+  _positive(config, "moe.aux_loss_coef", allow_zero=True)
+  layers = config.model.num_layers
+  moe_layers = layers // moe.expert_interval
+  counts = list(moe.layer_num_experts) or [moe.num_experts]
+  if moe.layer_num_experts and len(counts) != moe_layers:
+    raise ConfigError("moe.layer_num_experts", f"needs one expert count per MoE layer: "
+                      f"{moe_layers} (model.num_layers={layers} // moe.expert_interval="
+                      f"{moe.expert_interval}), got {len(counts)}")
+  if any(not isinstance(e, int) or e < 1 for e in counts):
+    raise ConfigError("moe.layer_num_experts", f"expert counts must be ints >= 1, got {counts}")
+  enabled = max(counts) > 1
+  ep = shape["expert"]
+  if not enabled:
+    if ep > 1:
+      raise ConfigError("parallel.expert", f"expert parallelism ({ep}) needs experts: set "
+                        "moe.num_experts (or moe.layer_num_experts) above 1")
+    return
+  if moe_layers == 0:
+    raise ConfigError("moe.expert_interval", f"{moe.expert_interval} exceeds model.num_layers="
+                      f"{layers}, so no layer would be an MoE layer")
+  if config.model.name != "gpt":
+    raise ConfigError("moe.num_experts", "MoE layers are built into the GPT decoder; set "
+                      "model.name='gpt' or moe.num_experts=1")
+  if moe.top_k > min(counts):
+    raise ConfigError("moe.top_k", f"{moe.top_k} exceeds the number of experts of a layer "
+                      f"({min(counts)}); allowed: 1..{min(counts)}")
+  bad = [e for e in counts if e % ep]
+  if bad:
+    key = "moe.layer_num_experts" if moe.layer_num_experts else "moe.num_experts"
+    raise ConfigError(key, f"{bad[0]} experts are not divisible by the expert-parallel size "
+                      f"parallel.expert={ep}")
+  if ep > 1 and not moe.drop_tokens:
+    raise ConfigError("moe.drop_tokens", "dropless mode sorts each device's tokens over all "
+                      "experts (no capacity buffer to exchange); use it with parallel.expert=1")
+  if ep > 1 and config.optim.name in ONEBIT_OPTIMIZERS:
+    optax_names = ", ".join(o for o in OPTIMIZERS if o not in ONEBIT_OPTIMIZERS)
+    raise ConfigError("optim.name", f"{config.optim.name} compresses whole-model gradients "
+                      "per data-parallel worker; with parallel.expert > 1 use an optax "
+                      f"optimizer ({optax_names})")
+  if config.data_efficiency.pld.enabled:
+    raise ConfigError("data_efficiency.pld.enabled", "progressive layer dropping skips layers "
+                      "inside a conditional, where MoE statistics cannot be collected; "
+                      "disable one of them")
+  if shape["stage"] > 1:
+    raise ConfigError("parallel.stage", "MoE layers do not run inside pipeline stages yet; "
+                      "allowed: 1")
+
+
+def _validate_kd(config: ml_collections.ConfigDict) -> None:
+  kd = config.kd
+  if not kd.enabled:
+    return
+  if config.model.name != "gpt":
+    raise ConfigError("kd.enabled", "MoS distillation trains a GPT student; set model.name='gpt'")
+  if not kd.teacher_workdir:
+    raise ConfigError("kd.teacher_workdir", "distillation needs the workdir of a trained teacher")
+  for key in ("kd.temperature",):
+    _positive(config, key)
+  for key in ("kd.alpha_ce", "kd.beta_ce", "kd.stop_step", "kd.num_layers_teacher"):
+    _positive(config, key, allow_zero=True)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
   """Checks every field; returns the resolved mesh shape.
 
@@ -455,7 +565,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   dp = math.prod(shape[a] for a in DATA_AXES)
   if config.batch_size % (dp * config.microbatches):
     raise ConfigError("batch_size", f"{config.batch_size} is not divisible by data-parallel size "
-                      f"(parallel.data x parallel.fsdp = {dp}) x microbatches "
+                      f"(parallel.data x parallel.fsdp x parallel.expert = {dp}) x microbatches "
                       f"({config.microbatches})")
   if config.optim.name in ONEBIT_OPTIMIZERS and config.zero.stage > 1:
     raise ConfigError("zero.stage", f"{config.optim.name} compresses each worker's full local "
@@ -465,8 +575,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _validate_compression(config)
   _validate_inference(config, num_devices)
   _validate_pipeline(config, shape)
-  for axis in ("expert",):
-    if shape[axis] != 1:
-      raise ConfigError(f"parallel.{axis}", f"{axis} parallelism is not implemented yet; "
-                        "set it to 1")
+  _validate_moe(config, shape)
+  _validate_kd(config)
   return shape

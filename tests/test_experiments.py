@@ -176,3 +176,24 @@ def test_pipeline_bubble_quick(tmp_path):
   assert summary["bubble_theory_4p"] == pytest.approx(1 / 9)  # p = 2, m = 8
   assert math.isfinite(summary["bubble_measured_vs_theory"])
   assert [(r["stages_p"], r["microbatches_m"]) for r in payload["rows"]] == [(2, 8)]
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_moe_comm_quick(tmp_path):
+  summary = run_experiment("moe_comm", tmp_path)["summary"]
+  # All-to-all bytes read from the HLO equal the dispatch-buffer formula.
+  assert summary["bytes_match_theory"]
+  assert summary["all_to_all_bytes_ep1"] == 0 < summary["all_to_all_bytes_ep8"]
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_moe_quality_quick(tmp_path):
+  summary = run_experiment("moe_quality", tmp_path)["summary"]
+  for name in ("dense", "moe", "prmoe", "residual", "mos"):
+    assert summary[f"{name}_val_loss"] > 0
+  # MoE adds parameters, not per-token compute: one of 8 experts (the size of the
+  # dense MLP) is active, plus the gates: 2 MoE layers x d_model 32 x 8 experts.
+  assert summary["moe_params"] > summary["dense_params"]
+  assert summary["moe_active_params"] - summary["dense_active_params"] == 2 * 32 * 8
+  assert summary["prmoe_params"] < summary["residual_params"]
+  assert summary["mos_params"] < summary["prmoe_params"]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
+
+if TYPE_CHECKING:  # jaxspeed.moe builds on jaxspeed.models
+  from jaxspeed.moe.config import MoeConfig
 
 POSITIONS = ("learned", "rope", "alibi")
 REMAT_POLICIES = ("none", "full", "save_matmul_outputs")
@@ -34,6 +37,7 @@ class ModelConfig:
   type_vocab_size: int = 2  # BERT token types
   layernorm_eps: float = 1e-5
   gelu_approximate: bool = True  # tanh GELU; BERT checkpoints use the exact (erf) one
+  moe: MoeConfig | None = None  # mixture of experts in some layers (GPT); None: dense
 
   @property
   def head_dim(self) -> int:
@@ -48,9 +52,14 @@ class ModelConfig:
     return DTYPES[self.dtype]
 
   @classmethod
-  def from_config(cls, model: Mapping[str, Any]) -> ModelConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(model).items() if k in fields})
+  def from_config(cls, model: Mapping[str, Any], moe: MoeConfig | None = None) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(cls)} - {"moe"}
+    return cls(**{k: v for k, v in dict(model).items() if k in fields},
+               moe=moe if moe is not None and moe.enabled else None)
+
+  def experts_at(self, layer: int) -> int:
+    """Experts of layer ``layer``'s feed-forward block; 0 for a dense MLP."""
+    return 0 if self.moe is None else self.moe.experts_at(layer)
 
   def num_params(self, include_embeddings: bool = True) -> int:
     """Parameter count of the GPT decoder, computed from the shapes."""

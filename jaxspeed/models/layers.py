@@ -238,6 +238,7 @@ class Block(nn.Module):
   causal: bool
   pre_ln: bool
   per_row_positions: bool = False
+  num_experts: int = 0  # > 0: a mixture of experts replaces the MLP (DeepSpeed-MoE)
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
@@ -251,7 +252,7 @@ class Block(nn.Module):
     cfg = self.config
     attn = Attention(cfg, causal=self.causal, per_row_positions=self.per_row_positions,
                      name="attention")
-    mlp = Mlp(cfg, name="mlp")
+    mlp = _moe_mlp(cfg, self.num_experts) if self.num_experts else Mlp(cfg, name="mlp")
     ln1 = LayerNorm(cfg.layernorm_eps, name="ln_attention")
     ln2 = LayerNorm(cfg.layernorm_eps, name="ln_mlp")
 
@@ -267,6 +268,12 @@ class Block(nn.Module):
       return x + scaled(mlp(ln2(x), deterministic))
     x = ln1(x + scaled(attn(x, positions, mask, deterministic)))
     return ln2(x + scaled(mlp(x, deterministic)))
+
+
+def _moe_mlp(cfg: ModelConfig, num_experts: int) -> nn.Module:
+  from jaxspeed.moe.layer import MoeMlp  # here, not at the top: jaxspeed.moe imports this module
+
+  return MoeMlp(cfg, cfg.moe, num_experts, name="moe")
 
 
 def remat_block(policy: str) -> type[Block]:

@@ -20,7 +20,12 @@ from jax.sharding import AxisType, Mesh
 from jaxspeed.errors import ConfigError
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "stage", "expert", "sequence", "tensor")
-DATA_AXES: tuple[str, ...] = ("data", "fsdp")  # axes that split the batch and ZeRO state
+# Axes that split the batch and ZeRO state. ``expert`` is one of them, as in
+# DeepSpeed-MoE, whose expert-parallel groups are carved out of the
+# data-parallel world: every device routes its own rows, dense parameters are
+# replicated (or ZeRO-split) over all of these axes, and expert weights are
+# split over ``expert`` and replicated over the rest (see rules.zero_spec).
+DATA_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
 
 
 def use_cpu_devices(n: int) -> None:
@@ -89,5 +94,5 @@ def make_mesh(parallel: Mapping[str, int], devices=None) -> Mesh:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-  """Number of ways the batch is split (``data`` x ``fsdp``)."""
+  """Number of ways the batch is split (``data`` x ``fsdp`` x ``expert``)."""
   return math.prod(mesh.shape[a] for a in DATA_AXES)

@@ -10,7 +10,7 @@ Two tables, as in Levanter's parameter/compute axis mappings:
 * ``compute_rules``: where activations live during the step. The batch is split
   over the data axes and the sequence over ``sequence`` (Ulysses); Megatron
   tensor parallelism splits heads, MLP hidden units and the vocabulary over
-  ``tensor``.
+  ``tensor``; MoE experts are split over ``expert``.
 * parameters at rest start from the same tensor-parallel placement, and ZeRO
   then adds the data axes on top (``zero_spec``).
 
@@ -54,6 +54,7 @@ def compute_rules(batch_axes: tuple[str, ...] | None = DATA_AXES) -> LogicalRule
       # Pipeline: stacked layer parameters [stage, layers, ...], one stage per device group.
       ("stage", "stage"),
       ("layers", None),
+      ("experts", "expert"),
   )
 
 
@@ -89,17 +90,20 @@ def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   Args:
     spec: the tensor-parallel placement of a tensor.
     shape: the tensor's global shape.
-    mesh: the mesh; its ``data`` and ``fsdp`` axes are the ZeRO group.
+    mesh: the mesh; its data axes not already in ``spec`` are the ZeRO group.
 
   Returns:
-    ``spec`` with ``('data', 'fsdp')`` appended to one dimension, or ``spec``
+    ``spec`` with the group (e.g. ``('data', 'fsdp')``) added to one dimension, or ``spec``
     unchanged if no dimension's local size is divisible by the group size.
   """
-  group = tuple(a for a in DATA_AXES if mesh.shape[a] > 1)
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  # An axis the tensor already uses (``expert`` for expert weights) is not part
+  # of its ZeRO group: the tensor is replicated only over the other data axes.
+  used = {a for e in entries if e is not None for a in ((e,) if isinstance(e, str) else e)}
+  group = tuple(a for a in DATA_AXES if mesh.shape[a] > 1 and a not in used)
   if not group:
     return spec
   n = _mesh_size(mesh, group)
-  entries = list(spec) + [None] * (len(shape) - len(spec))
   local = [size // _mesh_size(mesh, e) for size, e in zip(shape, entries)]
   candidates = [i for i in range(len(shape)) if local[i] % n == 0]
   if not candidates:

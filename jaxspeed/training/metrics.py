@@ -35,16 +35,18 @@ class MetricsWriter:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                             dynamic_ncols=True)
 
-  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+  def write(self, step: int, metrics: Mapping[str, float | list[float]]) -> None:
+    """Writes scalars, and lists (e.g. per-expert token counts) to the JSON file only."""
     if not self.enabled:
       return
-    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    record = {"step": step, **{k: v if isinstance(v, list) else float(v)
+                               for k, v in metrics.items()}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    for key, value in record.items():
-      if key != "step":
-        self._tb.add_scalar(key, value, step)
-    text = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
+    scalars = {k: v for k, v in record.items() if k != "step" and not isinstance(v, list)}
+    for key, value in scalars.items():
+      self._tb.add_scalar(key, value, step)
+    text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
     if self._bar is not None:
       self._bar.set_postfix_str(text, refresh=False)
     else:

@@ -23,6 +23,8 @@ from jaxspeed.models.layer_drop import pld_theta
 from jaxspeed.models.layers import DenseInterceptor, intercept_dense
 from jaxspeed.models.pipelined_gpt import PipelinedGPT
 from jaxspeed.models.random_ltd import layer_tokens
+from jaxspeed.moe import stats as moe_stats
+from jaxspeed.moe.distill import TEACHER_LOGITS, Distillation, kd_loss_sum
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
@@ -59,25 +61,42 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def loss_sum_fn(model: nn.Module, dense_interceptor: DenseInterceptorAt | None = None
-                ) -> Callable:
-  """``(params, batch, rngs, deterministic, step=None, **model_kwargs) -> (loss_sum, count)``.
+def loss_sum_fn(model: nn.Module, dense_interceptor: DenseInterceptorAt | None = None,
+                aux_loss_coef: float = 0.0, distillation: Distillation | None = None) -> Callable:
+  """``(params, batch, rngs, deterministic, step=None, **model_kwargs) -> (objective, sums)``.
 
-  ``rngs`` maps flax rng streams (``dropout``, ``random_ltd``, ``layer_drop``)
-  to keys, or is None for evaluation. ``dense_interceptor(step)`` (compression)
-  replaces the model's weight matmuls; ``step`` is None when evaluating.
+  ``rngs`` maps flax rng streams (``dropout``, ``random_ltd``, ``layer_drop``,
+  ``moe``) to keys, or is None for evaluation. ``dense_interceptor(step)``
+  (compression) replaces the model's weight matmuls; ``step`` is None when
+  evaluating. ``sums`` adds up over microbatches and workers: ``loss_sum``
+  (summed token cross-entropy), ``tokens`` (counted tokens) and, for MoE
+  models, the ``moe_*`` sums of ``jaxspeed.moe.stats.step_sums``. The objective
+  is ``loss_sum`` plus ``aux_loss_coef`` · Σ_layers l_aux · tokens, so that
+  divided by the token count it is DeepSpeed-MoE's CE + coef · Σ l_aux. A batch
+  with ``teacher_logits`` [B, S, V] adds MoS's distillation term
+  (``jaxspeed.moe.distill``), summed as ``kd_sum``.
   """
   def loss_sum(params, batch: Batch, rngs, deterministic: bool, step=None, **model_kwargs):
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
     with intercept_dense(None if dense_interceptor is None else dense_interceptor(step)):
-      logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                           rngs=rngs, **kwargs, **model_kwargs)
-    return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+      logits, collections = model.apply(
+          {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
+          mutable=[moe_stats.COLLECTION], **kwargs, **model_kwargs)
+    ce, count = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+    sown = collections.get(moe_stats.COLLECTION, {})
+    sums = {"loss_sum": ce, "tokens": count, **moe_stats.step_sums(sown, count)}
+    objective = aux_loss_coef * moe_stats.aux_loss(sown) * count
+    if TEACHER_LOGITS in batch:
+      kd = Distillation() if distillation is None else distillation
+      sums["kd_sum"] = kd_loss_sum(logits, batch[TEACHER_LOGITS], kd.temperature,
+                                   batch.get("loss_mask"))
+      return objective + kd.alpha_ce * ce + kd.beta_ce * sums["kd_sum"], sums
+    return objective + ce, sums
   return loss_sum
 
 
 def step_rngs(state_rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
-  """The rng streams of one step: dropout and random-LTD keys, and the PLD key.
+  """The rng streams of one step: dropout, random-LTD and MoE-gate keys, and the PLD key.
 
   The ``layer_drop`` key is shared by every worker and microbatch (one
   layer-drop draw per step); the others are folded with the worker and
@@ -85,7 +104,7 @@ def step_rngs(state_rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
   """
   key = jax.random.fold_in(state_rng, step)
   return {"dropout": key, "random_ltd": jax.random.fold_in(key, 1),
-          "layer_drop": jax.random.fold_in(key, 2)}
+          "layer_drop": jax.random.fold_in(key, 2), "moe": jax.random.fold_in(key, 3)}
 
 
 def fold_rngs(rngs: dict[str, jax.Array], index) -> dict[str, jax.Array]:
@@ -184,30 +203,34 @@ class TrainStep:
 
 def _accumulate(grad_fn, params, batch: Batch, rngs, microbatches: int, deterministic: bool,
                 grad_shardings, model_kwargs):
-  """(loss_sum, token_count, summed gradients) over ``microbatches`` slices of ``batch``."""
+  """(objective, sums, summed gradients) over ``microbatches`` slices of ``batch``."""
   if microbatches == 1:
-    (loss, count), grads = grad_fn(params, batch, rngs, deterministic, **model_kwargs)
-    return loss, count, jax.lax.with_sharding_constraint(grads, grad_shardings)
+    (objective, sums), grads = grad_fn(params, batch, rngs, deterministic, **model_kwargs)
+    return objective, sums, jax.lax.with_sharding_constraint(grads, grad_shardings)
 
   def accumulate(carry, xs):
     index, micro = xs
-    acc, loss_acc, count_acc = carry
-    (loss, n), g = grad_fn(params, micro, fold_rngs(rngs, index), deterministic,
-                           **model_kwargs)
+    acc, objective_acc, sums_acc = carry
+    (objective, sums), g = grad_fn(params, micro, fold_rngs(rngs, index), deterministic,
+                                   **model_kwargs)
     acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), grad_shardings)
-    return (acc, loss_acc + loss, count_acc + n), None
+    return (acc, objective_acc + objective, jax.tree.map(jnp.add, sums_acc, sums)), None
 
+  micro_batches = split_microbatches(batch, microbatches)
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  _, sums_shape = jax.eval_shape(lambda: grad_fn(params, first, rngs, deterministic,
+                                                 **model_kwargs)[0])
+  zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
   zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
-  (grads, loss, count), _ = jax.lax.scan(
-      accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
-      (jnp.arange(microbatches), split_microbatches(batch, microbatches)))
-  return loss, count, grads
+  (grads, objective, sums), _ = jax.lax.scan(
+      accumulate, (zeros, jnp.float32(0), zero_sums), (jnp.arange(microbatches), micro_batches))
+  return objective, sums, grads
 
 
-def _finish(state: TrainState, params, opt_state, loss, grad_norm, lr, count,
+def _finish(state: TrainState, params, opt_state, objective, grad_norm, lr, sums,
             batch: Batch, layer_tokens: int) -> tuple[TrainState, Metrics]:
   """The non-finite guard, counters and metrics shared by both step builders."""
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(
       step=state.step + 1,
@@ -218,9 +241,13 @@ def _finish(state: TrainState, params, opt_state, loss, grad_norm, lr, count,
       skipped=state.skipped + (~finite).astype(jnp.int32),
       rng=state.rng,
   )
-  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
+  count = sums["tokens"]
+  metrics = {"loss": sums["loss_sum"] / count, "grad_norm": grad_norm, "learning_rate": lr,
              "skipped_steps": new_state.skipped, "tokens": count,
-             "seq_len": jnp.int32(batch["inputs"].shape[1])}
+             "seq_len": jnp.int32(batch["inputs"].shape[1]),
+             **moe_stats.step_metrics(sums, count)}
+  if "kd_sum" in sums:
+    metrics["kd_loss"] = sums["kd_sum"] / count
   return new_state, metrics
 
 
@@ -235,7 +262,9 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
                     mesh: Mesh, *, microbatches: int = 1, lr_unit: str = "steps",
                     grad_clip: float = 0.0, deterministic: bool = True,
                     layer_dropping: LayerDropping | None = None,
-                    dense_interceptor: DenseInterceptorAt | None = None) -> TrainStep:
+                    dense_interceptor: DenseInterceptorAt | None = None,
+                    aux_loss_coef: float = 0.0,
+                    distillation: Distillation | None = None) -> TrainStep:
   """Builds the train step, jitted with shardings, for an optax or communicating optimizer.
 
   One optimizer step per call: gradients of the token-mean loss over the whole
@@ -244,7 +273,9 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   seen (``lr_unit``). A step whose loss or gradient norm is not finite leaves
   parameters and optimizer state untouched and counts itself in
   ``state.skipped``. ``dense_interceptor(step)`` runs the weight matmuls
-  compressed (``jaxspeed.compression``).
+  compressed (``jaxspeed.compression``). ``aux_loss_coef`` scales the MoE
+  load-balancing loss added to the objective and ``distillation`` weighs MoS's
+  KD term for batches that carry ``teacher_logits`` (``loss_sum_fn``).
   """
   if isinstance(model, PipelinedGPT) and microbatches > 1:
     raise ValueError("a PipelinedGPT splits the batch into its own microbatches; pass "
@@ -252,7 +283,7 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   dropping = layer_dropping or LayerDropping()
   options = dict(microbatches=microbatches, lr_unit=lr_unit, grad_clip=grad_clip,
                  deterministic=deterministic, dropping=dropping,
-                 loss_sum=loss_sum_fn(model, dense_interceptor))
+                 loss_sum=loss_sum_fn(model, dense_interceptor, aux_loss_coef, distillation))
   if isinstance(optimizer, CommunicatingOptimizer):
     build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind,
                                              **options)
@@ -281,8 +312,9 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
     rngs = step_rngs(state.rng, state.step)
     model_kwargs = {**dropping.model_kwargs(kept, state.step), "step": state.step}
     with nn.logical_axis_rules(compute_rules()), use_abstract_mesh(mesh.abstract_mesh):
-      total_loss, count, grads = _accumulate(grad_fn, state.params, batch, rngs, microbatches,
+      objective, sums, grads = _accumulate(grad_fn, state.params, batch, rngs, microbatches,
                                              deterministic, grad_shardings, model_kwargs)
+    count = sums["tokens"]
     grads = jax.tree.map(lambda g: g / count, grads)
     grads = jax.lax.with_sharding_constraint(grads, update_shardings)
     grad_norm = optax.tree.norm(grads)
@@ -291,7 +323,7 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.lax.with_sharding_constraint(updates, update_shardings)
     params = jax.tree.map(lambda p, u: p + lr * u, state.params, updates)
-    return _finish(state, params, opt_state, total_loss / count, grad_norm, lr, count, batch,
+    return _finish(state, params, opt_state, objective / count, grad_norm, lr, sums, batch,
                    dropping.layer_tokens(kept, *batch["inputs"].shape))
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
@@ -334,10 +366,11 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
                            deterministic, local_grad_shardings, model_kwargs)
 
     params_axis = None if own_params is None else 0
-    loss_sums, counts, grads = jax.vmap(worker, in_axes=(params_axis, 0, 0),
+    objectives, sums, grads = jax.vmap(worker, in_axes=(params_axis, 0, 0),
                                         spmd_axis_name=DATA_AXES)(
         state.params if own_params is None else own_params, per_worker, jnp.arange(world))
-    count = jnp.sum(counts)
+    sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
+    count = sums["tokens"]
     grads = jax.tree.map(lambda g: g * (world / count), grads)
     grads = jax.lax.with_sharding_constraint(grads, stacked_shardings)
     if exact:
@@ -352,7 +385,7 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, kind=kind,
                                           learning_rate=lr)
     params = jax.tree.map(jnp.add, state.params, updates)
-    return _finish(state, params, opt_state, jnp.sum(loss_sums) / count, grad_norm, lr, count,
+    return _finish(state, params, opt_state, jnp.sum(objectives) / count, grad_norm, lr, sums,
                    batch, dropping.layer_tokens(kept, *batch["inputs"].shape))
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
@@ -361,11 +394,12 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
 
 def make_eval_step(model: nn.Module, specs: StateSpecs, mesh: Mesh,
                    dense_interceptor: DenseInterceptorAt | None = None):
-  """``eval_step(params, batch) -> (loss_sum, token_count)``, jitted."""
+  """``eval_step(params, batch) -> (cross-entropy sum, token_count)``, jitted."""
   loss_sum = loss_sum_fn(model, dense_interceptor)
 
   def evaluate(params, batch: Batch):
     with nn.logical_axis_rules(compute_rules()), use_abstract_mesh(mesh.abstract_mesh):
-      return loss_sum(params, batch, None, True)
+      sums = loss_sum(params, batch, None, True)[1]
+    return sums["loss_sum"], sums["tokens"]
 
   return jax.jit(evaluate, in_shardings=(named(mesh, specs.state.params), batch_sharding(mesh)))

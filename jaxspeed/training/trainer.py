@@ -42,8 +42,10 @@ from jaxspeed.inference import Generator, SamplingConfig
 from jaxspeed.inference.from_config import save_run_config
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
+from jaxspeed.moe import MoeConfig
+from jaxspeed.moe.distill import TEACHER_LOGITS, Distillation
 from jaxspeed.optimizers import CommunicatingOptimizer
-from jaxspeed.parallel import SEQUENCE_AXIS, make_mesh, pad_to_multiple
+from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_multiple
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
 from jaxspeed.training.state import (
@@ -185,7 +187,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
                                    jax.process_count())
 
   mesh = make_mesh(config.parallel, devices)
-  model_config = ModelConfig.from_config(config.model)
+  model_config = ModelConfig.from_config(config.model, MoeConfig.from_config(config.moe))
   # With a pipeline, config.microbatches are its microbatches (as DeepSpeed's
   # gradient_accumulation_steps in PipelineEngine), not a sequential accumulation.
   num_stages = mesh.shape["stage"]
@@ -205,10 +207,44 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       model, optimizer, make_schedule(config.optim, total), specs, mesh,
       microbatches=config.microbatches if num_stages == 1 else 1, lr_unit=config.optim.lr_unit,
       grad_clip=config.optim.grad_clip, deterministic=config.model.dropout == 0,
-      layer_dropping=dropping, dense_interceptor=compression)
+      layer_dropping=dropping, dense_interceptor=compression,
+      aux_loss_coef=config.moe.aux_loss_coef,
+      distillation=Distillation(config.kd.temperature, config.kd.alpha_ce, config.kd.beta_ce))
   eval_step = make_eval_step(model, specs, mesh, compression)
   return Setup(config, mesh, model_config, model, optimizer, specs, train_step, eval_step,
                tokenizer, train_data, val_data)
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MoS teacher's config: the student's, with ``kd``'s teacher depth and experts."""
+  teacher = ml_collections.ConfigDict(config.to_dict())
+  teacher.kd.enabled = False
+  if config.kd.num_layers_teacher:
+    teacher.model.num_layers = config.kd.num_layers_teacher
+  if config.kd.num_experts_teacher:
+    teacher.moe.layer_num_experts = tuple(config.kd.num_experts_teacher)
+  return teacher
+
+
+def load_teacher(config: ml_collections.ConfigDict, devices=None):
+  """``teacher(inputs [B, S]) -> logits [B, S, V]`` from the newest ``kd.teacher_workdir`` step.
+
+  Call under the student's mesh (``jax.set_mesh``); the teacher uses the same one.
+  """
+  setup = build(teacher_config(config), devices=devices)
+  checkpointer = Checkpointer(os.path.join(config.kd.teacher_workdir, "checkpoints"))
+  step = checkpointer.latest_step()
+  if step is None:
+    raise ConfigError("kd.teacher_workdir", f"no checkpoint in {config.kd.teacher_workdir}")
+  params = checkpointer.restore(step, setup.abstract_state())[0].params
+  checkpointer.close()
+
+  def forward(params, inputs):
+    with nn.logical_axis_rules(compute_rules()):
+      return setup.model.apply({"params": params}, inputs)
+
+  forward = jax.jit(forward, out_shardings=batch_sharding(setup.mesh))
+  return lambda inputs: forward(params, inputs)
 
 
 def evaluate(setup: Setup, params) -> float:
@@ -247,6 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if lead:
         print(f"resumed from step {start} in {workdir}", flush=True)
     first_step = int(state.step)
+    teacher = load_teacher(config) if config.kd.enabled else None
 
     writer = MetricsWriter(workdir, config.steps, first_step, enabled=lead)
     flops_per_token = setup.model_config.flops_per_token(config.seq_len)
@@ -266,13 +303,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     loop_start = time.perf_counter()
     for step in range(first_step, config.steps):
       batch = setup.to_device(setup.train_data.next_batch())
+      if teacher is not None and (not config.kd.stop_step or step < config.kd.stop_step):
+        # MoS; staged KD stops at stop_step. The previous step must finish first: with two
+        # programs' collectives in flight, XLA:CPU's in-process rendezvous can starve on a
+        # loaded host (seen as an all-reduce termination timeout).
+        jax.block_until_ready(state)
+        batch[TEACHER_LOGITS] = teacher(batch["inputs"])
       state, metrics = setup.train_step(state, batch, step)
       window_tokens += batch["inputs"].size
       done = step + 1
       writer.advance()
       evaluate_now = done % config.eval_every == 0 or done == config.steps
       if evaluate_now or done % config.log_every == 0:
-        record = {k: float(v) for k, v in metrics.items()}
+        record = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                  for k, v in metrics.items()}
         elapsed = time.perf_counter() - window_start
         tokens_per_s = window_tokens / elapsed
         if not window_first:  # the first window includes compilation

@@ -1,0 +1,41 @@
+"""DeepSpeed-MoE: top-k gating, expert-parallel MoE layers, PR-MoE, Residual-MoE, MoS."""
+
+from jaxspeed.moe.config import NOISY_GATE_POLICIES, RESIDUAL_MIXES, MoeConfig
+from jaxspeed.moe.distill import Distillation, kd_loss_sum
+from jaxspeed.moe.expert_parallel import expert_parallel_experts, expert_parallel_size
+from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
+from jaxspeed.moe.gating import (
+    DROP_POLICIES,
+    Routing,
+    capacity,
+    dispatch_and_combine,
+    route,
+    top1_gating,
+    top2_gating,
+    topk_gating,
+)
+from jaxspeed.moe.layer import MoeMlp
+from jaxspeed.moe.params import param_counts
+
+__all__ = [
+    "DROP_POLICIES",
+    "NOISY_GATE_POLICIES",
+    "RESIDUAL_MIXES",
+    "Distillation",
+    "ExpertWeights",
+    "MoeConfig",
+    "MoeMlp",
+    "Routing",
+    "capacity",
+    "capacity_experts",
+    "dispatch_and_combine",
+    "dropless_experts",
+    "expert_parallel_experts",
+    "expert_parallel_size",
+    "kd_loss_sum",
+    "param_counts",
+    "route",
+    "top1_gating",
+    "top2_gating",
+    "topk_gating",
+]

@@ -1,0 +1,76 @@
+"""The MoE hyperparameters, one frozen dataclass built from ``config.moe``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+NOISY_GATE_POLICIES = ("none", "Jitter", "RSample")
+RESIDUAL_MIXES = ("sum", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """DeepSpeed ``MoE(...)`` arguments plus Megatron-DeepSpeed's layer placement.
+
+  Attributes:
+    num_experts: experts of every MoE layer; 1 means no MoE (a dense model).
+    layer_num_experts: PR-MoE's pyramid, one expert count per MoE layer
+      (overrides ``num_experts``); empty for the same count everywhere.
+    expert_interval: every ``expert_interval``-th layer (layers i with
+      (i + 1) % interval == 0) is an MoE layer.
+    top_k: experts per token.
+    capacity_factor, eval_capacity_factor: cf in C = ⌈S/E · cf · k⌉ in
+      training and in evaluation.
+    min_capacity: lower bound of C.
+    noisy_gate_policy: ``none``, ``Jitter`` (gate input × U(0.99, 1.01)) or
+      ``RSample`` (Gumbel noise on the top-1 choice); training only.
+    drop_tokens: False for dropless (sort by expert and grouped matmul).
+    use_rts: random token selection (top-1, training).
+    top2_2nd_expert_sampling: Gumbel noise on top-2's second choice (training).
+    drop_policy: top-k (k > 2) drops by ``probs`` or ``position``.
+    use_residual: Residual-MoE, a dense MLP beside the experts.
+    residual_mix: ``sum`` (the paper: MLP(x) + MoE(x)) or ``learned``
+      (DeepSpeed: softmax(Linear(d, 2)(x)) mixes the two per token).
+  """
+
+  num_experts: int = 1
+  layer_num_experts: tuple[int, ...] = ()
+  expert_interval: int = 2
+  top_k: int = 1
+  capacity_factor: float = 1.0
+  eval_capacity_factor: float = 1.0
+  min_capacity: int = 4
+  noisy_gate_policy: str = "none"
+  drop_tokens: bool = True
+  use_rts: bool = True
+  top2_2nd_expert_sampling: bool = True
+  drop_policy: str = "probs"
+  use_residual: bool = False
+  residual_mix: str = "sum"
+
+  @classmethod
+  def from_config(cls, moe: Mapping[str, Any]) -> MoeConfig:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(moe).items() if k in fields}
+    values["layer_num_experts"] = tuple(int(e) for e in values.get("layer_num_experts", ()))
+    return cls(**values)
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_experts > 1 or any(e > 1 for e in self.layer_num_experts)
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.enabled and (layer + 1) % self.expert_interval == 0
+
+  def num_moe_layers(self, num_layers: int) -> int:
+    return sum(self.is_moe_layer(i) for i in range(num_layers))
+
+  def experts_at(self, layer: int) -> int:
+    """Experts of layer ``layer`` (0-based); 0 if it is a dense layer."""
+    if not self.is_moe_layer(layer):
+      return 0
+    if not self.layer_num_experts:
+      return self.num_experts
+    return self.layer_num_experts[(layer + 1) // self.expert_interval - 1]

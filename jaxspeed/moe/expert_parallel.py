@@ -1,0 +1,82 @@
+"""Expert parallelism: experts split over a mesh axis, tokens exchanged by all-to-all.
+
+DeepSpeed-MoE carves expert-parallel groups out of the data-parallel world:
+each device holds E/ep experts and the tokens of its own slice of the batch.
+Here the batch is split over ``data`` x ``fsdp`` x ``expert`` (the logical
+``batch`` axis) and the expert weights' leading ``experts`` axis over
+``expert``. Inside ``jax.shard_map`` each device routes its own rows, sends
+expert e's capacity buffer to the device that holds e (all-to-all over
+``expert``), runs its local experts on the buffers of all its ``expert`` peers
+and sends the outputs back (the second all-to-all).
+
+Gradients follow from the shardings: a dense parameter is replicated over the
+whole batch split, so its gradient is summed over data x fsdp x expert; an
+expert's weights are replicated only over data x fsdp, so their gradient is
+summed over the data replicas of that expert, DeepSpeed's expert-data-parallel
+group. No collective for this is written by hand.
+
+The axis names come from the logical rules in effect (``experts``, ``batch``,
+``mlp``), so the model still never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+from jax.sharding import PartitionSpec as P
+
+from jaxspeed.moe.experts import ExpertWeights, capacity_experts
+
+
+def _rules() -> dict:
+  return dict(nn.get_logical_axis_rules())
+
+
+def _axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_parallel_size() -> int:
+  """Devices the ``experts`` axis is split over in the current mesh and rules (1 if none)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = _axes(_rules().get("experts"))
+  if mesh.empty or not axes:
+    return 1
+  size = 1
+  for axis in axes:
+    size *= mesh.shape.get(axis, 1)
+  return size
+
+
+def expert_parallel_experts(x: jax.Array, dispatch: jax.Array, combine: jax.Array,
+                            w: ExpertWeights) -> jax.Array:
+  """``capacity_experts`` with experts split over the ``experts`` mesh axis.
+
+  Args:
+    x: [B, S, d] rows split over the ``batch`` axes, which must include the
+      expert axis (every device routes different rows).
+    dispatch, combine: [B, S, E, C].
+    w: all experts' weights, [E, ...], split over the expert axis.
+
+  Returns:
+    [B, S, d], split like ``x``.
+  """
+  rules = _rules()
+  expert_axis = _axes(rules["experts"])
+  batch = _axes(rules.get("batch"))
+  hidden = _axes(rules.get("mlp"))
+  rows = P(batch or None)
+  weight_specs = ExpertWeights(P(expert_axis, None, hidden or None), P(expert_axis, hidden or None),
+                               P(expert_axis, hidden or None, None), P(expert_axis, None))
+
+  def local(x, dispatch, combine, w):
+    send = lambda b: jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True)
+    receive = lambda b: jax.lax.all_to_all(b, expert_axis, 1, 0, tiled=True)
+    reduce_hidden = (lambda y: jax.lax.psum(y, hidden)) if hidden else (lambda y: y)
+    return capacity_experts(x, dispatch, combine, w, send=send, receive=receive,
+                            reduce_hidden=reduce_hidden)
+
+  return jax.shard_map(local, in_specs=(rows, rows, rows, weight_specs), out_specs=rows)(
+      x, dispatch, combine, w)
