@@ -25,6 +25,7 @@ from experiments import common
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: small budget and model.")
 BUDGET_MIB = flags.DEFINE_float("budget_mib", 128.0, "Per-device memory budget.")
 GRANULARITY = flags.DEFINE_integer("granularity", 256, "N is searched in multiples of this.")
+MAX_SEQ = flags.DEFINE_integer("max_seq", 65536, "Search no further than this length.")
 SP = 8
 
 
@@ -52,8 +53,11 @@ def peak_bytes(seq_len: int, sp: int, quick: bool) -> int:
           - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def longest(sp: int, budget: float, unit: int, quick: bool, rows: list) -> int:
-  """Largest multiple of ``unit`` whose peak fits ``budget``: doubling, then bisection."""
+def longest(sp: int, budget: float, unit: int, cap: int, quick: bool, rows: list) -> int:
+  """Largest multiple of ``unit`` up to ``cap`` whose peak fits ``budget``.
+
+  Doubling, then bisection; a result equal to ``cap`` means "at least".
+  """
   def fits(n: int) -> bool:
     peak = peak_bytes(n, sp, quick)
     rows.append({"sp": sp, "seq_len": n, "peak_mib": peak / 2**20, "fits": peak <= budget})
@@ -63,8 +67,10 @@ def longest(sp: int, budget: float, unit: int, quick: bool, rows: list) -> int:
   if not fits(unit):
     return 0
   low = unit
-  while fits(2 * low):
+  while 2 * low <= cap and fits(2 * low):
     low *= 2
+  if 2 * low > cap:
+    return low
   high = 2 * low  # low fits, high does not
   while high - low > unit:
     mid = (low + high) // 2 // unit * unit
@@ -78,9 +84,10 @@ def main(argv):
   quick = QUICK.value
   budget = (8.0 if quick else BUDGET_MIB.value) * 2**20
   unit = 256 if quick else GRANULARITY.value
+  cap = 4096 if quick else MAX_SEQ.value
   rows = []
-  single = longest(1, budget, unit, quick, rows)
-  parallel = longest(SP, budget, unit, quick, rows)
+  single = longest(1, budget, unit, cap, quick, rows)
+  parallel = longest(SP, budget, unit, cap, quick, rows)
   summary = {"budget_mib": budget / 2**20, "max_seq_sp1": single, "max_seq_sp8": parallel,
              "max_seq_ratio_sp8": parallel / single if single else float("nan")}
   header = ("Paper (DeepSpeed-Ulysses): 4x longer sequences than existing systems. Here: the "

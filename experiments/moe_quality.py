@@ -41,7 +41,7 @@ from configs import gpt_tiny
 from experiments import common
 from jaxspeed.moe import param_counts
 
-QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 4 layers of width 32, seq 32, 12 steps.")
+QUICK = flags.DEFINE_bool("quick", False, "Smoke run: one device, 4 layers of width 32, 8 steps.")
 STEPS = flags.DEFINE_integer("steps", 200, "Training steps of every run.")
 LAYERS = flags.DEFINE_integer("layers", 6, "Layers of the dense, MoE and teacher models.")
 KD_STOP = flags.DEFINE_float("kd_stop_fraction", 0.75, "Staged KD: share of steps distilled.")
@@ -105,9 +105,9 @@ def counts(config) -> dict[str, int]:
 
 def main(argv):
   del argv
-  common.setup_devices()
+  common.setup_devices(1 if QUICK.value else None)  # quick: one device, fewer compiles
   quick = QUICK.value
-  steps = 12 if quick else STEPS.value
+  steps = 8 if quick else STEPS.value
   layers = 4 if quick else LAYERS.value
   workdir = os.path.join(common.OUTPUT_DIR.value, "moe_quality_runs")
   runs = configs(quick, steps, layers, os.path.join(workdir, "prmoe"), KD_STOP.value)
