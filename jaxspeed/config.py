@@ -110,6 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.kd = _kd_defaults()
 
   c.inference = _inference_defaults()
+  c.rlhf = _rlhf_defaults()
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "python_docs"  # or comma-separated .txt/.jsonl paths
@@ -206,6 +207,103 @@ def _inference_defaults() -> ml_collections.ConfigDict:
       policy="full", budget=1.0, sink_tokens=4, recent_ratio=0.5, threshold=0.95,
       fastgen_ratio=0.3, merge_threshold=0.8, merge_sigma=1.0, window=32))
   return c
+
+
+def _rlhf_defaults() -> ml_collections.ConfigDict:
+  """DeepSpeed-Chat's three steps, DPO and GRPO (``experiments.rlhf``; ``jaxspeed.rlhf``).
+
+  Model, mesh, ZeRO stage and optimizer come from the rest of the config, as
+  for pre-training; each step sets its own length, batch and learning rate.
+  DeepSpeed-Chat's defaults are kept where they carry over (KL 0.1, reward
+  clip 5, clip ranges 0.2, γ 1, λ 0.95, EMA 0.992, one PPO epoch); its
+  learning rates (actor 9.65e-6, critic 5e-6) are for OPT-1.3B and far too
+  small for a model trained from scratch in minutes.
+  """
+  c = ml_collections.ConfigDict()
+  c.prompt_len = 48  # tokens; the task's prompts are windows of real text
+  c.answer_len = 24  # DeepSpeed-Chat's max_answer_seq_len
+  c.num_pairs = 4096  # training preference pairs (from data.corpus's train split)
+  c.eval_pairs = 256  # held-out pairs (from the validation split)
+  c.rejected = "shuffle,swap"  # how rejected answers are corrupted (jaxspeed.rlhf.data)
+  # Where each step finds its input; "" = <workdir>/pretrain, /sft and /reward.
+  c.init_workdir = ""
+  c.actor_workdir = ""
+  c.reward_workdir = ""
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=200, batch_size=32, learning_rate=1e-3, warmup=10,
+      prompt_mask=False))  # DeepSpeed-Chat trains on the prompt tokens too
+  c.reward = ml_collections.ConfigDict(dict(steps=300, batch_size=32, learning_rate=1e-3,
+                                            warmup=20))
+  c.ppo = ml_collections.ConfigDict(dict(
+      iterations=60, batch_size=32, ppo_epochs=1, actor_learning_rate=1e-4,
+      critic_learning_rate=1e-4, warmup=0, kl_ctl=0.1, clip_reward_value=5.0, cliprange=0.2,
+      cliprange_value=0.2, gamma=1.0, lam=0.95,
+      temperature=1.0, top_k=0,  # sampling of the answers
+      whiten_advantages=False,  # not in DeepSpeed-Chat
+      adaptive_kl=False, kl_target=6.0, kl_horizon=10000,  # Ziegler et al.; not in DeepSpeed-Chat
+      unsup_coef=0.0,  # PTX mix; DeepSpeed-Chat uses 27.8 when a pretraining set is given
+      enable_ema=True, ema_beta=0.992))
+  c.dpo = ml_collections.ConfigDict(dict(steps=100, batch_size=32, learning_rate=1e-4,
+                                         warmup=0, beta=0.1))
+  c.grpo = ml_collections.ConfigDict(dict(
+      iterations=60, prompts=8, group_size=4, learning_rate=1e-4, warmup=0, beta=0.04,
+      cliprange=0.2, temperature=1.0))
+  return c
+
+
+RLHF_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
+
+
+def validate_rlhf(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """``validate`` plus the checks of ``config.rlhf``; returns the mesh shape.
+
+  Raises:
+    ConfigError: naming the first bad key and the allowed values.
+  """
+  shape = validate(config, num_devices)
+  rlhf = config.rlhf
+  _choice(config, "model.name", ("gpt",))
+  for axis in ("stage", "expert", "sequence"):
+    if shape[axis] > 1:
+      raise ConfigError(f"parallel.{axis}", "the RLHF steps train on data / fsdp / tensor "
+                        f"axes (ZeRO and tensor parallelism); got parallel.{axis}={shape[axis]}")
+  if config.optim.name in ONEBIT_OPTIMIZERS:
+    raise ConfigError("optim.name", f"the RLHF steps use optax optimizers; got "
+                      f"{config.optim.name!r}, allowed: adamw, adam, lamb, sgd")
+  for key in ("prompt_len", "answer_len", "num_pairs", "eval_pairs", "sft.steps",
+              "sft.batch_size", "sft.learning_rate", "reward.steps", "reward.batch_size",
+              "reward.learning_rate", "ppo.iterations", "ppo.batch_size", "ppo.ppo_epochs",
+              "ppo.actor_learning_rate", "ppo.critic_learning_rate", "ppo.clip_reward_value",
+              "ppo.kl_target", "ppo.kl_horizon", "dpo.steps", "dpo.batch_size",
+              "dpo.learning_rate", "dpo.beta", "grpo.iterations", "grpo.prompts",
+              "grpo.group_size", "grpo.learning_rate"):
+    _positive(config, f"rlhf.{key}")
+  for key in ("ppo.kl_ctl", "ppo.cliprange", "ppo.cliprange_value", "ppo.temperature",
+              "ppo.top_k", "ppo.unsup_coef", "grpo.beta", "grpo.cliprange",
+              "grpo.temperature", "sft.warmup", "reward.warmup", "ppo.warmup", "dpo.warmup",
+              "grpo.warmup"):
+    _positive(config, f"rlhf.{key}", allow_zero=True)
+  for key in ("ppo.gamma", "ppo.lam", "ppo.ema_beta"):
+    value = rlhf.ppo[key.split(".")[1]]
+    if not 0 <= value <= 1:
+      raise ConfigError(f"rlhf.{key}", f"must be in [0, 1], got {value!r}")
+  if rlhf.grpo.group_size < 2:
+    raise ConfigError("rlhf.grpo.group_size", f"GRPO compares answers within a group: need >= 2,"
+                      f" got {rlhf.grpo.group_size}")
+  if rlhf.prompt_len + rlhf.answer_len > config.model.max_seq_len:
+    raise ConfigError("rlhf.answer_len", f"prompt_len + answer_len = "
+                      f"{rlhf.prompt_len + rlhf.answer_len} exceeds model.max_seq_len="
+                      f"{config.model.max_seq_len}")
+  dp = math.prod(shape[a] for a in DATA_AXES)
+  for key in ("sft.batch_size", "reward.batch_size", "ppo.batch_size", "dpo.batch_size"):
+    if rlhf[key.split(".")[0]].batch_size % dp:
+      raise ConfigError(f"rlhf.{key}", f"{rlhf[key.split('.')[0]].batch_size} is not divisible "
+                        f"by the data-parallel size {dp}")
+  if (rlhf.grpo.prompts * rlhf.grpo.group_size) % dp:
+    raise ConfigError("rlhf.grpo.prompts", f"prompts x group_size = "
+                      f"{rlhf.grpo.prompts * rlhf.grpo.group_size} is not divisible by the "
+                      f"data-parallel size {dp}")
+  return shape
 
 
 def _validate_inference(config: ml_collections.ConfigDict, num_devices: int) -> None:

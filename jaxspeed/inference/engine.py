@@ -76,11 +76,24 @@ class Generator:
                            is_leaf=lambda x: isinstance(x, P))
       self._param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                            is_leaf=lambda x: isinstance(x, P))
-      params = jax.device_put(params, self._param_shardings)
-    self.params = params
+    self.load_params(params)
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames="sampling", donate_argnums=1)
     self._teacher_forced = jax.jit(self._teacher_forced_fn, static_argnums=2)
+
+  @property
+  def param_shardings(self):
+    """Where generation keeps each parameter (tensor-parallel only), or None without a mesh."""
+    return self._param_shardings
+
+  def load_params(self, params) -> None:
+    """Generates from ``params`` from now on; same shapes, so nothing recompiles.
+
+    On a mesh the parameters are placed in ``param_shardings`` (device to device).
+    """
+    if self._param_shardings is not None:
+      params = jax.device_put(params, self._param_shardings)
+    self.params = params
 
   # -- compiled steps --------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                deterministic: bool = True, *, random_ltd_kept: int | None = None,
-               layer_keep_theta: jax.Array | None = None, cache: tuple | None = None):
+               layer_keep_theta: jax.Array | None = None, cache: tuple | None = None,
+               features_only: bool = False):
     """tokens, positions: [B, S] int.
 
     Args:
@@ -44,6 +45,9 @@ class GPT(nn.Module):
     With ``cache`` (one KV cache per layer, from ``jaxspeed.inference``) the
     tokens attend to the cache, which they extend; returns
     ``(logits, new_cache)``.
+
+    With ``features_only`` it returns the final-LayerNorm hidden states
+    [B, S, d_model] instead of logits (the trunk of a reward or value model).
     """
     cfg = self.config
     dtype = cfg.compute_dtype
@@ -67,6 +71,8 @@ class GPT(nn.Module):
             x, positions, None, deterministic, None, cache[i])
       return self._logits(embed, x), tuple(cache)
     x = self.layer_stack(x, positions, deterministic, random_ltd_kept, layer_keep_theta)
+    if features_only:
+      return LayerNorm(cfg.layernorm_eps, name="ln_final")(x)
     return self._logits(embed, x)
 
   def layer_stack(self, x: jax.Array, positions: jax.Array, deterministic: bool,

@@ -38,13 +38,25 @@ Metrics = dict[str, jax.Array]
 DenseInterceptorAt = Callable[[jax.Array | None], DenseInterceptor]
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array,
-                  mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Summed token cross-entropy, written so a vocab-split ``logits`` stays split.
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token cross-entropy [B, S], written so a vocab-split ``logits`` stays split.
 
   The target logit is picked with a masked sum instead of a gather, so under
   tensor parallelism each device reduces its own vocabulary slice and XLA adds
   one all-reduce of [B, S] values (Megatron's vocab-parallel cross-entropy).
+
+  Args:
+    logits: [B, S, V] float32.
+    targets: [B, S] int.
+  """
+  vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Summed token cross-entropy (``token_cross_entropy``) over the counted tokens.
 
   Args:
     logits: [B, S, V] float32.
@@ -54,9 +66,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   Returns:
     (sum of losses over counted tokens, number of counted tokens).
   """
-  vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-  target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
-  losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
+  losses = token_cross_entropy(logits, targets)
   mask = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
   return jnp.sum(losses * mask), jnp.sum(mask)
 
@@ -264,7 +274,8 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
                     layer_dropping: LayerDropping | None = None,
                     dense_interceptor: DenseInterceptorAt | None = None,
                     aux_loss_coef: float = 0.0,
-                    distillation: Distillation | None = None) -> TrainStep:
+                    distillation: Distillation | None = None,
+                    loss_sum: Callable | None = None) -> TrainStep:
   """Builds the train step, jitted with shardings, for an optax or communicating optimizer.
 
   One optimizer step per call: gradients of the token-mean loss over the whole
@@ -276,6 +287,8 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   compressed (``jaxspeed.compression``). ``aux_loss_coef`` scales the MoE
   load-balancing loss added to the objective and ``distillation`` weighs MoS's
   KD term for batches that carry ``teacher_logits`` (``loss_sum_fn``).
+  ``loss_sum`` replaces that language-model objective by another with the
+  same contract (the RLHF losses of ``jaxspeed.rlhf``).
   """
   if isinstance(model, PipelinedGPT) and microbatches > 1:
     raise ValueError("a PipelinedGPT splits the batch into its own microbatches; pass "
@@ -283,7 +296,8 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   dropping = layer_dropping or LayerDropping()
   options = dict(microbatches=microbatches, lr_unit=lr_unit, grad_clip=grad_clip,
                  deterministic=deterministic, dropping=dropping,
-                 loss_sum=loss_sum_fn(model, dense_interceptor, aux_loss_coef, distillation))
+                 loss_sum=loss_sum or loss_sum_fn(model, dense_interceptor, aux_loss_coef,
+                                                  distillation))
   if isinstance(optimizer, CommunicatingOptimizer):
     build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind,
                                              **options)

@@ -111,7 +111,7 @@ def _model_input(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((1, config.seq_len), np.int32)
 
 
-def _tokenizer(config: ml_collections.ConfigDict, docs: list[str],
+def run_tokenizer(config: ml_collections.ConfigDict, docs: list[str],
                workdir: str | None) -> Tokenizer:
   """Byte tokenizer, or a BPE trained on the train split (reused on resume)."""
   path = os.path.join(workdir, "tokenizer.json") if workdir else None
@@ -165,7 +165,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   except FileNotFoundError as e:
     raise ConfigError("data.corpus", str(e)) from e
   train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.seed)
-  tokenizer = _tokenizer(config, train_docs, workdir)
+  tokenizer = run_tokenizer(config, train_docs, workdir)
   # BERT's [MASK] is the first id past the tokenizer's vocabulary.
   needed = tokenizer.vocab_size + (config.model.name == "bert")
   if needed > config.model.vocab_size:
