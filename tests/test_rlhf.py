@@ -111,9 +111,9 @@ def test_preference_pairs_from_text():
   words = np.frombuffer(b"ab cd ef", np.uint8).astype(np.int32)
   shuffled = shuffle_words(words, 32, np.random.default_rng(0))
   assert sorted(bytes(shuffled.astype(np.uint8)).replace(b" ", b"")) == sorted(b"abcdef")
-  with pytest.raises(ConfigError, match="rlhf.num_pairs"):
+  with pytest.raises(ConfigError, match=r"rlhf.num_pairs"):
     continuation_pairs(["too short"], ByteTokenizer(), 12, 16, 10, seed=0)
-  with pytest.raises(ConfigError, match="rlhf.rejected"):
+  with pytest.raises(ConfigError, match=r"rlhf.rejected"):
     continuation_pairs(docs, ByteTokenizer(), 12, 16, 10, seed=0, kinds=("reverse",))
 
 
@@ -212,14 +212,14 @@ def _fake_stage(directory, value_head, tokenizer):
 def test_loading_the_wrong_model_is_refused(tmp_path):
   context = _context(tmp_path)
   reward = make_learner(ValueModel(MODEL), _optim(), 1, context.mesh, 0, SEQ)
-  with pytest.raises(ConfigError, match="rlhf.reward_workdir.*no finished reward step"):
+  with pytest.raises(ConfigError, match=r"rlhf.reward_workdir.*no finished reward step"):
     load_stage(context, "reward", reward, True)
   byte = tokenizer_fingerprint(ByteTokenizer())
   _fake_stage(tmp_path / "reward", False, byte)  # an SFT model where the reward model goes
-  with pytest.raises(ConfigError, match="rlhf.reward_workdir.*without a value head"):
+  with pytest.raises(ConfigError, match=r"rlhf.reward_workdir.*without a value head"):
     load_stage(context, "reward", reward, True)
   _fake_stage(tmp_path / "reward", True, "bpe-512-0123456789abcdef")
-  with pytest.raises(ConfigError, match="rlhf.reward_workdir.*tokenizer bpe-512"):
+  with pytest.raises(ConfigError, match=r"rlhf.reward_workdir.*tokenizer bpe-512"):
     load_stage(context, "reward", reward, True)
 
 
