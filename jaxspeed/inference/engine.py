@@ -30,7 +30,7 @@ from jaxspeed.inference.sampling import SamplingConfig, sample_logits
 from jaxspeed.models.gpt import GPT
 from jaxspeed.parallel.rules import compute_rules, logical_to_spec
 
-# Generation replicates the batch: rows are few, and heads/MLP/vocab carry the split.
+# By default generation replicates the batch: rows are few, and heads/MLP/vocab carry the split.
 RULES = compute_rules(batch_axes=None)
 MIN_PROMPT_BUCKET = 16
 GREEDY = SamplingConfig()
@@ -58,11 +58,16 @@ class Generator:
       ``model.config.max_seq_len`` with learned positions).
     mesh: a mesh to run on; its ``tensor`` axis splits heads, MLP and vocabulary.
     policy: a KV-compression policy, or None for the full cache.
+    batch_axes: mesh axes to split the rows over (each data replica decodes
+      its own rows, as in RLHF's hybrid engine); None replicates them. The
+      number of prompts must then be a multiple of those axes' size.
   """
 
   def __init__(self, model: GPT, params, *, cache_len: int | None = None,
-               mesh: Mesh | None = None, policy=None):
+               mesh: Mesh | None = None, policy=None,
+               batch_axes: tuple[str, ...] | None = None):
     cfg = model.config
+    self.rules = RULES if batch_axes is None else compute_rules(batch_axes=batch_axes)
     self.model, self.policy, self.mesh = model, policy, mesh
     self.cache_len = cache_len or cfg.max_seq_len
     if cfg.position == "learned" and self.cache_len > cfg.max_seq_len:
@@ -98,7 +103,7 @@ class Generator:
   # -- compiled steps --------------------------------------------------------------------------
 
   def _run(self, params, tokens, positions, caches):
-    with nn.logical_axis_rules(RULES):
+    with nn.logical_axis_rules(self.rules):
       return self.model.apply({"params": params}, tokens, positions, cache=caches)
 
   def _empty_caches(self, batch: int, length: int, track_scores: bool) -> tuple[KVCache, ...]:
@@ -106,7 +111,8 @@ class Generator:
     cache = KVCache.zeros(batch, length, cfg.num_heads, cfg.kv_heads, cfg.head_dim,
                           cfg.compute_dtype, track_scores)
     names = ("batch", "seq", "kv_heads", "kv")
-    cache = cache.replace(k=_constrain(cache.k, names), v=_constrain(cache.v, names))
+    with nn.logical_axis_rules(self.rules):
+      cache = cache.replace(k=_constrain(cache.k, names), v=_constrain(cache.v, names))
     return (cache,) * cfg.num_layers
 
   def _prefill_fn(self, params, tokens: jax.Array, lengths: jax.Array):

@@ -3,8 +3,9 @@
 Training keeps the actor's parameters where ZeRO and tensor parallelism put
 them (under ZeRO-3, each split over the data axes as well). Generation is
 latency-bound and reads every weight at every token, so it wants them
-tensor-parallel only, whole on each data replica (DeepSpeed gathers the
-ZeRO-3 partitions and swaps in inference kernels for ``generate()``). Here
+tensor-parallel only, whole on each data replica, with each replica decoding
+its own rows (DeepSpeed gathers the ZeRO-3 partitions and swaps in inference
+kernels for ``generate()``). Here
 the switch is one jitted identity with the inference shardings as outputs:
 XLA turns it into all-gathers between devices, nothing goes through the
 host, and the generation programs (``jaxspeed.inference.Generator``) compile
@@ -21,6 +22,7 @@ import numpy as np
 from jaxspeed.comm.hlo import communication
 from jaxspeed.inference import Generator, SamplingConfig
 from jaxspeed.models.gpt import GPT
+from jaxspeed.parallel.mesh import DATA_AXES
 
 
 class HybridEngine:
@@ -35,7 +37,8 @@ class HybridEngine:
   """
 
   def __init__(self, model: GPT, params, mesh, cache_len: int):
-    self.generator = Generator(model, params, cache_len=cache_len, mesh=mesh)
+    self.generator = Generator(model, params, cache_len=cache_len, mesh=mesh,
+                               batch_axes=DATA_AXES)
     self._to_inference = jax.jit(lambda p: p, out_shardings=self.generator.param_shardings)
     self.generate_seconds = 0.0
 

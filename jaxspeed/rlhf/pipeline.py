@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -29,6 +31,7 @@ from jaxspeed.errors import ConfigError
 from jaxspeed.inference import SamplingConfig
 from jaxspeed.models import GPT, ModelConfig
 from jaxspeed.parallel import make_mesh
+from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.rlhf.data import PreferencePairs, continuation_pairs
 from jaxspeed.rlhf.dpo import dpo_batch, dpo_loss_sum, make_reference_logprobs
 from jaxspeed.rlhf.grpo import GrpoTrainer, grpo_loss_sum
@@ -55,6 +58,12 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
   return f"{type(tokenizer).__name__}-{tokenizer.vocab_size}"
 
 
+def input_dir(config: ml_collections.ConfigDict, workdir: str, stage: str) -> str:
+  """Where a step's output is read from: its ``rlhf.*_workdir`` key, else ``<workdir>/<stage>``."""
+  key = INPUT_KEYS.get(stage)
+  return (key and config.rlhf[key]) or os.path.join(workdir, stage)
+
+
 @dataclasses.dataclass
 class Context:
   """What every step shares: the config, mesh, tokenizer, models and preference task."""
@@ -73,8 +82,7 @@ class Context:
     return self.config.rlhf.prompt_len + self.config.rlhf.answer_len
 
   def input_dir(self, stage: str) -> str:
-    key = INPUT_KEYS.get(stage)
-    return (key and self.config.rlhf[key]) or os.path.join(self.workdir, stage)
+    return input_dir(self.config, self.workdir, stage)
 
   def output_dir(self, stage: str) -> str:
     return os.path.join(self.workdir, stage)
@@ -97,22 +105,27 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, devices=None) 
   except FileNotFoundError as e:
     raise ConfigError("data.corpus", str(e)) from e
   train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.seed)
-  context = Context(config, workdir, make_mesh(config.parallel, devices), None, None, None,
-                    None, None)
-  tokenizer = run_tokenizer(config, train_docs, context.input_dir("pretrain"))
+  tokenizer = run_tokenizer(config, train_docs, input_dir(config, workdir, "pretrain"))
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the "
                       f"tokenizer's {tokenizer.vocab_size} ids")
   rlhf = config.rlhf
   kinds = tuple(k.strip() for k in rlhf.rejected.split(",") if k.strip())
   model_config = ModelConfig.from_config(config.model)
-  return dataclasses.replace(
-      context, tokenizer=tokenizer, actor_model=GPT(model_config),
-      value_model=ValueModel(model_config),
+  mesh = make_mesh(config.parallel, devices)
+  eval_pairs = continuation_pairs(val_docs, tokenizer, rlhf.prompt_len, rlhf.answer_len,
+                                  rlhf.eval_pairs, config.seed + 1, kinds)
+  # Held-out rows are evaluated in one batch split over the data axes.
+  data_size = math.prod(mesh.shape[a] for a in DATA_AXES)
+  eval_pairs = eval_pairs.take(np.arange(len(eval_pairs) // data_size * data_size))
+  if not len(eval_pairs):
+    raise ConfigError("rlhf.eval_pairs", f"no held-out pairs: need at least {data_size} (the "
+                      "data-parallel size)")
+  return Context(
+      config, workdir, mesh, tokenizer, GPT(model_config), ValueModel(model_config),
       train_pairs=continuation_pairs(train_docs, tokenizer, rlhf.prompt_len, rlhf.answer_len,
                                      rlhf.num_pairs, config.seed, kinds),
-      eval_pairs=continuation_pairs(val_docs, tokenizer, rlhf.prompt_len, rlhf.answer_len,
-                                    rlhf.eval_pairs, config.seed + 1, kinds))
+      eval_pairs=eval_pairs)
 
 
 # -- checkpoints of the steps ---------------------------------------------------------------
@@ -120,15 +133,22 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, devices=None) 
 
 def save_stage(context: Context, stage: str, state: TrainState, value_head: bool,
                summary: dict[str, Any]) -> None:
-  """Writes the step's final state, then ``stage.json`` (so a half-written step has none)."""
+  """Writes the step's final state, then ``stage.json`` (so a half-written step has none).
+
+  A rerun replaces the step's earlier output.
+  """
   directory = context.output_dir(stage)
   os.makedirs(directory, exist_ok=True)
+  meta_path = os.path.join(directory, STAGE_FILE)
+  if jax.process_index() == 0 and os.path.exists(meta_path):
+    os.remove(meta_path)
   if stage != "pretrain":  # the trainer has checkpointed it
+    shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=1)
     checkpointer.save(int(state.step), state, {})
     checkpointer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, STAGE_FILE), "w") as f:
+    with open(meta_path, "w") as f:
       json.dump({"stage": stage, "value_head": value_head,
                  "tokenizer": tokenizer_fingerprint(context.tokenizer), "summary": summary},
                 f, indent=2, default=str)
