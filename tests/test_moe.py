@@ -12,6 +12,7 @@ from jaxspeed.config import default_config, validate
 from jaxspeed.errors import ConfigError
 from jaxspeed.models import GPT, ModelConfig
 from jaxspeed.moe import (
+    Distillation,
     ExpertWeights,
     MoeConfig,
     MoeMlp,
@@ -308,6 +309,38 @@ def test_kd_loss_is_temperature_scaled_kl():
   np.testing.assert_allclose(float(kd_loss_sum(student, teacher, 2.0)), expected, rtol=1e-5)
   masked = kd_loss_sum(student, teacher, 1.0, mask=jnp.asarray([[0.0, 1.0]]))
   assert abs(float(masked)) < 1e-6
+
+
+def _log_softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def test_train_objective_adds_weighted_kd_term():
+  """MoS: objective / tokens = α·CE + coef·Σ l_aux + β·T²·KL(softmax(t/T) ‖ softmax(s/T)),
+  token means, with the KL computed here from the student's logits."""
+  cfg = ModelConfig(num_layers=2, d_model=32, d_ff=64, num_heads=2, max_seq_len=8,
+                    moe=MoeConfig(num_experts=4, expert_interval=1))
+  model = GPT(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 256)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
+  student = np.asarray(jax.jit(model.apply)({"params": params}, tokens), np.float64)
+  teacher = 3 * jax.random.normal(jax.random.PRNGKey(2), student.shape)
+  batch = {"inputs": tokens, "targets": tokens, "teacher_logits": teacher}
+  kd = Distillation(temperature=2.0, alpha_ce=0.5, beta_ce=3.0)
+  objective, sums = jax.jit(lambda p, b: loss_sum_fn(model, aux_loss_coef=0.1, distillation=kd)(
+      p, b, None, True))(params, batch)
+  log_p = _log_softmax(np.asarray(teacher, np.float64) / 2)
+  log_q = _log_softmax(student / 2)
+  kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)  # [B, S]
+  ce = -np.take_along_axis(_log_softmax(student), np.asarray(tokens)[..., None], -1)
+  n = tokens.size
+  np.testing.assert_allclose(float(sums["kd_sum"]) / n, 4 * kl.mean(), rtol=1e-4)
+  np.testing.assert_allclose(float(sums["loss_sum"]) / n, ce.mean(), rtol=1e-4)
+  aux = float(sums["moe_aux_sum"]) / n
+  assert aux > 1.9  # two MoE layers, each l_aux >= 1
+  np.testing.assert_allclose(float(objective) / n,
+                             0.5 * ce.mean() + 0.1 * aux + 3.0 * 4 * kl.mean(), rtol=1e-4)
 
 
 def test_param_counts_activate_top_k_experts():
