@@ -20,7 +20,9 @@ default corpus, ``--steps`` steps each:
   (``kd``: T = 1, α = β = 1, KD stopped after ``--kd_stop_fraction`` of the
   steps: staged KD);
 * student: the same student without distillation, to show what KD adds
-  (skipped by ``--quick``).
+  (skipped by ``--quick``). ``teacher_gain_over_student`` (student − teacher
+  validation loss) says whether the teacher is the better model at all: KD
+  pulls the student toward the teacher, so it cannot help when that is ≤ 0.
 
 Parameters are counted from the initialized model; active parameters per
 token count only top-k of the E experts of each MoE layer
@@ -128,6 +130,12 @@ def main(argv):
                                 if summary["moe_gain_over_dense"] else float("nan"))
   summary["prmoe_param_ratio"] = summary["prmoe_params"] / summary["moe_params"]
   summary["mos_param_ratio"] = summary["mos_params"] / summary["moe_params"]
+  if "student_val_loss" in summary:
+    # KD can only pull the student toward the teacher: it helps if the teacher is the
+    # better model (teacher_gain > 0), which at a few hundred steps a deeper one need not be.
+    summary["teacher_gain_over_student"] = (summary["student_val_loss"]
+                                            - summary["prmoe_val_loss"])
+    summary["mos_gain_over_student"] = summary["student_val_loss"] - summary["mos_val_loss"]
   header = ("Claim (DeepSpeed-MoE): MoE reaches lower validation loss than dense at the same "
             "active compute (5x lower training cost for equal quality at 1.3B/350M scale); "
             "PR-MoE keeps it with up to 3x fewer parameters, MoS a further 12.5% smaller "
