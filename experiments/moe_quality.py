@@ -27,9 +27,9 @@ default corpus, ``--steps`` steps each:
 
 Runs on one device unless ``--cpu_devices`` is given. Parameters are counted
 from the initialized model; active parameters per token count only top-k of
-the E experts of each MoE layer (``jaxspeed.moe.param_counts``). Validation loss is the trainer's final
-evaluation (cross-entropy only, no aux term), on ``eval_batches`` held-out
-batches.
+the E experts of each MoE layer (``jaxspeed.moe.param_counts``). Validation
+loss is the trainer's final evaluation (cross-entropy only, no aux term), on
+``eval_batches`` held-out batches.
 """
 
 from __future__ import annotations
