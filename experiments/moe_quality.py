@@ -18,15 +18,18 @@ default corpus, ``--steps`` steps each:
 * residual: 8 experts, top-1, plus the residual MLP (Residual-MoE);
 * mos: a PR-MoE student with two layers fewer, distilled from the prmoe run
   (``kd``: T = 1, α = β = 1, KD stopped after ``--kd_stop_fraction`` of the
-  steps: staged KD);
+  steps: staged KD); with ``--teacher_steps`` from a ``teacher`` run, the
+  prmoe model trained that many steps (the paper distills a trained teacher);
 * student: the same student without distillation, to show what KD adds
-  (skipped by ``--quick``).
+  (skipped by ``--quick``). ``teacher_gain_over_student`` (student − teacher
+  validation loss) says whether the teacher is the better model at all: KD
+  pulls the student toward the teacher, so it cannot help when that is ≤ 0.
 
-Parameters are counted from the initialized model; active parameters per
-token count only top-k of the E experts of each MoE layer
-(``jaxspeed.moe.param_counts``). Validation loss is the trainer's final
-evaluation (cross-entropy only, no aux term), on ``eval_batches`` held-out
-batches.
+Runs on one device unless ``--cpu_devices`` is given. Parameters are counted
+from the initialized model; active parameters per token count only top-k of
+the E experts of each MoE layer (``jaxspeed.moe.param_counts``). Validation
+loss is the trainer's final evaluation (cross-entropy only, no aux term), on
+``eval_batches`` held-out batches.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ from configs import gpt_tiny
 from experiments import common
 from jaxspeed.moe import param_counts
 
-QUICK = flags.DEFINE_bool("quick", False, "Smoke run: one device, 4 layers of width 32, 8 steps.")
+QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 4 layers of width 32, 8 steps.")
 STEPS = flags.DEFINE_integer("steps", 200, "Training steps of every run.")
 LAYERS = flags.DEFINE_integer("layers", 6, "Layers of the dense, MoE and teacher models.")
 KD_STOP = flags.DEFINE_float("kd_stop_fraction", 0.75, "Staged KD: share of steps distilled.")
+TEACHER_STEPS = flags.DEFINE_integer(
+    "teacher_steps", 0, "Train the MoS teacher (the prmoe model) for this many steps in its own "
+    "run; 0: distill from the prmoe run itself.")
 NUM_EXPERTS = 8
 
 
@@ -77,7 +83,10 @@ def _pyramid(moe_layers: int) -> tuple[int, ...]:
                for i in range(moe_layers))
 
 
-def configs(quick: bool, steps: int, layers: int, teacher_dir: str, kd_stop: float) -> dict:
+def configs(quick: bool, steps: int, layers: int, teacher_dir: str, kd_stop: float,
+            teacher_steps: int = 0) -> dict:
+  """The runs, in order; ``teacher_dir`` is the workdir of the prmoe run, or with
+  ``teacher_steps`` of the extra ``teacher`` run (prmoe trained that long)."""
   runs = {}
   runs["dense"] = _base(quick, steps, layers)
   runs["moe"] = _base(quick, steps, layers)
@@ -86,6 +95,9 @@ def configs(quick: bool, steps: int, layers: int, teacher_dir: str, kd_stop: flo
   runs["prmoe"].moe.update(layer_num_experts=_pyramid(layers // 2), use_residual=True)
   runs["residual"] = _base(quick, steps, layers)
   runs["residual"].moe.update(num_experts=NUM_EXPERTS, use_residual=True)
+  if teacher_steps:
+    runs["teacher"] = _base(quick, teacher_steps, layers)
+    runs["teacher"].moe.update(layer_num_experts=_pyramid(layers // 2), use_residual=True)
   student_layers = layers - 2
   for name in ("mos",) if quick else ("mos", "student"):
     runs[name] = _base(quick, steps, student_layers)
@@ -105,14 +117,19 @@ def counts(config) -> dict[str, int]:
 
 def main(argv):
   del argv
-  common.setup_devices(1 if QUICK.value else None)  # quick: one device, fewer compiles
+  # One device unless --cpu_devices is given: quality needs no parallelism, and with 8
+  # virtual devices on a loaded 2-core host XLA:CPU's in-process all-reduce rendezvous
+  # can exceed its 40 s termination timeout and abort the run.
+  common.setup_devices(None if flags.FLAGS["cpu_devices"].present else 1)
   quick = QUICK.value
   steps = 8 if quick else STEPS.value
   layers = 4 if quick else LAYERS.value
   workdir = os.path.join(common.OUTPUT_DIR.value, "moe_quality_runs")
-  runs = configs(quick, steps, layers, os.path.join(workdir, "prmoe"), KD_STOP.value)
+  teacher = "teacher" if TEACHER_STEPS.value else "prmoe"
+  runs = configs(quick, steps, layers, os.path.join(workdir, teacher), KD_STOP.value,
+                 TEACHER_STEPS.value)
   rows, summary = [], {}
-  for name, config in runs.items():  # prmoe runs before mos, which distills from it
+  for name, config in runs.items():  # the teacher runs before mos, which distills from it
     run_summary, _ = common.fresh_run(config, os.path.join(workdir, name))
     sizes = counts(config)
     rows.append({"model": name, "layers": config.model.num_layers,
@@ -128,6 +145,12 @@ def main(argv):
                                 if summary["moe_gain_over_dense"] else float("nan"))
   summary["prmoe_param_ratio"] = summary["prmoe_params"] / summary["moe_params"]
   summary["mos_param_ratio"] = summary["mos_params"] / summary["moe_params"]
+  if "student_val_loss" in summary:
+    # KD can only pull the student toward the teacher: it helps if the teacher is the
+    # better model (teacher_gain > 0), which at a few hundred steps a deeper one need not be.
+    summary["teacher_gain_over_student"] = (summary["student_val_loss"]
+                                            - summary[f"{teacher}_val_loss"])
+    summary["mos_gain_over_student"] = summary["student_val_loss"] - summary["mos_val_loss"]
   header = ("Claim (DeepSpeed-MoE): MoE reaches lower validation loss than dense at the same "
             "active compute (5x lower training cost for equal quality at 1.3B/350M scale); "
             "PR-MoE keeps it with up to 3x fewer parameters, MoS a further 12.5% smaller "
@@ -135,7 +158,8 @@ def main(argv):
             "host; mos/student have 2 layers fewer.")
   common.write_results("moe_quality", summary, rows,
                        config={"quick": quick, "steps": steps, "layers": layers,
-                               "num_experts": NUM_EXPERTS, "kd_stop_fraction": KD_STOP.value},
+                               "num_experts": NUM_EXPERTS, "kd_stop_fraction": KD_STOP.value,
+                               "teacher_steps": TEACHER_STEPS.value or steps},
                        header=header)
 
 

@@ -577,9 +577,6 @@ def _validate_moe(config: ml_collections.ConfigDict, shape: dict[str, int]) -> N
     key = "moe.layer_num_experts" if moe.layer_num_experts else "moe.num_experts"
     raise ConfigError(key, f"{bad[0]} experts are not divisible by the expert-parallel size "
                       f"parallel.expert={ep}")
-  if ep > 1 and not moe.drop_tokens:
-    raise ConfigError("moe.drop_tokens", "dropless mode sorts each device's tokens over all "
-                      "experts (no capacity buffer to exchange); use it with parallel.expert=1")
   if ep > 1 and config.optim.name in ONEBIT_OPTIMIZERS:
     optax_names = ", ".join(o for o in OPTIMIZERS if o not in ONEBIT_OPTIMIZERS)
     raise ConfigError("optim.name", f"{config.optim.name} compresses whole-model gradients "

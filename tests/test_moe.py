@@ -1,4 +1,5 @@
-"""DeepSpeed-MoE: gates on hand-made logits, dropless, capacity > S, expert parallelism, config."""
+"""DeepSpeed-MoE: gates on hand-made logits, dropless, capacity > S, expert parallelism (with and
+without drops), config."""
 
 import flax.linen as nn
 import jax
@@ -11,16 +12,22 @@ from jaxspeed.config import default_config, validate
 from jaxspeed.errors import ConfigError
 from jaxspeed.models import GPT, ModelConfig
 from jaxspeed.moe import (
+    Distillation,
+    ExpertWeights,
     MoeConfig,
     MoeMlp,
     capacity,
     dispatch_and_combine,
+    dropless_experts,
+    expert_parallel_dropless,
     kd_loss_sum,
     param_counts,
     top1_gating,
     top2_gating,
     topk_gating,
 )
+from jaxspeed.parallel.mesh import make_mesh
+from jaxspeed.parallel.rules import compute_rules
 from jaxspeed.training.step import loss_sum_fn
 
 
@@ -215,13 +222,71 @@ def test_expert_parallel_equals_single_device(tiny_config, single_device_losses,
   assert wi.addressable_shards[0].data.shape[0] <= 8 // parallel["expert"]
 
 
+@pytest.fixture(scope="module")
+def single_device_dropless_losses():
+  """The ``single_device_losses`` run with ``moe.drop_tokens=False``."""
+  config = default_config()
+  config.update(steps=10, batch_size=16, seq_len=32, sample_tokens=0)
+  config.model.update(num_layers=2, num_heads=4, d_model=64, d_ff=256, max_seq_len=32)
+  config.optim.warmup = 2
+  config = _moe_config(config)
+  config.moe.drop_tokens = False
+  return train_losses(config, 10, devices=jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize("parallel", [dict(expert=8), dict(expert=4, data=2)])
+def test_dropless_expert_parallel_equals_single_device(tiny_config, single_device_dropless_losses,
+                                                       parallel):
+  config = _moe_config(tiny_config, **parallel)
+  config.moe.drop_tokens = False
+  losses, setup, state = train_losses(config, 10)
+  np.testing.assert_allclose(losses, single_device_dropless_losses, rtol=1e-4)
+  wi = state.params["layer_1"]["moe"]["wi"]
+  assert "expert" in str(wi.sharding.spec[0])
+  assert wi.addressable_shards[0].data.shape[0] == 8 // parallel["expert"]
+  with jax.set_mesh(setup.mesh):  # one more step, for its metrics (it donates ``state``)
+    _, metrics = setup.train_step(state, setup.to_device(setup.train_data.next_batch()))
+  assert float(metrics["moe_dropped_fraction"]) == 0.0
+  assert int(np.sum(metrics["moe_expert_tokens"])) == 16 * 32  # one MoE layer, top-1
+
+
+def _expert_weights(key, num_experts, d, f):
+  keys = jax.random.split(key, 4)
+  return ExpertWeights(jax.random.normal(keys[0], (num_experts, d, f)) / np.sqrt(d),
+                       jax.random.normal(keys[1], (num_experts, f)),
+                       jax.random.normal(keys[2], (num_experts, f, d)) / np.sqrt(f),
+                       jax.random.normal(keys[3], (num_experts, d)))
+
+
+def test_dropless_expert_parallel_keeps_a_full_shard():
+  """Almost every token picks both experts of shard 0 (ep 4, 2 experts each): its buffer is
+  full, and each token still gets Σ_j w_j · expert_j(x)."""
+  num_experts, d, f = 8, 16, 32
+  w = _expert_weights(jax.random.PRNGKey(0), num_experts, d, f)
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 4, d))
+  experts = np.tile(np.asarray([0, 1], np.int32), (8, 4, 1))
+  experts[0, 0], experts[5, 3], experts[7, 1] = (7, 0), (3, 4), (1, 6)
+  weights = jax.random.uniform(jax.random.PRNGKey(2), (8, 4, 2))
+  mesh = make_mesh(dict(expert=4, data=2))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(compute_rules()):
+    y = jax.jit(expert_parallel_dropless)(x, jnp.asarray(experts), weights, w)
+  p = {k: np.asarray(v) for k, v in w._asdict().items()}
+  expected = np.zeros((8, 4, d), np.float32)
+  for b, s in np.ndindex(8, 4):
+    for e, weight in zip(experts[b, s], np.asarray(weights[b, s])):
+      expected[b, s] += weight * _expert(p, e, np.asarray(x[b, s]))
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-5)
+  single = dropless_experts(x.reshape(32, d), jnp.asarray(experts).reshape(32, 2),
+                            weights.reshape(32, 2), w)
+  np.testing.assert_allclose(np.asarray(single).reshape(8, 4, d), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("key,overrides,parallel", [
     ("moe.num_experts", dict(num_experts=6), dict(expert=4, data=2)),
     ("moe.top_k", dict(num_experts=4, top_k=5), {}),
     ("moe.noisy_gate_policy", dict(num_experts=4, noisy_gate_policy="Gaussian"), {}),
     ("moe.layer_num_experts", dict(layer_num_experts=(4, 8, 8)), {}),
     ("parallel.expert", {}, dict(expert=2, data=4)),
-    ("moe.drop_tokens", dict(num_experts=4, drop_tokens=False), dict(expert=4, data=2)),
 ])
 def test_bad_moe_configs(tiny_config, key, overrides, parallel):
   tiny_config.moe.update(**overrides)
@@ -244,6 +309,38 @@ def test_kd_loss_is_temperature_scaled_kl():
   np.testing.assert_allclose(float(kd_loss_sum(student, teacher, 2.0)), expected, rtol=1e-5)
   masked = kd_loss_sum(student, teacher, 1.0, mask=jnp.asarray([[0.0, 1.0]]))
   assert abs(float(masked)) < 1e-6
+
+
+def _log_softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def test_train_objective_adds_weighted_kd_term():
+  """MoS: objective / tokens = α·CE + coef·Σ l_aux + β·T²·KL(softmax(t/T) ‖ softmax(s/T)),
+  token means, with the KL computed here from the student's logits."""
+  cfg = ModelConfig(num_layers=2, d_model=32, d_ff=64, num_heads=2, max_seq_len=8,
+                    moe=MoeConfig(num_experts=4, expert_interval=1))
+  model = GPT(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 256)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
+  student = np.asarray(jax.jit(model.apply)({"params": params}, tokens), np.float64)
+  teacher = 3 * jax.random.normal(jax.random.PRNGKey(2), student.shape)
+  batch = {"inputs": tokens, "targets": tokens, "teacher_logits": teacher}
+  kd = Distillation(temperature=2.0, alpha_ce=0.5, beta_ce=3.0)
+  objective, sums = jax.jit(lambda p, b: loss_sum_fn(model, aux_loss_coef=0.1, distillation=kd)(
+      p, b, None, True))(params, batch)
+  log_p = _log_softmax(np.asarray(teacher, np.float64) / 2)
+  log_q = _log_softmax(student / 2)
+  kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)  # [B, S]
+  ce = -np.take_along_axis(_log_softmax(student), np.asarray(tokens)[..., None], -1)
+  n = tokens.size
+  np.testing.assert_allclose(float(sums["kd_sum"]) / n, 4 * kl.mean(), rtol=1e-4)
+  np.testing.assert_allclose(float(sums["loss_sum"]) / n, ce.mean(), rtol=1e-4)
+  aux = float(sums["moe_aux_sum"]) / n
+  assert aux > 1.9  # two MoE layers, each l_aux >= 1
+  np.testing.assert_allclose(float(objective) / n,
+                             0.5 * ce.mean() + 0.1 * aux + 3.0 * 4 * kl.mean(), rtol=1e-4)
 
 
 def test_param_counts_activate_top_k_experts():

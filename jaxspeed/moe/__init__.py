@@ -2,8 +2,12 @@
 
 from jaxspeed.moe.config import NOISY_GATE_POLICIES, RESIDUAL_MIXES, MoeConfig
 from jaxspeed.moe.distill import Distillation, kd_loss_sum
-from jaxspeed.moe.expert_parallel import expert_parallel_experts, expert_parallel_size
-from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
+from jaxspeed.moe.expert_parallel import (
+    expert_parallel_dropless,
+    expert_parallel_experts,
+    expert_parallel_size,
+)
+from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts, grouped_mlp
 from jaxspeed.moe.gating import (
     DROP_POLICIES,
     Routing,
@@ -30,8 +34,10 @@ __all__ = [
     "capacity_experts",
     "dispatch_and_combine",
     "dropless_experts",
+    "expert_parallel_dropless",
     "expert_parallel_experts",
     "expert_parallel_size",
+    "grouped_mlp",
     "kd_loss_sum",
     "param_counts",
     "route",

@@ -7,7 +7,8 @@ Here the batch is split over ``data`` x ``fsdp`` x ``expert`` (the logical
 ``expert``. Inside ``jax.shard_map`` each device routes its own rows, sends
 expert e's capacity buffer to the device that holds e (all-to-all over
 ``expert``), runs its local experts on the buffers of all its ``expert`` peers
-and sends the outputs back (the second all-to-all).
+and sends the outputs back (the second all-to-all). Dropless mode exchanges
+buffers big enough for every assignment instead (``expert_parallel_dropless``).
 
 Gradients follow from the shardings: a dense parameter is replicated over the
 whole batch split, so its gradient is summed over data x fsdp x expert; an
@@ -25,7 +26,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxspeed.moe.experts import ExpertWeights, capacity_experts
+from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
 
 
 def _rules() -> dict:
@@ -50,6 +51,21 @@ def expert_parallel_size() -> int:
   return size
 
 
+def _specs() -> tuple[tuple[str, ...], tuple[str, ...], P, ExpertWeights]:
+  """(expert axes, hidden axes, spec of [B, ...] rows, specs of the expert weights)."""
+  rules = _rules()
+  expert_axis = _axes(rules["experts"])
+  hidden = _axes(rules.get("mlp"))
+  rows = P(_axes(rules.get("batch")) or None)
+  weight_specs = ExpertWeights(P(expert_axis, None, hidden or None), P(expert_axis, hidden or None),
+                               P(expert_axis, hidden or None, None), P(expert_axis, None))
+  return expert_axis, hidden, rows, weight_specs
+
+
+def _reduce_hidden(hidden: tuple[str, ...]):
+  return (lambda y: jax.lax.psum(y, hidden)) if hidden else (lambda y: y)
+
+
 def expert_parallel_experts(x: jax.Array, dispatch: jax.Array, combine: jax.Array,
                             w: ExpertWeights) -> jax.Array:
   """``capacity_experts`` with experts split over the ``experts`` mesh axis.
@@ -63,20 +79,47 @@ def expert_parallel_experts(x: jax.Array, dispatch: jax.Array, combine: jax.Arra
   Returns:
     [B, S, d], split like ``x``.
   """
-  rules = _rules()
-  expert_axis = _axes(rules["experts"])
-  batch = _axes(rules.get("batch"))
-  hidden = _axes(rules.get("mlp"))
-  rows = P(batch or None)
-  weight_specs = ExpertWeights(P(expert_axis, None, hidden or None), P(expert_axis, hidden or None),
-                               P(expert_axis, hidden or None, None), P(expert_axis, None))
+  expert_axis, hidden, rows, weight_specs = _specs()
 
   def local(x, dispatch, combine, w):
     send = lambda b: jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True)
     receive = lambda b: jax.lax.all_to_all(b, expert_axis, 1, 0, tiled=True)
-    reduce_hidden = (lambda y: jax.lax.psum(y, hidden)) if hidden else (lambda y: y)
     return capacity_experts(x, dispatch, combine, w, send=send, receive=receive,
-                            reduce_hidden=reduce_hidden)
+                            reduce_hidden=_reduce_hidden(hidden))
 
   return jax.shard_map(local, in_specs=(rows, rows, rows, weight_specs), out_specs=rows)(
       x, dispatch, combine, w)
+
+
+def expert_parallel_dropless(x: jax.Array, experts: jax.Array, weights: jax.Array,
+                             w: ExpertWeights) -> jax.Array:
+  """``dropless_experts`` with experts split over the ``experts`` mesh axis.
+
+  XLA:CPU cannot run ``jax.lax.ragged_all_to_all`` (jax 0.10: "HLO opcode
+  ragged-all-to-all is not supported by XLA:CPU"), so the exchange is a
+  fixed-size ``all_to_all`` of a buffer that holds, for every destination, all
+  T · min(k, E/ep) assignments a device could send there: exact (nothing can
+  drop), at ep times the bytes of a perfectly balanced exchange.
+
+  Args:
+    x: [B, S, d] rows split over the ``batch`` axes, which must include the
+      expert axis.
+    experts: [B, S, k] int global expert ids; weights: [B, S, k] combine weights.
+    w: all experts' weights, [E, ...], split over the expert axis.
+
+  Returns:
+    [B, S, d], split like ``x``.
+  """
+  expert_axis, hidden, rows, weight_specs = _specs()
+  num_shards = expert_parallel_size()
+
+  def local(x, experts, weights, w):
+    b, s, d = x.shape
+    exchange = lambda buf: jax.lax.all_to_all(buf, expert_axis, 0, 0, tiled=True)
+    y = dropless_experts(x.reshape(b * s, d), experts.reshape(b * s, -1),
+                         weights.reshape(b * s, -1), w, num_shards=num_shards, send=exchange,
+                         receive=exchange, reduce_hidden=_reduce_hidden(hidden))
+    return y.reshape(b, s, d)
+
+  return jax.shard_map(local, in_specs=(rows, rows, rows, weight_specs), out_specs=rows)(
+      x, experts, weights, w)

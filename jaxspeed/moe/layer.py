@@ -25,7 +25,11 @@ import jax.numpy as jnp
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.layers import Mlp, constrain, dense, param_init, zeros_init
 from jaxspeed.moe.config import MoeConfig
-from jaxspeed.moe.expert_parallel import expert_parallel_experts, expert_parallel_size
+from jaxspeed.moe.expert_parallel import (
+    expert_parallel_dropless,
+    expert_parallel_experts,
+    expert_parallel_size,
+)
 from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
 from jaxspeed.moe.gating import capacity, dispatch_and_combine, route
 
@@ -98,6 +102,8 @@ class MoeMlp(nn.Module):
     """[B, S, d] through the routed experts: dropless, on this device, or expert-parallel."""
     w = self._weights(x.shape[-1])
     b, s, d = x.shape
+    if cap is None and expert_parallel_size() > 1:
+      return expert_parallel_dropless(x, routing.experts, routing.weights, w)
     if cap is None:
       y = dropless_experts(x.reshape(b * s, d), routing.experts.reshape(b * s, -1),
                            routing.weights.reshape(b * s, -1), w)
