@@ -13,11 +13,12 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
-from absl import flags
+from absl import app, flags
 
 import jaxspeed
 from jaxspeed.data_efficiency.from_config import schedule_from_config
@@ -36,6 +37,19 @@ def setup_devices(num: int | None = None) -> None:
   used and the flag is ignored.
   """
   use_cpu_devices(num or CPU_DEVICES.value)
+
+
+def run_app(main: Callable[[list[str]], None]) -> None:
+  """``app.run(main)`` after refusing unknown ``--config.*`` keys with one line (exit 2)."""
+  from jaxspeed.config import check_override_keys
+  from jaxspeed.errors import ConfigError
+
+  try:
+    check_override_keys(sys.argv[1:])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  app.run(main)
 
 
 def env_info() -> dict[str, Any]:

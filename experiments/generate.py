@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import common
@@ -64,12 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from jaxspeed.config import check_override_keys
-  from jaxspeed.errors import ConfigError
-
-  try:
-    check_override_keys(sys.argv[1:])
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  app.run(main)
+  common.run_app(main)

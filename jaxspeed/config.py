@@ -232,7 +232,7 @@ def _rlhf_defaults() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict(dict(
       steps=200, batch_size=32, learning_rate=1e-3, warmup=10,
       prompt_mask=False))  # DeepSpeed-Chat trains on the prompt tokens too
-  c.reward = ml_collections.ConfigDict(dict(steps=300, batch_size=32, learning_rate=1e-3,
+  c.reward = ml_collections.ConfigDict(dict(steps=500, batch_size=32, learning_rate=1e-3,
                                             warmup=20))
   c.ppo = ml_collections.ConfigDict(dict(
       iterations=60, batch_size=32, ppo_epochs=1, actor_learning_rate=1e-4,

@@ -84,6 +84,20 @@ def test_tensor_parallel_generation_equals_single_device():
   assert wq.sharding.spec[1] == "tensor"  # heads split over the tensor axis
 
 
+def test_rows_split_over_data_axes_generate_the_same_tokens():
+  """The RLHF hybrid engine's placement: rows over data x fsdp, heads over tensor."""
+  model, params = tiny_model("rope", seed=4)
+  prompts = PROMPTS + [[5, 6], [9] * 7, [11, 12, 13]] + [[1]] * 2  # 8 rows
+  sampling = SamplingConfig(temperature=1.0)
+  expected = Generator(model, params, cache_len=CACHE_LEN).generate(prompts, 8,
+                                                                    sampling=sampling)
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  split = Generator(model, params, cache_len=CACHE_LEN, mesh=mesh, batch_axes=("data", "fsdp"))
+  assert split.generate(prompts, 8, sampling=sampling) == expected
+  caches, _, _ = split.prefill(prompts)
+  assert caches[0].k.sharding.shard_shape(caches[0].k.shape)[:3] == (2, CACHE_LEN, 2)
+
+
 def test_sampling_options():
   logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.3, 0.15]] * 256))
   keys = jax.random.split(jax.random.PRNGKey(0), 1)[0]

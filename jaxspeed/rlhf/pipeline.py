@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxspeed.checkpoint import Checkpointer
 from jaxspeed.config import validate_rlhf
-from jaxspeed.data import BpeTokenizer, Tokenizer, load_corpus, split_documents
+from jaxspeed.data import BpeTokenizer, Tokenizer
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference import SamplingConfig
 from jaxspeed.models import GPT, ModelConfig
@@ -43,7 +43,7 @@ from jaxspeed.rlhf.sft import sft_batch
 from jaxspeed.rlhf.value_model import ValueModel, value_params_from_lm
 from jaxspeed.training.state import TrainState
 from jaxspeed.training.step import batch_sharding, make_eval_step
-from jaxspeed.training.trainer import run_tokenizer, train
+from jaxspeed.training.trainer import run_documents, run_tokenizer, train
 
 STAGE_FILE = "stage.json"
 # The config key naming each step's input directory ("" = the step's folder in workdir).
@@ -100,11 +100,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, devices=None) 
   """
   devices = jax.devices() if devices is None else devices
   validate_rlhf(config, len(devices))
-  try:
-    docs = load_corpus(config.data.corpus, config.data.jsonl_field)
-  except FileNotFoundError as e:
-    raise ConfigError("data.corpus", str(e)) from e
-  train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.seed)
+  train_docs, val_docs = run_documents(config)
   tokenizer = run_tokenizer(config, train_docs, input_dir(config, workdir, "pretrain"))
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the "

@@ -111,6 +111,15 @@ def _model_input(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((1, config.seq_len), np.int32)
 
 
+def run_documents(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """``config.data.corpus`` split into (train, validation) documents."""
+  try:
+    docs = load_corpus(config.data.corpus, config.data.jsonl_field)
+  except FileNotFoundError as e:
+    raise ConfigError("data.corpus", str(e)) from e
+  return split_documents(docs, config.data.val_fraction, config.seed)
+
+
 def run_tokenizer(config: ml_collections.ConfigDict, docs: list[str],
                workdir: str | None) -> Tokenizer:
   """Byte tokenizer, or a BPE trained on the train split (reused on resume)."""
@@ -160,11 +169,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   """
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
-  try:
-    docs = load_corpus(config.data.corpus, config.data.jsonl_field)
-  except FileNotFoundError as e:
-    raise ConfigError("data.corpus", str(e)) from e
-  train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.seed)
+  train_docs, val_docs = run_documents(config)
   tokenizer = run_tokenizer(config, train_docs, workdir)
   # BERT's [MASK] is the first id past the tokenizer's vocabulary.
   needed = tokenizer.vocab_size + (config.model.name == "bert")
