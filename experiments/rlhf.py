@@ -39,6 +39,8 @@ def quick(config):
   config.steps, config.batch_size, config.seq_len = 20, 16, 32
   config.log_every, config.eval_every, config.eval_batches, config.checkpoint_every = 10, 20, 1, 20
   config.model.update(num_layers=2, d_model=32, d_ff=64, max_seq_len=32)
+  # ZeRO-3 over however many devices --cpu_devices gives (the test uses 2: fast to compile).
+  config.parallel.update(data=1, fsdp=-1, tensor=1)
   rlhf = config.rlhf
   rlhf.update(prompt_len=16, answer_len=8, num_pairs=64, eval_pairs=16)
   rlhf.sft.update(steps=4, batch_size=16)

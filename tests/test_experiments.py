@@ -10,11 +10,11 @@ import pytest
 from conftest import REPO
 
 
-def run_experiment(name: str, output_dir, *flags: str) -> dict:
+def run_experiment(name: str, output_dir, *flags: str, timeout: int = 300) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(
       [sys.executable, "-m", f"experiments.{name}", "--quick", f"--output_dir={output_dir}",
-       *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+       *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(output_dir, f"{name}.json")) as f:
     payload = json.load(f)

@@ -11,6 +11,7 @@ wrong model fails with an error naming the key that pointed to it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -76,6 +77,7 @@ class Context:
   value_model: ValueModel
   train_pairs: PreferencePairs
   eval_pairs: PreferencePairs
+  _engine: HybridEngine | None = dataclasses.field(default=None, repr=False)
 
   @property
   def seq_len(self) -> int:
@@ -86,6 +88,21 @@ class Context:
 
   def output_dir(self, stage: str) -> str:
     return os.path.join(self.workdir, stage)
+
+  @functools.cached_property
+  def scorer(self):
+    """``score(reward params, tokens, mask) -> [B]``, compiled once per run."""
+    return make_scorer(self.value_model, self.mesh)
+
+  def engine(self, params) -> HybridEngine:
+    """The actor's hybrid engine, built from ``params`` on first use.
+
+    One per run, so its generation programs compile once for every step;
+    ``HybridEngine.generate`` takes the parameters to generate from.
+    """
+    if self._engine is None:
+      self._engine = HybridEngine(self.actor_model, params, self.mesh, self.seq_len)
+    return self._engine
 
   def learner(self, value_head: bool, optim, steps: int, loss_sum=None) -> Learner:
     model = self.value_model if value_head else self.actor_model
@@ -219,7 +236,7 @@ def run_reward(context: Context) -> tuple[dict[str, Any], list[dict]]:
   lm_params = load_stage(context, "sft", context.learner(False, config.optim, 1), False)
   params = value_params_from_lm(reward.init_params(config.seed), lm_params)
   state = reward.start(params, config.seed)
-  score = make_scorer(context.value_model, context.mesh)
+  score = context.scorer
   before = pairwise_accuracy(score, state.params, context.eval_pairs, context.mesh)
   batch_at = lambda step: reward_batch(context.train_pairs, context.train_pairs.batch_rows(
       step, rm.batch_size, config.seed))
@@ -241,9 +258,6 @@ class RewardJudge:
   reward_params: Any
   temperature: float
 
-  def __post_init__(self):
-    self._score = make_scorer(self.context.value_model, self.context.mesh)
-
   def __call__(self, params, seed: int = 12345) -> tuple[float, list[str]]:
     """(mean reward-model score, the first three answers as text)."""
     prompts = self.context.eval_pairs.prompts
@@ -252,7 +266,7 @@ class RewardJudge:
                                   SamplingConfig(temperature=self.temperature), seed)
     self.engine.generate_seconds = saved  # evaluation is not part of the iteration split
     batch = jax.device_put(tokens, batch_sharding(self.context.mesh))
-    scores = np.asarray(self._score(self.reward_params, batch, jnp.ones(batch.shape)))
+    scores = np.asarray(self.context.scorer(self.reward_params, batch, jnp.ones(batch.shape)))
     answers = [self.context.tokenizer.decode(t[prompts.shape[1]:]) for t in tokens[:3]]
     return float(scores.mean()), answers
 
@@ -276,7 +290,8 @@ def run_ppo(context: Context) -> tuple[dict[str, Any], list[dict]]:
                            ppo.iterations * ppo.ppo_epochs,
                            critic_loss_sum(context.value_model, ppo.cliprange_value))
   sft_params, ref_params, reward_params = _policy_inputs(context, critic, actor)
-  engine = HybridEngine(context.actor_model, sft_params, context.mesh, context.seq_len)
+  engine = context.engine(sft_params)
+  engine.generate_seconds = 0.0
   judge = RewardJudge(context, engine, reward_params, ppo.temperature)
   reshard = engine.reshard_communication(sft_params)
   eval_start, samples_start = judge(sft_params)
@@ -329,8 +344,8 @@ def run_dpo(context: Context) -> tuple[dict[str, Any], list[dict]]:
       pairs, pairs.batch_rows(step, dpo.batch_size, config.seed + 5))))
   state, records = fit(actor, actor.start(sft_params, config.seed), batch_at, dpo.steps,
                        name="dpo")
-  engine = HybridEngine(context.actor_model, sft_params, context.mesh, context.seq_len)
-  judge = RewardJudge(context, engine, reward_params, config.rlhf.ppo.temperature)
+  judge = RewardJudge(context, context.engine(sft_params), reward_params,
+                      config.rlhf.ppo.temperature)
   summary = {"dpo_loss_end": records[-1]["loss"], "heldout_reward_dpo": judge(state.params)[0]}
   save_stage(context, "dpo", state, False, summary)
   return summary, records
@@ -344,7 +359,7 @@ def run_grpo(context: Context) -> tuple[dict[str, Any], list[dict]]:
                                                          grpo.beta))
   value_head = context.learner(True, config.optim, 1)
   sft_params, ref_params, reward_params = _policy_inputs(context, value_head, actor)
-  engine = HybridEngine(context.actor_model, sft_params, context.mesh, context.seq_len)
+  engine = context.engine(sft_params)
   pairs = context.train_pairs
   trainer = GrpoTrainer(
       actor, actor.start(sft_params, config.seed), ref_params, context.value_model,
