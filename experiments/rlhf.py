@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -60,7 +61,12 @@ def plot(records: dict[str, list[dict]], path: str) -> None:
   for name in ("ppo", "grpo"):
     rows = records.get(name) or []
     if rows:
-      ax_reward.plot([r["iteration"] for r in rows], [r["score"] for r in rows], label=name)
+      steps, scores = [r["iteration"] for r in rows], [r["score"] for r in rows]
+      line, = ax_reward.plot(steps, scores, alpha=0.35)
+      window = max(1, len(rows) // 10)
+      smooth = np.convolve(scores, np.ones(window) / window, mode="valid")
+      ax_reward.plot(steps[window - 1:], smooth, color=line.get_color(),
+                     label=f"{name} (mean of {window})")
       ax_kl.plot([r["iteration"] for r in rows], [r["kl"] for r in rows], label=name)
   ax_reward.set(xlabel="iteration", ylabel="reward-model score of sampled answers")
   ax_kl.set(xlabel="iteration", ylabel="KL(actor || reference) per answer")

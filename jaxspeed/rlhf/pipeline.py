@@ -271,6 +271,17 @@ class RewardJudge:
     return float(scores.mean()), answers
 
 
+def _ends(records: list[dict]) -> tuple[list[dict], list[dict]]:
+  """The first and the last tenth of the iterations (at least one each): their means are the
+  start and end figures, since one batch of sampled answers is noisy."""
+  window = max(1, len(records) // 10)
+  return records[:window], records[-window:]
+
+
+def _mean(records: list[dict], key: str) -> float:
+  return float(np.mean([r[key] for r in records]))
+
+
 def _policy_inputs(context: Context, value_head_learner: Learner, actor: Learner):
   """The SFT actor's parameters (twice: trained and frozen reference) and the reward model's."""
   sft_params = load_stage(context, "sft", actor, False)
@@ -314,10 +325,10 @@ def run_ppo(context: Context) -> tuple[dict[str, Any], list[dict]]:
       r = records[-1]
       print(f"ppo iteration {i + 1}: reward={r['score']:.3f} kl={r['kl']:.3f}", flush=True)
   eval_end, samples_end = judge(trainer.actor_state.params)
-  tail = records[-max(1, len(records) // 10):]
+  head, tail = _ends(records)
   summary = {
-      "reward_start": records[0]["score"], "reward_end": float(np.mean([r["score"] for r in tail])),
-      "kl_end": float(np.mean([r["kl"] for r in tail])),
+      "reward_start": _mean(head, "score"), "reward_end": _mean(tail, "score"),
+      "kl_end": _mean(tail, "kl"),
       "heldout_reward_sft": eval_start, "heldout_reward_ppo": eval_end,
       "generate_seconds": engine.generate_seconds, "train_seconds": trainer.train_seconds,
       "generate_fraction": engine.generate_seconds / (engine.generate_seconds
@@ -368,10 +379,9 @@ def run_grpo(context: Context) -> tuple[dict[str, Any], list[dict]]:
       answer_len=config.rlhf.answer_len, temperature=grpo.temperature, seed=config.seed)
   records = [trainer.iteration(i) for i in range(grpo.iterations)]
   judge = RewardJudge(context, engine, reward_params, grpo.temperature)
-  tail = records[-max(1, len(records) // 10):]
-  summary = {"grpo_reward_start": records[0]["score"],
-             "grpo_reward_end": float(np.mean([r["score"] for r in tail])),
-             "grpo_kl_end": float(np.mean([r["kl"] for r in tail])),
+  head, tail = _ends(records)
+  summary = {"grpo_reward_start": _mean(head, "score"), "grpo_reward_end": _mean(tail, "score"),
+             "grpo_kl_end": _mean(tail, "kl"),
              "heldout_reward_grpo": judge(trainer.actor_state.params)[0]}
   save_stage(context, "grpo", trainer.actor_state, False, summary)
   return summary, records
