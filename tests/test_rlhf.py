@@ -37,6 +37,7 @@ from jaxspeed.rlhf.data import PreferencePairs, shuffle_words
 from jaxspeed.rlhf.pipeline import Context, load_stage, save_stage, tokenizer_fingerprint
 from jaxspeed.rlhf.ppo import actor_loss_sum, answer_mask, critic_loss_sum, make_experience_fn
 from jaxspeed.rlhf.reward import reward_batch, reward_loss_sum
+from jaxspeed.training.step import cross_entropy
 
 logsig = lambda x: math.log(1 / (1 + math.exp(-x)))
 
@@ -256,3 +257,20 @@ def test_bad_rlhf_config(key, value, match):
   assert isinstance(config, ml_collections.ConfigDict)
   with pytest.raises(ConfigError, match=match):
     validate_rlhf(config, 8)
+
+
+def test_ptx_term_adds_the_weighted_pretraining_loss():
+  model = GPT(MODEL)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32))["params"]
+  tokens = jnp.asarray(_tokens(2, 5))
+  mask = jnp.asarray(answer_mask(2, SEQ, 4))
+  batch = {"inputs": tokens, "action_mask": mask, "old_logprobs": jnp.zeros((2, SEQ)),
+           "advantages": jnp.ones((2, SEQ))}
+  ptx = {"ptx_inputs": tokens[:, :-1], "ptx_targets": tokens[:, 1:]}
+  plain, sums = actor_loss_sum(model, 0.2, 0.0)(params, batch, None, True)
+  mixed, mixed_sums = actor_loss_sum(model, 0.2, 27.8)(params, {**batch, **ptx}, None, True)
+  ce, n = cross_entropy(model.apply({"params": params}, ptx["ptx_inputs"]), ptx["ptx_targets"])
+  # objective / actions = policy loss + unsup_coef x the PTX loss per token.
+  np.testing.assert_allclose(mixed / sums["tokens"], plain / sums["tokens"] + 27.8 * ce / n,
+                             rtol=1e-5)
+  assert float(mixed_sums["loss_sum"]) == pytest.approx(float(sums["loss_sum"]))
