@@ -7,7 +7,8 @@ import pytest
 from test_experiments import run_experiment
 
 
-@pytest.mark.xdist_group("subprocess")
+# Not in the "subprocess" group: that group runs serially on one worker and is the
+# suite's longest, so this long test balances the other worker instead.
 def test_rlhf_quick_then_ppo_alone(tmp_path):
   workdir = tmp_path / "run"
   payload = run_experiment("rlhf", tmp_path, f"--workdir={workdir}", "--cpu_devices=2",
