@@ -9,8 +9,9 @@ import numpy as np
 
 from jaxspeed.models.gpt import GPT
 from jaxspeed.rlhf.data import PreferencePairs
+from jaxspeed.rlhf.forward import policy_logprobs
 from jaxspeed.rlhf.learner import like_batch, mesh_jit
-from jaxspeed.rlhf.losses import dpo_loss, token_logprobs
+from jaxspeed.rlhf.losses import dpo_loss
 from jaxspeed.rlhf.ppo import answer_mask
 
 
@@ -25,9 +26,9 @@ def dpo_batch(pairs: PreferencePairs, rows: np.ndarray) -> dict:
 def make_reference_logprobs(model: GPT, mesh) -> Callable:
   """``ref(params, batch) -> batch`` plus the reference's per-token log-probs of both answers."""
   def ref(params, batch):
-    logp = lambda tokens: token_logprobs(model.apply({"params": params}, tokens), tokens)
-    return like_batch({**batch, "ref_chosen": logp(batch["inputs"]) * batch["answer_mask"],
-                       "ref_rejected": logp(batch["rejected"]) * batch["answer_mask"]}, mesh)
+    logp = lambda tokens: policy_logprobs(model, params, tokens) * batch["answer_mask"]
+    return like_batch({**batch, "ref_chosen": logp(batch["inputs"]),
+                       "ref_rejected": logp(batch["rejected"])}, mesh)
   return mesh_jit(ref, mesh)
 
 
@@ -36,9 +37,8 @@ def dpo_loss_sum(model: GPT, beta: float) -> Callable:
   def loss_sum(params, batch, rngs, deterministic, step=None, **_):
     del step
     mask = batch["answer_mask"]
-    answer_logp = lambda tokens: jnp.sum(token_logprobs(model.apply(
-        {"params": params}, tokens, deterministic=deterministic, rngs=rngs), tokens) * mask,
-        axis=1)
+    answer_logp = lambda tokens: jnp.sum(policy_logprobs(
+        model, params, tokens, deterministic=deterministic, rngs=rngs) * mask, axis=1)
     losses = dpo_loss(answer_logp(batch["inputs"]), answer_logp(batch["rejected"]),
                       jnp.sum(batch["ref_chosen"], axis=1), jnp.sum(batch["ref_rejected"], axis=1),
                       beta)

@@ -17,15 +17,10 @@ import numpy as np
 
 from jaxspeed.inference import SamplingConfig
 from jaxspeed.models.gpt import GPT
+from jaxspeed.rlhf.forward import policy_logprobs, sequence_score
 from jaxspeed.rlhf.hybrid_engine import HybridEngine
 from jaxspeed.rlhf.learner import Learner, like_batch, mesh_jit
-from jaxspeed.rlhf.losses import (
-    group_advantages,
-    k3_kl,
-    last_token_value,
-    policy_loss,
-    token_logprobs,
-)
+from jaxspeed.rlhf.losses import group_advantages, k3_kl, policy_loss
 from jaxspeed.rlhf.ppo import answer_mask
 from jaxspeed.rlhf.value_model import ValueModel
 from jaxspeed.training.state import TrainState
@@ -36,8 +31,7 @@ def grpo_loss_sum(model: GPT, cliprange: float, beta: float) -> Callable:
   def loss_sum(params, batch, rngs, deterministic, step=None, **_):
     del step
     tokens, mask = batch["inputs"], batch["action_mask"]
-    logp = token_logprobs(model.apply({"params": params}, tokens, deterministic=deterministic,
-                                      rngs=rngs), tokens)
+    logp = policy_logprobs(model, params, tokens, deterministic=deterministic, rngs=rngs)
     losses = (policy_loss(logp, batch["old_logprobs"], batch["advantages"], cliprange)
               + beta * k3_kl(logp, batch["ref_logprobs"]))
     total = jnp.sum(losses * mask)
@@ -48,10 +42,9 @@ def grpo_loss_sum(model: GPT, cliprange: float, beta: float) -> Callable:
 def make_group_experience_fn(actor: GPT, reward: ValueModel, mesh, group_size: int) -> Callable:
   """``experience(actor, ref, reward params, tokens, mask)`` -> (arrays [B, S], stats)."""
   def experience(actor_params, ref_params, reward_params, tokens, mask):
-    logprobs = token_logprobs(actor.apply({"params": actor_params}, tokens), tokens)
-    ref_logprobs = token_logprobs(actor.apply({"params": ref_params}, tokens), tokens)
-    score = last_token_value(reward.apply({"params": reward_params}, tokens),
-                             jnp.ones_like(mask))
+    logprobs = policy_logprobs(actor, actor_params, tokens)
+    ref_logprobs = policy_logprobs(actor, ref_params, tokens)
+    score = sequence_score(reward, reward_params, tokens, jnp.ones_like(mask))
     advantages = group_advantages(score, group_size)[:, None] * mask
     arrays = dict(old_logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
                   advantages=advantages)

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxspeed.inference import SamplingConfig
 from jaxspeed.models.gpt import GPT
+from jaxspeed.rlhf.forward import policy_logprobs, sequence_score
 from jaxspeed.rlhf.hybrid_engine import HybridEngine
 from jaxspeed.rlhf.learner import Learner, like_batch, mesh_jit
 from jaxspeed.rlhf.losses import (
@@ -28,10 +29,8 @@ from jaxspeed.rlhf.losses import (
     ema_update,
     gae,
     kl_penalized_rewards,
-    last_token_value,
     masked_mean,
     policy_loss,
-    token_logprobs,
     value_loss,
     whiten,
 )
@@ -53,15 +52,15 @@ def actor_loss_sum(model: GPT, cliprange: float, unsup_coef: float) -> Callable:
   """Clipped policy loss summed over actions; plus ``unsup_coef`` × the PTX LM loss (mean)."""
   def loss_sum(params, batch, rngs, deterministic, step=None, **_):
     del step
-    apply = lambda tokens: model.apply({"params": params}, tokens, deterministic=deterministic,
-                                       rngs=rngs)
     tokens, mask = batch["inputs"], batch["action_mask"]
-    losses = policy_loss(token_logprobs(apply(tokens), tokens), batch["old_logprobs"],
-                         batch["advantages"], cliprange)
+    logprobs = policy_logprobs(model, params, tokens, deterministic=deterministic, rngs=rngs)
+    losses = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], cliprange)
     total, count = jnp.sum(losses * mask), jnp.sum(mask)
     objective = total
     if PTX_INPUTS in batch:
-      ce, n = cross_entropy(apply(batch[PTX_INPUTS]), batch[PTX_TARGETS])
+      logits = model.apply({"params": params}, batch[PTX_INPUTS], deterministic=deterministic,
+                           rngs=rngs)
+      ce, n = cross_entropy(logits, batch[PTX_TARGETS])
       objective = objective + unsup_coef * ce / n * count
     return objective, {"loss_sum": total, "tokens": count}
   return loss_sum
@@ -90,11 +89,10 @@ def make_experience_fn(actor: GPT, critic: ValueModel, reward: ValueModel, mesh,
   """
   def experience(actor_params, ref_params, critic_params, reward_params, tokens, mask,
                  kl_coef):
-    logprobs = token_logprobs(actor.apply({"params": actor_params}, tokens), tokens)
-    ref_logprobs = token_logprobs(actor.apply({"params": ref_params}, tokens), tokens)
+    logprobs = policy_logprobs(actor, actor_params, tokens)
+    ref_logprobs = policy_logprobs(actor, ref_params, tokens)
     values = critic.apply({"params": critic_params}, tokens)
-    score = last_token_value(reward.apply({"params": reward_params}, tokens),
-                             jnp.ones_like(mask))
+    score = sequence_score(reward, reward_params, tokens, jnp.ones_like(mask))
     rewards = kl_penalized_rewards(logprobs, ref_logprobs, score, mask, kl_coef,
                                    ppo.clip_reward_value)
     advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -10,8 +11,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxspeed.rlhf.data import PreferencePairs
+from jaxspeed.rlhf.forward import sequence_score
 from jaxspeed.rlhf.learner import mesh_jit
-from jaxspeed.rlhf.losses import last_token_value, pairwise_region, pairwise_reward_loss
+from jaxspeed.rlhf.losses import pairwise_region, pairwise_reward_loss
 from jaxspeed.rlhf.value_model import ValueModel
 from jaxspeed.training.step import batch_sharding
 
@@ -44,9 +46,7 @@ def reward_loss_sum(model: ValueModel) -> Callable:
 
 def make_scorer(model: ValueModel, mesh: Mesh) -> Callable:
   """``score(params, tokens [B, S], mask [B, S]) -> [B]``: the value at the last real token."""
-  def score(params, tokens, mask):
-    return last_token_value(model.apply({"params": params}, tokens), mask)
-  return mesh_jit(score, mesh)
+  return mesh_jit(functools.partial(sequence_score, model), mesh)
 
 
 def pairwise_accuracy(score: Callable, params, pairs: PreferencePairs, mesh: Mesh) -> dict:
