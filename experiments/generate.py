@@ -30,11 +30,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   common.setup_devices()
+  from jaxspeed.checkpoint import load_run_config
   from jaxspeed.errors import ConfigError
   from jaxspeed.inference import from_config
 
   try:
-    config = from_config.load_run_config(WORKDIR.value, CONFIG.value)
+    config = load_run_config(WORKDIR.value, CONFIG.value)
     config.inference = CONFIG.value.inference
     setup, params = from_config.load_params(config, WORKDIR.value)
     tokenizer = setup.tokenizer

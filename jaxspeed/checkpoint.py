@@ -1,16 +1,33 @@
-"""Checkpoints with orbax: save every N steps, keep the last K, resume from the newest.
+"""A run directory's files: checkpoints (orbax) and the config the run trained with.
 
 Orbax writes each step into a temporary directory and renames it into place
 only once every process has finished writing, so a process killed mid-save
 leaves no directory that ``latest_step`` would pick up.
+
+Layout of a run directory ``workdir``::
+
+  workdir/config.json      the training config (``save_run_config``)
+  workdir/checkpoints/<N>  the train state and data-iterator state after step N
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import ml_collections
 import orbax.checkpoint as ocp
+
+from jaxspeed.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run in ``workdir`` keeps its checkpoints."""
+  return os.path.join(workdir, CHECKPOINTS)
 
 
 class Checkpointer:
@@ -36,7 +53,69 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
+  def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, data state) of the newest step, restored as ``restore`` does; None if none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    return (step, *self.restore(step, target))
+
   def close(self) -> None:
     """Waits for pending saves, then releases resources."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_latest(workdir: str, target: Any, key: str = "workdir") -> Any:
+  """The train state of the newest checkpoint of the run in ``workdir``.
+
+  Args:
+    target: the abstract train state (ShapeDtypeStructs with shardings).
+    key: the config key that named ``workdir``, for the error.
+
+  Raises:
+    ConfigError: naming ``key`` if the run has no checkpoint.
+  """
+  directory = checkpoint_dir(workdir)
+  checkpointer = Checkpointer(directory)
+  try:
+    restored = checkpointer.restore_latest(target)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise ConfigError(key, f"no checkpoint in {directory}")
+  return restored[1]
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the training config into ``workdir``, for ``load_run_config``."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json(indent=2))
+
+
+def load_run_config(workdir: str, defaults: ml_collections.ConfigDict
+                    ) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` trained with; ``defaults`` fills keys it lacks.
+
+  The saved ``inference`` section is dropped: generation settings come from the caller.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ConfigError("workdir", f"{path} not found; train with experiments.train first")
+  config = defaults.copy_and_resolve_references()
+  with open(path) as f:
+    saved = json.load(f)
+  saved.pop("inference", None)
+  config.update_from_flattened_dict(_flatten(saved))
+  return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+  return out

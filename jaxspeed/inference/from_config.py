@@ -2,66 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import os
 import string
 
 import jax
 import ml_collections
 
-from jaxspeed.checkpoint import Checkpointer
-from jaxspeed.errors import ConfigError
+from jaxspeed.checkpoint import restore_latest
 from jaxspeed.inference.compression import CompressionConfig, make_policy
 from jaxspeed.inference.engine import Generator
 from jaxspeed.inference.sampling import SamplingConfig
 from jaxspeed.parallel import make_mesh
-
-CONFIG_FILE = "config.json"
-
-
-def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the training config next to the checkpoints, for ``load_run_config``."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
-
-
-def load_run_config(workdir: str, defaults: ml_collections.ConfigDict
-                    ) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` trained with; ``defaults`` fills keys it lacks."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ConfigError("workdir", f"{path} not found; train with experiments.train first")
-  config = defaults.copy_and_resolve_references()
-  with open(path) as f:
-    saved = json.load(f)
-  saved.pop("inference", None)  # generation settings come from the caller
-  config.update_from_flattened_dict(_flatten(saved))
-  return config
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-  return out
+from jaxspeed.training.trainer import build
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str):
   """(Setup, params) restored from the newest checkpoint in ``workdir``."""
-  from jaxspeed.training.trainer import build  # the trainer imports this package
-
   setup = build(config, workdir)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = checkpointer.latest_step()
-  if step is None:
-    raise ConfigError("workdir", f"no checkpoint in {workdir}/checkpoints")
   with jax.set_mesh(setup.mesh):
-    state, _ = checkpointer.restore(step, setup.abstract_state())
-  checkpointer.close()
+    state = restore_latest(workdir, setup.abstract_state())
   return setup, state.params
 
 

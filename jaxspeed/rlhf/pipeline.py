@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxspeed.checkpoint import Checkpointer
+from jaxspeed.checkpoint import Checkpointer, checkpoint_dir, restore_latest
 from jaxspeed.config import validate_rlhf
 from jaxspeed.data import BpeTokenizer, Tokenizer
 from jaxspeed.errors import ConfigError
@@ -156,8 +156,8 @@ def save_stage(context: Context, stage: str, state: TrainState, value_head: bool
   if jax.process_index() == 0 and os.path.exists(meta_path):
     os.remove(meta_path)
   if stage != "pretrain":  # the trainer has checkpointed it
-    shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
-    checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=1)
+    shutil.rmtree(checkpoint_dir(directory), ignore_errors=True)
+    checkpointer = Checkpointer(checkpoint_dir(directory), keep=1)
     checkpointer.save(int(state.step), state, {})
     checkpointer.close()
   if jax.process_index() == 0:
@@ -191,10 +191,7 @@ def load_stage(context: Context, stage: str, learner: Learner, value_head: bool)
     raise ConfigError(key, f"{directory} was trained with tokenizer {meta['tokenizer']}, but "
                       f"this run's actor uses {fingerprint}; every model of an RLHF run must "
                       "share one tokenizer")
-  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"))
-  state, _ = checkpointer.restore(checkpointer.latest_step(), learner.abstract_state())
-  checkpointer.close()
-  return state.params
+  return restore_latest(directory, learner.abstract_state(), key).params
 
 
 # -- the steps ------------------------------------------------------------------------------

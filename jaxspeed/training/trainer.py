@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxspeed.checkpoint import Checkpointer
+from jaxspeed.checkpoint import Checkpointer, checkpoint_dir, restore_latest, save_run_config
 from jaxspeed.comm import WorkerGroup
 from jaxspeed.compression.qat import compression_from_config, matmul_shapes
 from jaxspeed.config import validate
@@ -39,7 +39,6 @@ from jaxspeed.data_efficiency.batches import SampledBatches, SeqlenCurriculum
 from jaxspeed.data_efficiency.from_config import curriculum_source
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference import Generator, SamplingConfig
-from jaxspeed.inference.from_config import save_run_config
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.moe import MoeConfig
@@ -237,12 +236,8 @@ def load_teacher(config: ml_collections.ConfigDict, devices=None):
   Call under the student's mesh (``jax.set_mesh``); the teacher uses the same one.
   """
   setup = build(teacher_config(config), devices=devices)
-  checkpointer = Checkpointer(os.path.join(config.kd.teacher_workdir, "checkpoints"))
-  step = checkpointer.latest_step()
-  if step is None:
-    raise ConfigError("kd.teacher_workdir", f"no checkpoint in {config.kd.teacher_workdir}")
-  params = checkpointer.restore(step, setup.abstract_state())[0].params
-  checkpointer.close()
+  params = restore_latest(config.kd.teacher_workdir, setup.abstract_state(),
+                          key="kd.teacher_workdir").params
 
   def forward(params, inputs):
     with nn.logical_axis_rules(compute_rules()):
@@ -277,13 +272,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   lead = jax.process_index() == 0
   if lead:
     save_run_config(config, workdir)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  checkpointer = Checkpointer(checkpoint_dir(workdir), keep=config.keep_checkpoints)
   with jax.set_mesh(setup.mesh):
-    start = checkpointer.latest_step()
-    if start is None:
+    restored = checkpointer.restore_latest(setup.abstract_state())
+    if restored is None:
       state = setup.init_state()
     else:
-      state, data_state = checkpointer.restore(start, setup.abstract_state())
+      start, state, data_state = restored
       setup.train_data.restore(data_state)
       if lead:
         print(f"resumed from step {start} in {workdir}", flush=True)
