@@ -36,7 +36,8 @@ from configs import gpt_tiny
 from experiments import common
 from jaxspeed.inference import Generator
 from jaxspeed.inference import from_config as inference_config
-from jaxspeed.inference.compression import CompressionConfig, make_policy
+from jaxspeed.inference.compression import CompressionConfig
+from jaxspeed.inference.from_config import make_policy
 from jaxspeed.training import read_metrics
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: seq 128, 2-layer model, 10 steps, "

@@ -15,10 +15,10 @@ from jaxspeed.inference.compression import (
   CompressionConfig,
   SlotPolicy,
   fastgen_head_policy,
-  make_policy,
   merge_evicted,
   slot_attention_weights,
 )
+from jaxspeed.inference.from_config import make_policy
 
 CACHE_LEN = 24
 FULL_BUDGET = {

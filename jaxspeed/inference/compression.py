@@ -21,7 +21,8 @@ only in how they rank entries:
   of the mass merged into it as an attention-logit bias (proportional attention,
   as in ToMe, Bolya et al. 2023), so merging identical keys is exact.
 
-``minikv`` (2-bit cache) lives in ``jaxspeed.inference.minikv``.
+``minikv`` (2-bit cache) lives in ``jaxspeed.inference.minikv``;
+``jaxspeed.inference.from_config.make_policy`` picks the policy of a config.
 """
 
 from __future__ import annotations
@@ -100,16 +101,6 @@ class CompressionConfig:
   def capacity(self, cache_len: int) -> int:
     """Kept tokens per (row, head) for a cache of ``cache_len`` slots."""
     return max(1, math.ceil(self.budget * cache_len - 1e-9))
-
-
-def make_policy(config: CompressionConfig, cache_len: int):
-  """The policy object ``Generator(policy=...)`` takes; None for the full cache."""
-  if config.policy == "full":
-    return None
-  if config.policy == "minikv":
-    from jaxspeed.inference.minikv import MiniKVPolicy
-    return MiniKVPolicy(config, config.capacity(cache_len))
-  return SlotPolicy(config, config.capacity(cache_len))
 
 
 def token_kinds(tokens: jax.Array, positions: jax.Array, config: CompressionConfig) -> jax.Array:

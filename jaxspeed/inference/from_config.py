@@ -8,8 +8,9 @@ import jax
 import ml_collections
 
 from jaxspeed.checkpoint import restore_latest
-from jaxspeed.inference.compression import CompressionConfig, make_policy
+from jaxspeed.inference.compression import CompressionConfig, SlotPolicy
 from jaxspeed.inference.engine import Generator
+from jaxspeed.inference.minikv import MiniKVPolicy
 from jaxspeed.inference.sampling import SamplingConfig
 from jaxspeed.parallel import make_mesh
 from jaxspeed.training.trainer import build
@@ -21,6 +22,15 @@ def load_params(config: ml_collections.ConfigDict, workdir: str):
   with jax.set_mesh(setup.mesh):
     state = restore_latest(workdir, setup.abstract_state())
   return setup, state.params
+
+
+def make_policy(config: CompressionConfig, cache_len: int) -> SlotPolicy | MiniKVPolicy | None:
+  """The policy object ``Generator(policy=...)`` takes; None for the full cache."""
+  if config.policy == "full":
+    return None
+  if config.policy == "minikv":
+    return MiniKVPolicy(config, config.capacity(cache_len))
+  return SlotPolicy(config, config.capacity(cache_len))
 
 
 def compression_config(config: ml_collections.ConfigDict, punct_ids=(), special_ids=()

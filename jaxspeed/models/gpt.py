@@ -96,7 +96,8 @@ class GPT(nn.Module):
         idx = sample_kept_indices(self.make_rng("random_ltd"), batch, seq_len, kept)
         self.sow("intermediates", "random_ltd_indices", idx)
       layer = block(cfg, causal=True, pre_ln=True, per_row_positions=idx is not None,
-                    num_experts=cfg.experts_at(i), name=f"layer_{i}")
+                    feed_forward=None if cfg.moe is None else cfg.moe.feed_forward_at(i),
+                    name=f"layer_{i}")
       run = _layer_runner(positions, mask, idx, deterministic)
       x = run(layer, x, None) if keeps is None else run_or_skip(layer, run, x, keeps[i], probs[i])
     return x

@@ -231,14 +231,23 @@ class Mlp(nn.Module):
     return constrain(y, ("batch", "seq", "embed"))
 
 
+# config -> the feed-forward module of a ``Block``, ``(x [B, S, d], deterministic) -> [B, S, d]``.
+# Called inside the block, so its parameters live under the block's (e.g. the
+# experts ``jaxspeed.moe`` provides for its layers).
+FeedForward = Callable[[ModelConfig], nn.Module]
+
+
 class Block(nn.Module):
-  """One transformer layer: pre-LN (GPT) or post-LN (BERT)."""
+  """One transformer layer: pre-LN (GPT) or post-LN (BERT).
+
+  ``feed_forward`` builds the layer's feed-forward module; None for the dense ``Mlp``.
+  """
 
   config: ModelConfig
   causal: bool
   pre_ln: bool
   per_row_positions: bool = False
-  num_experts: int = 0  # > 0: a mixture of experts replaces the MLP (DeepSpeed-MoE)
+  feed_forward: FeedForward | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
@@ -252,7 +261,7 @@ class Block(nn.Module):
     cfg = self.config
     attn = Attention(cfg, causal=self.causal, per_row_positions=self.per_row_positions,
                      name="attention")
-    mlp = _moe_mlp(cfg, self.num_experts) if self.num_experts else Mlp(cfg, name="mlp")
+    mlp = Mlp(cfg, name="mlp") if self.feed_forward is None else self.feed_forward(cfg)
     ln1 = LayerNorm(cfg.layernorm_eps, name="ln_attention")
     ln2 = LayerNorm(cfg.layernorm_eps, name="ln_mlp")
 
@@ -268,12 +277,6 @@ class Block(nn.Module):
       return x + scaled(mlp(ln2(x), deterministic))
     x = ln1(x + scaled(attn(x, positions, mask, deterministic)))
     return ln2(x + scaled(mlp(x, deterministic)))
-
-
-def _moe_mlp(cfg: ModelConfig, num_experts: int) -> nn.Module:
-  from jaxspeed.moe.layer import MoeMlp  # here, not at the top: jaxspeed.moe imports this module
-
-  return MoeMlp(cfg, cfg.moe, num_experts, name="moe")
 
 
 def remat_block(policy: str) -> type[Block]:

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxspeed.moe.layer import MoeFeedForward
+
 NOISY_GATE_POLICIES = ("none", "Jitter", "RSample")
 RESIDUAL_MIXES = ("sum", "learned")
 
@@ -74,3 +76,8 @@ class MoeConfig:
     if not self.layer_num_experts:
       return self.num_experts
     return self.layer_num_experts[(layer + 1) // self.expert_interval - 1]
+
+  def feed_forward_at(self, layer: int) -> MoeFeedForward | None:
+    """The feed-forward ``Block`` of layer ``layer`` builds: its experts, or None (dense MLP)."""
+    experts = self.experts_at(layer)
+    return MoeFeedForward(experts) if experts else None

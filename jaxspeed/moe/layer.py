@@ -18,13 +18,15 @@ routed tokens), ``dropped`` (token-expert assignments over capacity).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.layers import Mlp, constrain, dense, param_init, zeros_init
-from jaxspeed.moe.config import MoeConfig
 from jaxspeed.moe.expert_parallel import (
     expert_parallel_dropless,
     expert_parallel_experts,
@@ -32,6 +34,9 @@ from jaxspeed.moe.expert_parallel import (
 )
 from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
 from jaxspeed.moe.gating import capacity, dispatch_and_combine, route
+
+if TYPE_CHECKING:  # jaxspeed.moe.config builds its layers' feed-forward from this module
+  from jaxspeed.moe.config import MoeConfig
 
 JITTER_EPS = 0.01  # DeepSpeed's multiplicative_jitter epsilon
 
@@ -122,3 +127,13 @@ class MoeMlp(nn.Module):
     b = self.param("residual_coef_bias", zeros_init((None,)), (2,))
     c = jax.nn.softmax(dense(x.astype(jnp.float32), w) + b, axis=-1).astype(x.dtype)
     return moe_out * c[..., :1] + mlp_out * c[..., 1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeFeedForward:
+  """An MoE layer's feed-forward for ``Block(feed_forward=...)``: ``MoeMlp`` named ``moe``."""
+
+  num_experts: int
+
+  def __call__(self, config: ModelConfig) -> MoeMlp:
+    return MoeMlp(config, config.moe, self.num_experts, name="moe")
