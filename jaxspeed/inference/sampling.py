@@ -27,11 +27,11 @@ class SamplingConfig:
 
   def __post_init__(self):
     if self.temperature < 0:
-      raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
+      raise ConfigError("inference.temperature", f"must be >= 0, got {self.temperature}")
     if self.top_k < 0:
-      raise ConfigError("top_k", f"must be >= 0 (0 keeps all tokens), got {self.top_k}")
+      raise ConfigError("inference.top_k", f"must be >= 0 (0 keeps all tokens), got {self.top_k}")
     if not 0 < self.top_p <= 1:
-      raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+      raise ConfigError("inference.top_p", f"must be in (0, 1], got {self.top_p}")
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
