@@ -33,31 +33,33 @@ class Technique:
     key: the config key that switches it on, named in the error ("" for none).
     when: when it is on, as the README shows it.
     on: the predicate over (config, mesh shape, RLHF step).
+    off: the values of ``key`` that switch it off, for the error message.
   """
 
   key: str
   when: str
   on: Predicate
+  off: str = "False"
 
 
 TECHNIQUES: dict[str, Technique] = {
     "1-bit optimizer": Technique(
         "optim.name", "`optim.name` in " + ", ".join(ONEBIT_OPTIMIZERS),
-        lambda c, shape, rlhf: c.optim.name in ONEBIT_OPTIMIZERS),
+        lambda c, shape, rlhf: c.optim.name in ONEBIT_OPTIMIZERS, "adamw, adam, lamb, sgd"),
     "ZeRO-2/3": Technique("zero.stage", "`zero.stage` >= 2",
-                          lambda c, shape, rlhf: c.zero.stage > 1),
+                          lambda c, shape, rlhf: c.zero.stage > 1, "0, 1"),
     "pipeline": Technique("parallel.stage", "`parallel.stage` > 1",
-                          lambda c, shape, rlhf: shape["stage"] > 1),
+                          lambda c, shape, rlhf: shape["stage"] > 1, "1"),
     "sequence parallelism": Technique("parallel.sequence", "`parallel.sequence` > 1",
-                                      lambda c, shape, rlhf: shape["sequence"] > 1),
+                                      lambda c, shape, rlhf: shape["sequence"] > 1, "1"),
     "expert parallelism": Technique("parallel.expert", "`parallel.expert` > 1",
-                                    lambda c, shape, rlhf: shape["expert"] > 1),
+                                    lambda c, shape, rlhf: shape["expert"] > 1, "1"),
     "MoE": Technique("moe.num_experts", "`moe.num_experts` or `moe.layer_num_experts` > 1",
-                     lambda c, shape, rlhf: _has_experts(c)),
+                     lambda c, shape, rlhf: _has_experts(c), "1"),
     "BERT": Technique("model.name", "`model.name` = bert",
-                      lambda c, shape, rlhf: c.model.name == "bert"),
+                      lambda c, shape, rlhf: c.model.name == "bert", "'gpt'"),
     "dropout": Technique("model.dropout", "`model.dropout` > 0",
-                         lambda c, shape, rlhf: c.model.dropout > 0),
+                         lambda c, shape, rlhf: c.model.dropout > 0, "0"),
     "sequence padding": Technique("sequence_parallel.pad", "`sequence_parallel.pad`",
                                   lambda c, shape, rlhf: c.sequence_parallel.pad),
     "random-LTD": Technique("data_efficiency.random_ltd.enabled",
@@ -136,7 +138,7 @@ def check_compatibility(config: ml_collections.ConfigDict, shape: Mapping[str, i
       first = TECHNIQUES[a].key
       with_ = f"{a} ({_setting(config, first)})" if first else a
       raise ConfigError(TECHNIQUES[b].key, f"{b} does not run with {with_}: {why}; "
-                        "change one of them")
+                        f"allowed: {TECHNIQUES[b].off}")
 
 
 def compatibility_markdown() -> str:
