@@ -70,11 +70,15 @@ def test_custom():
   assert [s.difficulty_at(t) for t in (0, 9, 10, 25)] == [8, 8, 16, 24]
 
 
-def test_min_clamp_differs_from_deepspeed():
+def test_min_rounds_up_to_a_multiple_of_the_step():
   s = linear(10, 64, 100, 8)
-  # DeepSpeed rounds 10 and 15 down to 8, below min_difficulty; we clamp to 10.
+  # DeepSpeed rounds 10 and 15 down to 8, below min_difficulty; we round min up to 16.
   assert [deepspeed_raw(s, t) for t in (0, 10)] == [8, 8]
-  assert [s.difficulty_at(t) for t in (0, 10)] == [10, 10]
+  assert [s.difficulty_at(t) for t in (0, 10)] == [16, 16]
+  # floor(0.5 * 54 + 10) = 37 -> 32; floor(0.99 * 54 + 10) = 63 -> 56.
+  assert [s.difficulty_at(t) for t in (50, 99)] == [32, 56]
+  # A min above the largest multiple below max ends at max.
+  assert linear(60, 63, 100, 8).difficulty_at(0) == 63
   # Elsewhere the two agree: 10 + floor(10.8) = 20 -> 16.
   assert s.difficulty_at(20) == deepspeed_raw(s, 20) == 16
   assert s.difficulty_at(100) == deepspeed_raw(s, 100) == 64

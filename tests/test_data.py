@@ -20,6 +20,7 @@ from jaxspeed.data import (
     python_docs_corpus,
     split_documents,
 )
+from jaxspeed.errors import ConfigError
 
 UNICODE_TEXT = "naïve café — 東京 😀 Ωmega\n\tdef f(x):\n    return x  # ok\n"
 
@@ -82,9 +83,11 @@ def test_load_text_and_jsonl_files(tmp_path):
 
 def test_missing_file_error_names_path_and_config_key(tmp_path):
   missing = tmp_path / "nope.txt"
-  with pytest.raises(FileNotFoundError, match=r"data\.corpus") as e:
+  with pytest.raises(ConfigError) as e:
     load_corpus(str(missing))
-  assert "nope.txt" in str(e.value)
+  assert e.value.key == "data.corpus"
+  # One prefix: the message does not repeat the key.
+  assert str(e.value).startswith("config.data.corpus: no such file") and "nope.txt" in str(e.value)
 
 
 # --- tokenizers ---------------------------------------------------------------------------

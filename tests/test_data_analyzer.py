@@ -200,8 +200,8 @@ def test_bad_difficulty_type(index):
   schedule = CurriculumSchedule("fixed_linear", 1, 10, total_curriculum_step=5)
   with pytest.raises(ConfigError) as e:
     CurriculumSampler(index, {"first": MetricCurriculum(schedule, "rank")}, 4, seed=0)
-  assert e.value.key == "data_efficiency.curriculum_metrics.first.difficulty_type"
+  assert e.value.key == "data_efficiency.curriculum.difficulty_type"
   schedule = CurriculumSchedule("fixed_linear", 1, 110, total_curriculum_step=5)
   with pytest.raises(ConfigError) as e:
     CurriculumSampler(index, {"first": MetricCurriculum(schedule, "percentile")}, 4, seed=0)
-  assert e.value.key == "data_efficiency.curriculum_metrics.first.max_difficulty"
+  assert e.value.key == "data_efficiency.curriculum.max_difficulty"

@@ -96,7 +96,7 @@ def load_text_files(
   for path in paths:
     path = os.fspath(path)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"config.data.corpus: no such file: {path!r}")
+      raise FileNotFoundError(f"no such file: {path!r}")
     if not path.endswith(".jsonl"):
       with open(path, encoding="utf-8") as f:
         docs.append(f.read())
@@ -136,7 +136,10 @@ def load_corpus(spec: str, jsonl_field: str = "text") -> list[str]:
   if not paths:
     raise ConfigError("data.corpus",
                       f"expected {PYTHON_DOCS!r} or comma-separated file paths, got {spec!r}")
-  docs = load_text_files(paths, jsonl_field=jsonl_field)
+  try:
+    docs = load_text_files(paths, jsonl_field=jsonl_field)
+  except (FileNotFoundError, ValueError) as e:  # a missing file or a bad .jsonl record
+    raise ConfigError("data.corpus", str(e)) from e
   if not docs:
     raise ConfigError("data.corpus", f"the files in {spec!r} contain no documents")
   return docs

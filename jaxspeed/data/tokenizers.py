@@ -71,7 +71,7 @@ class BpeTokenizer(Tokenizer):
         if the corpus runs out of pairs to merge.
     """
     if vocab_size < 256:
-      raise ConfigError("data.vocab_size", f"byte-level BPE needs >= 256, got {vocab_size}")
+      raise ConfigError("data.bpe_vocab_size", f"byte-level BPE needs >= 256, got {vocab_size}")
     tok = hf_tokenizers.Tokenizer(models.BPE())
     # No prefix space: encode/decode must round-trip text exactly.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -27,7 +27,7 @@ class CurriculumSchedule:
 
     d = floor((t / T)^(1 / r) · (max − min) + min)
     d −= d mod difficulty_step
-    d = min(d, max)
+    d = min(max(d, ⌈min / difficulty_step⌉ · difficulty_step), max)
 
   ``fixed_linear`` is ``fixed_root`` with r = 1. ``fixed_discrete`` returns
   ``difficulties[i]`` for the first i with t <= ``max_steps[i]``, and the last
@@ -36,7 +36,9 @@ class CurriculumSchedule:
   Differences from DeepSpeed:
     * The root schedules never return less than ``min_difficulty``: DeepSpeed's
       rounding down to a multiple of ``difficulty_step`` gives e.g. 8 for
-      min 10, step 8 at t = 0; here that case is clamped up to 10.
+      min 10, step 8 at t = 0; here the floor is ``min_difficulty`` rounded up
+      to a multiple of ``difficulty_step`` (16), so every difficulty below
+      ``max_difficulty`` stays a multiple of the step.
     * The floor is exact (integer arithmetic), where DeepSpeed's float pow can
       land just below an integer: (29 / 100) · 100 = 28.999... floors to 28.
 
@@ -136,8 +138,11 @@ class CurriculumSchedule:
     root = 1 if self.schedule_type == "fixed_linear" else self.root_degree
     d = self.min_difficulty + _floor_root_fraction(
         step, self.total_curriculum_step, root, self.max_difficulty - self.min_difficulty)
-    d -= d % self.difficulty_step
-    return max(min(d, self.max_difficulty), self.min_difficulty)
+    unit = self.difficulty_step
+    # Never below min_difficulty rounded up to a multiple of the step, so every
+    # difficulty below max_difficulty is a multiple of difficulty_step.
+    d = max(d - d % unit, -(-self.min_difficulty // unit) * unit)
+    return min(d, self.max_difficulty)
 
 
 def _floor_root_fraction(t: int, total: int, root: int, span: int) -> int:

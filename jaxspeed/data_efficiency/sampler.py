@@ -21,11 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from jaxspeed.data_efficiency.curriculum import CurriculumSchedule
+from jaxspeed.data_efficiency.curriculum import CONFIG_KEY, CurriculumSchedule
 from jaxspeed.errors import ConfigError
 
 DIFFICULTY_TYPES = ("value", "percentile")
-CONFIG_KEY = "data_efficiency.curriculum_metrics"
 
 
 class MetricIndex(Protocol):
@@ -88,11 +87,12 @@ class CurriculumSampler:
   def __init__(self, index: MetricIndex, metrics: Mapping[str, MetricCurriculum],
                global_batch_size: int, seed: int):
     if not metrics:
-      raise ConfigError(CONFIG_KEY, "needs at least one metric")
-    for name, metric in metrics.items():
-      metric.validate(f"{CONFIG_KEY}.{name}")
+      raise ConfigError(f"{CONFIG_KEY}.metric", "needs at least one metric")
+    # The config holds one metric's schedule, so every metric's fields are named there.
+    for metric in metrics.values():
+      metric.validate(CONFIG_KEY)
     if global_batch_size < 1:
-      raise ConfigError("data.global_batch_size", f"must be >= 1, got {global_batch_size}")
+      raise ConfigError("batch_size", f"must be >= 1, got {global_batch_size}")
     self.index = index
     self.metrics = dict(metrics)
     self.global_batch_size = global_batch_size

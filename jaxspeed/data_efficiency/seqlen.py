@@ -64,5 +64,5 @@ def apply_seqlen(batch: Mapping[str, np.ndarray], mode: str, length: int) -> Bat
     return truncate_batch(batch, length)
   if mode == "seqlen_reshape":
     return reshape_batch(batch, length)
-  raise ConfigError("data_efficiency.seqlen_mode",
+  raise ConfigError("data_efficiency.seqlen.mode",
                     f"got {mode!r}; allowed values: {', '.join(SEQLEN_MODES)}")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference.kv_cache import NEG_INF, KVCache
 from jaxspeed.models.attention import repeat_kv_heads
+from jaxspeed.schema import Section, setting
 
 POLICIES = ("full", "local", "h2o", "fastgen", "kvmerger", "minikv")
 
@@ -50,7 +51,7 @@ FASTGEN_POLICIES = ("special", "special_punct", "special_punct_frequent",
 
 
 @dataclasses.dataclass(frozen=True)
-class CompressionConfig:
+class CompressionConfig(Section):
   """A KV-compression policy and its knobs (``config.inference.kv_compression``).
 
   Attributes:
@@ -63,40 +64,29 @@ class CompressionConfig:
       fractions of the prompt.
     merge_threshold: KVMerger's key cosine similarity needed to merge.
     merge_sigma: KVMerger's Gaussian kernel width, relative to the pivot key's norm.
-    window: MiniKV's full-precision window of recent tokens.
+    window: MiniKV's full-precision window of recent tokens, >= 1 for ``minikv``.
     special_ids: token ids FastGen treats as special (position 0 always is).
     punct_ids: token ids FastGen treats as punctuation.
   """
 
-  policy: str = "full"
-  budget: float = 1.0
-  sink_tokens: int = 4
-  recent_ratio: float = 0.5
-  threshold: float = 0.95
-  fastgen_ratio: float = 0.3
-  merge_threshold: float = 0.8
-  merge_sigma: float = 1.0
-  window: int = 32
-  special_ids: tuple[int, ...] = ()
-  punct_ids: tuple[int, ...] = ()
+  KEY = "inference.kv_compression"
 
-  def __post_init__(self):
-    key = "inference.kv_compression"
-    if self.policy not in POLICIES:
-      raise ConfigError(f"{key}.policy", f"got {self.policy!r}; allowed values: "
-                        f"{', '.join(POLICIES)}")
-    for name in ("budget", "threshold", "recent_ratio", "fastgen_ratio"):
-      value = getattr(self, name)
-      if not 0 < value <= 1:
-        raise ConfigError(f"{key}.{name}", f"must be in (0, 1], got {value!r}")
-    if not -1 <= self.merge_threshold <= 1:
-      raise ConfigError(f"{key}.merge_threshold", f"must be in [-1, 1], got "
-                        f"{self.merge_threshold!r}")
-    for name in ("sink_tokens", "window"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)!r}")
-    if self.merge_sigma <= 0:
-      raise ConfigError(f"{key}.merge_sigma", f"must be > 0, got {self.merge_sigma!r}")
+  policy: str = setting("full", choices=POLICIES)
+  budget: float = setting(1.0, gt=0, le=1)
+  sink_tokens: int = setting(4, ge=0)
+  recent_ratio: float = setting(0.5, gt=0, le=1)
+  threshold: float = setting(0.95, gt=0, le=1)
+  fastgen_ratio: float = setting(0.3, gt=0, le=1)
+  merge_threshold: float = setting(0.8, ge=-1, le=1)
+  merge_sigma: float = setting(1.0, gt=0)
+  window: int = setting(32, ge=0)
+  special_ids: tuple[int, ...] = setting((), config=False)
+  punct_ids: tuple[int, ...] = setting((), config=False)
+
+  def check(self) -> None:
+    if self.policy == "minikv" and self.window < 1:
+      raise ConfigError("inference.kv_compression.window", "minikv needs a full-precision "
+                        f"window of recent tokens: must be >= 1, got {self.window}")
 
   def capacity(self, cache_len: int) -> int:
     """Kept tokens per (row, head) for a cache of ``cache_len`` slots."""

@@ -71,8 +71,8 @@ class Generator:
     self.model, self.policy, self.mesh = model, policy, mesh
     self.cache_len = cache_len or cfg.max_seq_len
     if cfg.position == "learned" and self.cache_len > cfg.max_seq_len:
-      raise ConfigError("cache_len", f"{self.cache_len} exceeds the learned position table "
-                        f"(model.max_seq_len={cfg.max_seq_len})")
+      raise ConfigError("inference.max_out_tokens", f"cache_len={self.cache_len} exceeds the "
+                        f"learned position table (model.max_seq_len={cfg.max_seq_len})")
     self._param_shardings = None
     if mesh is not None:
       boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
@@ -215,7 +215,7 @@ class Generator:
       when a row's cache is full.
     """
     if max_new_tokens < 1:
-      raise ConfigError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+      raise ConfigError("inference.max_new_tokens", f"must be >= 1, got {max_new_tokens}")
     caches, logits, lengths = self.prefill(prompts)
     # A generated token needs a cache slot only when it is fed back in.
     steps = min(max_new_tokens, self.cache_len - int(lengths.max()) + 1)

@@ -102,12 +102,7 @@ class MiniKVPolicy:
   """Compresses a prompt cache into a ``MiniKVCache`` of ``capacity`` tokens per head."""
 
   config: CompressionConfig
-  capacity: int
-
-  def __post_init__(self):
-    if self.config.window < 1:
-      raise ConfigError("inference.kv_compression.window", "minikv needs a full-precision "
-                        f"window of >= 1 token, got {self.config.window}")
+  capacity: int  # config.window >= 1: CompressionConfig checks it for minikv
 
   @property
   def window(self) -> int:

@@ -7,11 +7,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxspeed.errors import ConfigError
+from jaxspeed.schema import Section, setting
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(Section):
   """How the next token is drawn from the logits.
 
   Attributes:
@@ -21,17 +21,11 @@ class SamplingConfig:
       reaches p (Holtzman et al. 2020); 1.0 = all.
   """
 
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
+  KEY = "inference"  # the fields of config.inference (RLHF's sampling reuses them)
 
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ConfigError("top_k", f"must be >= 0 (0 keeps all tokens), got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+  temperature: float = setting(0.0, ge=0)
+  top_k: int = setting(0, ge=0)
+  top_p: float = setting(1.0, gt=0, le=1)
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The model hyperparameters, as one frozen dataclass built from ``config.model``."""
+"""``config.model``: the model hyperparameters, as one frozen dataclass."""
 
 from __future__ import annotations
 
@@ -8,36 +8,61 @@ from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
+from jaxspeed.errors import ConfigError
+from jaxspeed.models.attention import ATTENTION_IMPLS
+from jaxspeed.schema import Section, setting
+
 if TYPE_CHECKING:  # jaxspeed.moe builds on jaxspeed.models
   from jaxspeed.moe.config import MoeConfig
 
 POSITIONS = ("learned", "rope", "alibi")
 REMAT_POLICIES = ("none", "full", "save_matmul_outputs")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_NAMES = ("gpt", "bert")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Sizes and options shared by the GPT decoder and the BERT encoder."""
+class ModelConfig(Section):
+  """Sizes and options shared by the GPT decoder and the BERT encoder.
 
-  vocab_size: int = 256
-  num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 0  # grouped-query attention; 0 means num_heads (multi-head)
-  d_model: int = 64
-  d_ff: int = 256
-  max_seq_len: int = 128
-  position: str = "learned"
-  embed_layernorm: bool = False  # BLOOM's LayerNorm right after the embedding
-  tie_embeddings: bool = True
-  dropout: float = 0.0
-  dtype: str = "float32"  # compute dtype; parameters are always float32
-  remat: str = "none"
-  attention: str = "xla"
-  type_vocab_size: int = 2  # BERT token types
-  layernorm_eps: float = 1e-5
-  gelu_approximate: bool = True  # tanh GELU; BERT checkpoints use the exact (erf) one
-  moe: MoeConfig | None = None  # mixture of experts in some layers (GPT); None: dense
+  The fields after ``attention`` are set by code (pretrained checkpoints, the
+  MoE section), not by ``config.model``.
+  """
+
+  KEY = "model"
+
+  vocab_size: int = setting(256, ge=1)
+  num_layers: int = setting(2, ge=1)
+  num_heads: int = setting(4, ge=1)
+  # Grouped-query attention; 0 means num_heads (multi-head).
+  num_kv_heads: int = setting(0, ge=0)
+  d_model: int = setting(64, ge=1)
+  d_ff: int = setting(256, ge=1)
+  max_seq_len: int = setting(128, ge=1)
+  position: str = setting("learned", choices=POSITIONS)
+  embed_layernorm: bool = setting(False)  # BLOOM's LayerNorm right after the embedding
+  tie_embeddings: bool = setting(True)
+  dropout: float = setting(0.0, ge=0, lt=1)
+  dtype: str = setting("float32", choices=DTYPES)  # compute dtype; parameters are float32
+  remat: str = setting("none", choices=REMAT_POLICIES)
+  attention: str = setting("xla", choices=ATTENTION_IMPLS)  # a registry, read when checked
+  name: str = setting("gpt", choices=MODEL_NAMES)  # the trainer's model; unused by the layers
+  type_vocab_size: int = setting(2, config=False)  # BERT token types
+  layernorm_eps: float = setting(1e-5, config=False)
+  # tanh GELU; BERT checkpoints use the exact (erf) one.
+  gelu_approximate: bool = setting(True, config=False)
+  # Mixture of experts in some layers (GPT); None: dense.
+  moe: MoeConfig | None = setting(None, config=False)
+
+  def check(self) -> None:
+    if self.d_model % self.num_heads:
+      raise ConfigError("model.num_heads",
+                        f"must divide model.d_model={self.d_model}, got {self.num_heads}")
+    if self.num_heads % self.kv_heads:
+      raise ConfigError("model.num_kv_heads", f"must divide model.num_heads={self.num_heads} "
+                        f"(0 means num_heads), got {self.num_kv_heads}")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ConfigError("model.position", "rope needs an even head dimension")
 
   @property
   def head_dim(self) -> int:
@@ -53,6 +78,7 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, model: Mapping[str, Any], moe: MoeConfig | None = None) -> ModelConfig:
+    """Reads and checks ``config.model``; ``moe`` is kept if it has experts."""
     fields = {f.name for f in dataclasses.fields(cls)} - {"moe"}
     return cls(**{k: v for k, v in dict(model).items() if k in fields},
                moe=moe if moe is not None and moe.enabled else None)

@@ -1,4 +1,4 @@
-"""The MoE hyperparameters, one frozen dataclass built from ``config.moe``."""
+"""``config.moe``: the MoE hyperparameters, one frozen dataclass."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxspeed.errors import ConfigError
+from jaxspeed.moe.gating import DROP_POLICIES
 from jaxspeed.moe.layer import MoeFeedForward
+from jaxspeed.schema import Section, setting
 
 NOISY_GATE_POLICIES = ("none", "Jitter", "RSample")
 RESIDUAL_MIXES = ("sum", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
-class MoeConfig:
+class MoeConfig(Section):
   """DeepSpeed ``MoE(...)`` arguments plus Megatron-DeepSpeed's layer placement.
 
   Attributes:
@@ -35,28 +38,40 @@ class MoeConfig:
     use_residual: Residual-MoE, a dense MLP beside the experts.
     residual_mix: ``sum`` (the paper: MLP(x) + MoE(x)) or ``learned``
       (DeepSpeed: softmax(Linear(d, 2)(x)) mixes the two per token).
+    aux_loss_coef: weight of the load-balancing loss (DeepSpeed's tutorial;
+      Megatron's ``--moe-loss-coeff`` default is 0.1).
   """
 
-  num_experts: int = 1
-  layer_num_experts: tuple[int, ...] = ()
-  expert_interval: int = 2
-  top_k: int = 1
-  capacity_factor: float = 1.0
-  eval_capacity_factor: float = 1.0
-  min_capacity: int = 4
-  noisy_gate_policy: str = "none"
-  drop_tokens: bool = True
-  use_rts: bool = True
-  top2_2nd_expert_sampling: bool = True
-  drop_policy: str = "probs"
-  use_residual: bool = False
-  residual_mix: str = "sum"
+  KEY = "moe"
+
+  num_experts: int = setting(1, ge=1)
+  layer_num_experts: tuple[int, ...] = setting(())
+  expert_interval: int = setting(2, ge=1)
+  top_k: int = setting(1, ge=1)
+  capacity_factor: float = setting(1.0, gt=0)
+  eval_capacity_factor: float = setting(1.0, gt=0)
+  min_capacity: int = setting(4, ge=0)
+  noisy_gate_policy: str = setting("none", choices=NOISY_GATE_POLICIES)
+  drop_tokens: bool = setting(True)
+  use_rts: bool = setting(True)
+  top2_2nd_expert_sampling: bool = setting(True)
+  drop_policy: str = setting("probs", choices=DROP_POLICIES)
+  use_residual: bool = setting(False)
+  residual_mix: str = setting("sum", choices=RESIDUAL_MIXES)
+  aux_loss_coef: float = setting(0.01, ge=0)
+
+  def check(self) -> None:
+    counts = self.layer_num_experts
+    if any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in counts):
+      raise ConfigError("moe.layer_num_experts",
+                        f"expert counts must be ints >= 1, got {list(counts)}")
 
   @classmethod
   def from_config(cls, moe: Mapping[str, Any]) -> MoeConfig:
+    """Reads and checks ``config.moe``."""
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in dict(moe).items() if k in fields}
-    values["layer_num_experts"] = tuple(int(e) for e in values.get("layer_num_experts", ()))
+    values["layer_num_experts"] = tuple(values.get("layer_num_experts", ()))
     return cls(**values)
 
   @property

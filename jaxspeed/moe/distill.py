@@ -16,6 +16,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxspeed.errors import ConfigError
+from jaxspeed.schema import Section, setting
+
 TEACHER_LOGITS = "teacher_logits"  # the batch key the trainer fills while distilling
 
 
@@ -26,6 +29,39 @@ class Distillation:
   temperature: float = 1.0
   alpha_ce: float = 1.0
   beta_ce: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class KdConfig(Section):
+  """``config.kd``: MoS distillation from a trained teacher (Megatron-DeepSpeed ``--kd``).
+
+  Attributes:
+    teacher_workdir: ``--load-teacher``, a finished run's workdir (its checkpoints).
+    num_layers_teacher: 0 means the student's ``model.num_layers``.
+    num_experts_teacher: the teacher's ``moe.layer_num_experts``; empty: the student's.
+    temperature, alpha_ce, beta_ce: ``--kd-temp``, ``--kd-alpha-ce``, ``--kd-beta-ce``.
+    stop_step: staged KD, the plain LM loss from this step on; 0 distills throughout.
+  """
+
+  KEY = "kd"
+
+  enabled: bool = setting(False)
+  teacher_workdir: str = setting("")
+  num_layers_teacher: int = setting(0, ge=0)
+  num_experts_teacher: tuple[int, ...] = setting(())
+  temperature: float = setting(1.0, gt=0)
+  alpha_ce: float = setting(1.0, ge=0)
+  beta_ce: float = setting(1.0, ge=0)
+  stop_step: int = setting(0, ge=0)
+
+  def check(self) -> None:
+    if self.enabled and not self.teacher_workdir:
+      raise ConfigError("kd.teacher_workdir", "distillation needs the workdir of a trained "
+                        "teacher")
+
+  @property
+  def distillation(self) -> Distillation:
+    return Distillation(self.temperature, self.alpha_ce, self.beta_ce)
 
 
 def kd_loss_sum(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float,

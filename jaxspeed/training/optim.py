@@ -18,8 +18,8 @@ import ml_collections
 import optax
 
 from jaxspeed.comm import WorkerGroup
-from jaxspeed.config import ONEBIT_OPTIMIZERS, OPTIMIZERS
 from jaxspeed.optimizers import CommunicatingOptimizer, onebit_adam, onebit_lamb, zero_one_adam
+from jaxspeed.optimizers.config import ONEBIT_OPTIMIZERS, OPTIMIZERS
 
 Schedule = Callable[[jax.Array], jax.Array]
 

@@ -1,0 +1,43 @@
+"""``config.parallel``, ``config.zero`` and ``config.sequence_parallel``: how the run is split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxspeed.schema import Section, setting
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig(Section):
+  """Mesh axis sizes; one may be -1 (the devices left). ``resolve_mesh_shape`` checks them."""
+
+  KEY = "parallel"
+
+  data: int = setting(-1)
+  fsdp: int = setting(1)
+  stage: int = setting(1)
+  expert: int = setting(1)
+  sequence: int = setting(1)
+  tensor: int = setting(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroConfig(Section):
+  """ZeRO (Rajbhandari et al. 2020): 1 shards optimizer state, 2 also gradients, 3 also
+  parameters, over the data-parallel axes."""
+
+  KEY = "zero"
+
+  stage: int = setting(0, choices=ZERO_STAGES)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallelConfig(Section):
+  """DeepSpeed-Ulysses needs seq_len % parallel.sequence == 0; ``pad`` right-pads causal-LM
+  batches to a multiple instead (padded targets do not count)."""
+
+  KEY = "sequence_parallel"
+
+  pad: bool = setting(False)
