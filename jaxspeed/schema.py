@@ -108,10 +108,6 @@ class Section:
   def check(self) -> None:
     """Rules across this section's fields; raises ``ConfigError``. None by default."""
 
-  def key(self, name: str) -> str:
-    """The dotted config key of field ``name``."""
-    return f"{self.KEY}.{name}" if self.KEY else name
-
   @classmethod
   def from_config(cls: type[S], section: Mapping[str, Any]) -> S:
     """Reads (and checks) the section from its ``ConfigDict`` (or dict); keys it lacks keep
