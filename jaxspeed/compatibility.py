@@ -62,6 +62,12 @@ TECHNIQUES: dict[str, Technique] = {
                          lambda c, shape, rlhf: c.model.dropout > 0, "0"),
     "sequence padding": Technique("sequence_parallel.pad", "`sequence_parallel.pad`",
                                   lambda c, shape, rlhf: c.sequence_parallel.pad),
+    "sequence-length curriculum": Technique(
+        "data_efficiency.seqlen.enabled", "`data_efficiency.seqlen.enabled`",
+        lambda c, shape, rlhf: c.data_efficiency.seqlen.enabled),
+    "curriculum sampling": Technique(
+        "data_efficiency.curriculum.enabled", "`data_efficiency.curriculum.enabled`",
+        lambda c, shape, rlhf: c.data_efficiency.curriculum.enabled),
     "random-LTD": Technique("data_efficiency.random_ltd.enabled",
                             "`data_efficiency.random_ltd.enabled`",
                             lambda c, shape, rlhf: c.data_efficiency.random_ltd.enabled),
@@ -108,6 +114,10 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
                     "statistics cannot be collected",
     ("MoE", "pipeline"): "MoE layers do not run inside pipeline stages yet",
     ("BERT", "KD"): "MoS distillation trains a GPT student",
+    ("BERT", "sequence-length curriculum"): "the curricula feed the GPT trainer; BERT runs "
+                                            "random-LTD or PLD",
+    ("BERT", "curriculum sampling"): "the curricula feed the GPT trainer; BERT runs random-LTD "
+                                     "or PLD",
     ("RLHF", "BERT"): "the RLHF steps train a GPT",
     ("RLHF", "pipeline"): _RLHF_AXES,
     ("RLHF", "expert parallelism"): _RLHF_AXES,

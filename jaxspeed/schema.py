@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Container, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -39,20 +40,18 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
   return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+# Bound name -> (test, the bound as a comparison, as an interval end).
+_BOUNDS = {"ge": (operator.ge, ">=", "["), "gt": (operator.gt, ">", "("),
+           "le": (operator.le, "<=", "]"), "lt": (operator.lt, "<", ")")}
 
 
-def _bounds(meta: Mapping[str, Any]) -> str:
-  low = f"[{meta['ge']}" if meta["ge"] is not None else (
-      f"({meta['gt']}" if meta["gt"] is not None else None)
-  high = f"{meta['le']}]" if meta["le"] is not None else (
-      f"{meta['lt']})" if meta["lt"] is not None else None)
-  if low and high:
-    return f"must be in {low}, {high}"
-  if low:
-    return f"must be {'>=' if low[0] == '[' else '>'} {low[1:]}"
-  return f"must be {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+def _allowed_range(bounds: dict[str, float]) -> str:
+  """E.g. "must be > 0" or "must be in [0, 1)"."""
+  if len(bounds) == 1:
+    (name, bound), = bounds.items()
+    return f"must be {_BOUNDS[name][1]} {bound}"
+  (low, a), (high, b) = sorted(bounds.items(), key=lambda nb: nb[0][0] == "l")
+  return f"must be in {_BOUNDS[low][2]}{a}, {b}{_BOUNDS[high][2]}"
 
 
 def check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -62,16 +61,13 @@ def check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     raise ConfigError(key, f"got {value!r}; allowed values: {', '.join(map(str, choices))}")
   if isinstance(value, float) and not math.isfinite(value):
     raise ConfigError(key, f"must be a finite number, got {value!r}")
-  bounded = [b for b in ("ge", "gt", "le", "lt") if meta.get(b) is not None]
-  if not bounded:
+  bounds = {name: meta[name] for name in _BOUNDS if meta.get(name) is not None}
+  if not bounds:
     return
-  if not _is_number(value):
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
     raise ConfigError(key, f"must be a number, got {value!r}")
-  ok = ((meta["ge"] is None or value >= meta["ge"]) and (meta["gt"] is None or value > meta["gt"])
-        and (meta["le"] is None or value <= meta["le"])
-        and (meta["lt"] is None or value < meta["lt"]))
-  if not ok:
-    raise ConfigError(key, f"{_bounds(meta)}, got {value!r}")
+  if not all(_BOUNDS[name][0](value, bound) for name, bound in bounds.items()):
+    raise ConfigError(key, f"{_allowed_range(bounds)}, got {value!r}")
 
 
 def config_fields(cls_or_obj) -> list[dataclasses.Field]:
@@ -107,10 +103,6 @@ class Section:
 
   def check(self) -> None:
     """Rules across this section's fields; raises ``ConfigError``. None by default."""
-
-  def key(self, name: str) -> str:
-    """The dotted config key of field ``name``."""
-    return f"{self.KEY}.{name}" if self.KEY else name
 
   @classmethod
   def from_config(cls: type[S], section: Mapping[str, Any]) -> S:

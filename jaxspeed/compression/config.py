@@ -75,6 +75,3 @@ class CompressionTrainingConfig(Section):
   activation_quantization: ActivationQuantizationConfig = setting(
       factory=ActivationQuantizationConfig)
   sparse_pruning: SparsePruningConfig = setting(factory=SparsePruningConfig)
-
-  def sections(self) -> dict[str, Section]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 
 import ml_collections
 
 from jaxspeed.data.loader import BatchIterator
-from jaxspeed.data_efficiency.analyzer import BUILTIN_METRICS, analyze
+from jaxspeed.data_efficiency.analyzer import analyze
 from jaxspeed.data_efficiency.batches import SampledBatches, SeqlenCurriculum
+from jaxspeed.data_efficiency.config import CurriculumConfig, SeqlenConfig
 from jaxspeed.data_efficiency.curriculum import CurriculumSchedule
-from jaxspeed.data_efficiency.sampler import CurriculumSampler, MetricCurriculum
-from jaxspeed.data_efficiency.seqlen import SEQLEN_MODES
-from jaxspeed.errors import ConfigError
+from jaxspeed.data_efficiency.sampler import CurriculumSampler
 
-_SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(CurriculumSchedule)
-                         if f.name != "custom")
+_SECTIONS = {"data_efficiency.seqlen": SeqlenConfig,
+             "data_efficiency.curriculum": CurriculumConfig}
 
 
 def schedule_from_config(section: ml_collections.ConfigDict, key: str) -> CurriculumSchedule:
-  """The ``CurriculumSchedule`` of a config section holding DeepSpeed's schedule keys."""
-  return CurriculumSchedule.from_config({k: section[k] for k in _SCHEDULE_FIELDS}, key)
+  """The checked ``CurriculumSchedule`` of ``config.<key>`` (a curriculum section)."""
+  return _SECTIONS[key].from_config({**section, "enabled": True}).schedule
 
 
 def curriculum_source(config: ml_collections.ConfigDict, train_data: BatchIterator,
@@ -35,27 +33,17 @@ def curriculum_source(config: ml_collections.ConfigDict, train_data: BatchIterat
   Raises:
     ConfigError: for a bad curriculum setting, before anything compiles.
   """
-  de = config.data_efficiency
+  curriculum = CurriculumConfig.from_config(config.data_efficiency.curriculum)
+  seqlen = SeqlenConfig.from_config(config.data_efficiency.seqlen)
   source = train_data
-  if de.curriculum.enabled:
-    key = "data_efficiency.curriculum"
-    if de.curriculum.metric not in BUILTIN_METRICS:
-      raise ConfigError(f"{key}.metric", f"got {de.curriculum.metric!r}; allowed values: "
-                        f"{', '.join(BUILTIN_METRICS)}")
-    metric = MetricCurriculum(schedule_from_config(de.curriculum, key),
-                              de.curriculum.difficulty_type)
-    metric.validate(key)
+  if curriculum.enabled:
     directory = (os.path.join(workdir, "data_analysis") if workdir
                  else tempfile.mkdtemp(prefix="jaxspeed_analysis_"))
-    index = analyze(train_data.windows, [de.curriculum.metric], directory,
-                    num_workers=de.curriculum.analysis_workers)
-    sampler = CurriculumSampler(index, {de.curriculum.metric: metric},
+    index = analyze(train_data.windows, [curriculum.metric], directory,
+                    num_workers=curriculum.analysis_workers)
+    sampler = CurriculumSampler(index, {curriculum.metric: curriculum.metric_curriculum},
                                 config.batch_size, config.seed)
     source = SampledBatches(train_data.windows, sampler, process_index, process_count)
-  if de.seqlen.enabled:
-    key = "data_efficiency.seqlen"
-    if de.seqlen.mode not in SEQLEN_MODES:
-      raise ConfigError(f"{key}.mode", f"got {de.seqlen.mode!r}; allowed values: "
-                        f"{', '.join(SEQLEN_MODES)}")
-    source = SeqlenCurriculum(source, schedule_from_config(de.seqlen, key), de.seqlen.mode)
+  if seqlen.enabled:
+    source = SeqlenCurriculum(source, seqlen.schedule, seqlen.mode)
   return source

@@ -9,6 +9,7 @@ import ml_collections
 
 from jaxspeed.checkpoint import restore_latest
 from jaxspeed.inference.compression import CompressionConfig, SlotPolicy
+from jaxspeed.inference.config import InferenceConfig
 from jaxspeed.inference.engine import Generator
 from jaxspeed.inference.minikv import MiniKVPolicy
 from jaxspeed.inference.sampling import SamplingConfig
@@ -40,12 +41,11 @@ def compression_config(config: ml_collections.ConfigDict, punct_ids=(), special_
 
 
 def sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
-  inf = config.inference
-  return SamplingConfig(temperature=inf.temperature, top_k=inf.top_k, top_p=inf.top_p)
+  return InferenceConfig.from_config(config.inference).sampling
 
 
 def stop_tokens(config: ml_collections.ConfigDict) -> list[int]:
-  return [int(t) for t in str(config.inference.stop_tokens).split(",") if t.strip()]
+  return list(InferenceConfig.from_config(config.inference).stop_token_ids)
 
 
 def generator_from_config(config: ml_collections.ConfigDict, model, params, *,

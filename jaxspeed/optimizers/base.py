@@ -21,8 +21,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxspeed.errors import ConfigError
-
 Params = Any
 
 
@@ -77,23 +75,6 @@ def decay_rates(params, mask, weight_decay: float):
 def decay_term(params, mask, weight_decay: float):
   """``weight_decay · p`` where ``mask`` is True, else 0 (decoupled, added to the update)."""
   return jax.tree.map(lambda p, r: r * p, params, decay_rates(params, mask, weight_decay))
-
-
-def check_adam_hyperparameters(b1: float, b2: float, eps: float, weight_decay: float) -> None:
-  """Raises ``ConfigError`` naming the ``config.optim`` key of a bad value."""
-  if not 0.0 <= b1 < 1.0:
-    raise ConfigError("optim.b1", f"must be in [0, 1), got {b1}")
-  if not 0.0 <= b2 < 1.0:
-    raise ConfigError("optim.b2", f"must be in [0, 1), got {b2}")
-  if eps <= 0:
-    raise ConfigError("optim.eps", f"must be > 0, got {eps}")
-  if weight_decay < 0:
-    raise ConfigError("optim.weight_decay", f"must be >= 0, got {weight_decay}")
-
-
-def check_positive_int(key: str, value: int, minimum: int = 1) -> None:
-  if int(value) != value or value < minimum:
-    raise ConfigError(key, f"must be an integer >= {minimum}, got {value}")
 
 
 def mask_unseen(values, nu):

@@ -24,14 +24,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxspeed.comm.workers import Errors, WorkerGroup
 from jaxspeed.optimizers.base import (
-    CommunicatingOptimizer,
-    check_adam_hyperparameters,
-    check_positive_int,
-    decay_term,
-    mask_unseen,
-    shared_params,
-    zeros_like_f32,
+  CommunicatingOptimizer,
+  decay_term,
+  mask_unseen,
+  shared_params,
+  zeros_like_f32,
 )
+from jaxspeed.optimizers.config import OptimConfig
 
 WARMUP = "warmup"
 COMPRESSED = "compressed"
@@ -57,8 +56,8 @@ def onebit_adam(group: WorkerGroup, freeze_step: int, b1: float = 0.9, b2: float
     mask: pytree of bools (or ``params -> pytree``) selecting decayed tensors.
     bias_correction: divide m by 1−β1^t and v by 1−β2^min(t, freeze_step).
   """
-  check_positive_int("optim.freeze_step", freeze_step)
-  check_adam_hyperparameters(b1, b2, eps, weight_decay)
+  OptimConfig(name="onebit_adam", freeze_step=freeze_step, b1=b1, b2=b2, eps=eps,
+              weight_decay=weight_decay)  # checks the arguments
 
   def init(params) -> OneBitAdamState:
     zeros = zeros_like_f32(params)

@@ -25,17 +25,15 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxspeed.comm.workers import Errors, WorkerGroup
-from jaxspeed.errors import ConfigError
 from jaxspeed.optimizers.base import (
-    CommunicatingOptimizer,
-    check_adam_hyperparameters,
-    check_positive_int,
-    decay_term,
-    mask_unseen,
-    scalars_like,
-    shared_params,
-    zeros_like_f32,
+  CommunicatingOptimizer,
+  decay_term,
+  mask_unseen,
+  scalars_like,
+  shared_params,
+  zeros_like_f32,
 )
+from jaxspeed.optimizers.config import OptimConfig
 from jaxspeed.optimizers.onebit_adam import COMPRESSED, WARMUP
 
 
@@ -60,18 +58,10 @@ def onebit_lamb(group: WorkerGroup, freeze_step: int, b1: float = 0.9, b2: float
                 factor_max: float = 4.0, factor_min: float = 0.5,
                 factor_threshold: float = 0.1) -> CommunicatingOptimizer:
   """1-bit LAMB over ``group``'s workers (DeepSpeed's defaults)."""
-  check_positive_int("optim.freeze_step", freeze_step)
-  check_adam_hyperparameters(b1, b2, eps, weight_decay)
-  if not 0 < min_coeff <= max_coeff:
-    raise ConfigError("optim.min_coeff", f"need 0 < min_coeff <= max_coeff, got {min_coeff} "
-                      f"and max_coeff={max_coeff}")
-  if not 0.0 <= coeff_beta < 1.0:
-    raise ConfigError("optim.coeff_beta", f"must be in [0, 1), got {coeff_beta}")
-  if not 0 < factor_min <= factor_max:
-    raise ConfigError("optim.factor_min", f"need 0 < factor_min <= factor_max, got "
-                      f"{factor_min} and factor_max={factor_max}")
-  if not 0.0 <= factor_threshold < 1.0:
-    raise ConfigError("optim.factor_threshold", f"must be in [0, 1), got {factor_threshold}")
+  OptimConfig(name="onebit_lamb", freeze_step=freeze_step, b1=b1, b2=b2, eps=eps,
+              weight_decay=weight_decay, max_coeff=max_coeff, min_coeff=min_coeff,
+              coeff_beta=coeff_beta, factor_max=factor_max, factor_min=factor_min,
+              factor_threshold=factor_threshold)  # checks the arguments
 
   def init(params) -> OneBitLambState:
     zeros = zeros_like_f32(params)

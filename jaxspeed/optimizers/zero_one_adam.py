@@ -44,14 +44,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxspeed.comm.workers import Errors, WorkerGroup
 from jaxspeed.optimizers.base import (
-    CommunicatingOptimizer,
-    check_adam_hyperparameters,
-    check_positive_int,
-    decay_rates,
-    decay_term,
-    mask_unseen,
-    zeros_like_f32,
+  CommunicatingOptimizer,
+  decay_rates,
+  decay_term,
+  mask_unseen,
+  zeros_like_f32,
 )
+from jaxspeed.optimizers.config import OptimConfig
 
 VARIANCE = "variance"  # phase 1, exact all-reduce, m and v updated
 ONEBIT_GRADIENT = "onebit_gradient"  # phase 1, 1-bit all-reduce of the gradient, m updated
@@ -95,11 +94,10 @@ def zero_one_adam(group: WorkerGroup, var_freeze_step: int, b1: float = 0.9,
                   var_update_scaler: int = 16, local_step_scaler: int = 32678,
                   local_step_clipper: int = 16) -> CommunicatingOptimizer:
   """0/1 Adam over ``group``'s workers (DeepSpeed's defaults, its 32678 typo included)."""
-  check_positive_int("optim.var_freeze_step", var_freeze_step)
-  check_positive_int("optim.var_update_scaler", var_update_scaler)
-  check_positive_int("optim.local_step_scaler", local_step_scaler)
-  check_positive_int("optim.local_step_clipper", local_step_clipper)
-  check_adam_hyperparameters(b1, b2, eps, weight_decay)
+  OptimConfig(name="zero_one_adam", var_freeze_step=var_freeze_step, b1=b1, b2=b2, eps=eps,
+              weight_decay=weight_decay, var_update_scaler=var_update_scaler,
+              local_step_scaler=local_step_scaler,
+              local_step_clipper=local_step_clipper)  # checks the arguments
   schedule = functools.partial(zero_one_kinds, var_freeze_step=var_freeze_step,
                                var_update_scaler=var_update_scaler,
                                local_step_scaler=local_step_scaler,
