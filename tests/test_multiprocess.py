@@ -8,6 +8,7 @@ per-process data loading behind ``make_array_from_process_local_data``.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,27 +53,40 @@ def _env(devices: int) -> dict[str, str]:
 
 
 # A stand-in job for the launcher tests: records its pid, then fails if it is
-# process --fail, else waits until it is stopped. No JAX, so it starts at once.
+# process --fail (by exit code 3, or by --signal), else waits until it is
+# stopped. On SIGTERM it prints an error, as a real process whose peer died
+# would; with --ignore_sigterm it ignores it, as one blocked in a collective
+# does. No JAX, so it starts at once.
 FAKE_JOB = """
-import os, sys, time
+import os, signal, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-with open(os.path.join(args["workdir"], "pid_" + args["process_id"]), "w") as f:
+me = args["process_id"]
+with open(os.path.join(args["workdir"], "pid_" + me), "w") as f:
   f.write(str(os.getpid()))
 print("devices", args["cpu_devices"], os.environ["XLA_FLAGS"], flush=True)
-if args["process_id"] == args.get("fail"):
+if args.get("ignore_sigterm"):
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit("error echoed by process " + me))
+if me == args.get("fail"):
   time.sleep(1.0)  # lets the others start (or not, when the machine is busy)
+  print("last words of process " + me, file=sys.stderr, flush=True)
+  if args.get("signal"):
+    os.kill(os.getpid(), int(args["signal"]))
   sys.exit(3)
 time.sleep(600)
 """
 
 
-def _launch(tmp_path, *flags, job_flags=()) -> subprocess.CompletedProcess:
+def _launch(tmp_path, *flags, job_flags=(), wait=True):
   (tmp_path / "fake_job.py").write_text(FAKE_JOB)
   env = {**_env(8), "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
-  return subprocess.run(
-      [sys.executable, "-m", "experiments.launch_local", "--module=fake_job", *flags, "--",
-       f"--workdir={tmp_path}", *job_flags],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+  cmd = [sys.executable, "-m", "experiments.launch_local", "--module=fake_job", *flags, "--",
+         f"--workdir={tmp_path}", *job_flags]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
 def _pids(tmp_path) -> list[int]:
@@ -103,16 +117,42 @@ def test_launcher_stops_all_when_one_fails(tmp_path):
   result = _launch(tmp_path, "--num_processes=4", job_flags=["--fail=2"])
   assert result.returncode == 3, result.stderr
   assert "process 2 exited with code 3" in result.stderr
+  assert "last words of process 2" in result.stderr  # the failing process's own lines
+  assert "error echoed" not in result.stderr  # not the survivors' reactions to being stopped
   # Each process gets its share of the devices, whatever the caller's XLA_FLAGS say.
   assert "devices 2 --xla_force_host_platform_device_count=2" in result.stdout
   assert "devices 2" in (tmp_path / "process_3.log").read_text()
   assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
 
 
-def test_launcher_times_out(tmp_path):
-  result = _launch(tmp_path, "--num_processes=2", "--timeout_s=2")
+def test_launcher_keeps_the_signal_of_a_killed_process(tmp_path):
+  result = _launch(tmp_path, "--num_processes=2", job_flags=["--fail=1", "--signal=9"])
+  assert result.returncode == 128 + 9, result.stderr
+  assert "process 1 was killed by SIGKILL" in result.stderr
+  assert "last words of process 1" in result.stderr
+  assert "error echoed" not in result.stderr
+  assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
+
+
+def test_launcher_kills_hung_processes_at_timeout(tmp_path):
+  # The processes ignore SIGTERM, as ones blocked in a collective do: only SIGKILL ends them.
+  result = _launch(tmp_path, "--num_processes=2", "--timeout_s=2",
+                   job_flags=["--ignore_sigterm=1"])
   assert result.returncode == 124
-  assert "timed out" in result.stderr
+  hung = [line for line in result.stderr.splitlines() if "hung" in line]
+  assert len(hung) == 1 and "process(es) 0, 1" in hung[0], result.stderr
+  assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
+
+
+def test_launcher_stops_processes_when_terminated(tmp_path):
+  launcher = _launch(tmp_path, "--num_processes=2", wait=False)
+  deadline = time.monotonic() + 60
+  while len(_pids(tmp_path)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.1)
+  launcher.terminate()
+  _, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 128 + signal.SIGTERM, stderr
+  assert "got SIGTERM" in stderr
   assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
 
 

@@ -73,7 +73,7 @@ class Generator:
     if cfg.position == "learned" and self.cache_len > cfg.max_seq_len:
       raise ConfigError("cache_len", f"{self.cache_len} exceeds the learned position table "
                         f"(model.max_seq_len={cfg.max_seq_len})")
-    self._param_shardings = None
+    self._param_shardings = self._place = None
     if mesh is not None:
       boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
       specs = jax.tree.map(lambda s: logical_to_spec(tuple(s), RULES),
@@ -81,6 +81,11 @@ class Generator:
                            is_leaf=lambda x: isinstance(x, P))
       self._param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                            is_leaf=lambda x: isinstance(x, P))
+      # One program moves the whole tree, so every process runs its collectives in the same
+      # order. ``jax.device_put`` instead runs one program per leaf; under multi-process
+      # XLA:CPU those run concurrently, and their gloo collectives can meet in different
+      # orders on different processes and block forever.
+      self._place = jax.jit(lambda p: p, out_shardings=self._param_shardings)
     self.load_params(params)
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames="sampling", donate_argnums=1)
@@ -91,13 +96,21 @@ class Generator:
     """Where generation keeps each parameter (tensor-parallel only), or None without a mesh."""
     return self._param_shardings
 
+  @property
+  def placement(self):
+    """The jitted identity that moves parameters into ``param_shardings``, or None without a mesh.
+
+    Its compiled HLO holds the collectives of the switch (see ``rlhf.HybridEngine``).
+    """
+    return self._place
+
   def load_params(self, params) -> None:
     """Generates from ``params`` from now on; same shapes, so nothing recompiles.
 
     On a mesh the parameters are placed in ``param_shardings`` (device to device).
     """
-    if self._param_shardings is not None:
-      params = jax.device_put(params, self._param_shardings)
+    if self._place is not None:
+      params = self._place(params)
     self.params = params
 
   # -- compiled steps --------------------------------------------------------------------------
