@@ -90,6 +90,9 @@ class Generator:
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames="sampling", donate_argnums=1)
     self._teacher_forced = jax.jit(self._teacher_forced_fn, static_argnums=2)
+    # Compiled too: eager ops on sharded logits would each be a program of their own, and
+    # independent ones may run concurrently (see ``_place``).
+    self._sample = jax.jit(sample_logits, static_argnames="sampling")
 
   @property
   def param_shardings(self):
@@ -238,7 +241,7 @@ class Generator:
     active = np.ones(len(prompts), bool)
     with self._mesh_context():
       rng, sub = jax.random.split(rng)
-      tokens = sample_logits(logits, sub, sampling)
+      tokens = self._sample(logits, sub, sampling=sampling)
       for step in range(steps):
         host = np.asarray(jax.device_get(tokens))
         for row in np.flatnonzero(active):
