@@ -158,6 +158,47 @@ def test_launcher_stops_processes_when_terminated(tmp_path):
   assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
 
 
+def test_generator_places_parameters_in_one_program():
+  """Training shardings -> generation shardings is one compiled program for the whole tree.
+
+  ``jax.device_put`` instead runs a program per leaf when the arrays span
+  processes (in one process it copies shards without compiling anything); those
+  programs can run concurrently and their collectives meet in different orders
+  on different processes: the end-of-run sample of a two-process run hung that way.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from jaxspeed.inference import Generator
+  from jaxspeed.models import GPT, ModelConfig
+  from jaxspeed.parallel import make_mesh
+
+  model = GPT(ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, d_ff=64,
+                          max_seq_len=16))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  # ZeRO-3-like: every matrix's first dimension split over all 8 devices.
+  zero3 = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(
+      mesh, P(("data", "fsdp", "tensor")) if x.ndim > 1 and x.shape[0] % 8 == 0 else P())),
+      params["params"])
+  jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))  # warm-up
+  compiled = []
+  listener = lambda event, seconds, **_: compiled.append(event) if event == (
+      "/jax/core/compile/backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    generator = Generator(model, zero3, cache_len=16, mesh=mesh)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(compiled) == 1, f"{len(compiled)} programs compiled to place the parameters"
+  for leaf, sharding in zip(jax.tree.leaves(generator.params),
+                            jax.tree.leaves(generator.param_shardings)):
+    assert leaf.sharding == sharding
+
+
 def _losses(workdir) -> list[float]:
   with open(workdir / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
