@@ -82,9 +82,9 @@ class Generator:
       self._param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                            is_leaf=lambda x: isinstance(x, P))
       # One program moves the whole tree, so every process runs its collectives in the same
-      # order. ``jax.device_put`` instead runs one program per leaf; under multi-process
-      # XLA:CPU those run concurrently, and their gloo collectives can meet in different
-      # orders on different processes and block forever.
+      # order. Across processes ``jax.device_put`` runs one program per leaf instead; those
+      # are independent, so XLA:CPU may run them concurrently, and their gloo collectives
+      # can then meet in different orders on different processes and wait forever.
       self._place = jax.jit(lambda p: p, out_shardings=self._param_shardings)
     self.load_params(params)
     self._prefill = jax.jit(self._prefill_fn)
@@ -110,7 +110,8 @@ class Generator:
   def load_params(self, params) -> None:
     """Generates from ``params`` from now on; same shapes, so nothing recompiles.
 
-    On a mesh the parameters are placed in ``param_shardings`` (device to device).
+    On a mesh the parameters are placed in ``param_shardings`` by one compiled program
+    (``placement``), device to device.
     """
     if self._place is not None:
       params = self._place(params)
