@@ -246,7 +246,7 @@ def test_two_process_runs_with_a_sample_finish(tmp_path):
   # The end-of-run sample re-places the parameters for generation across the process
   # boundary; done as one program per leaf, it hung in most runs. Hangs are
   # intermittent, hence several runs in a row (one step of a tiny model each).
-  # Four layers, as in the demo: with one (fewer arrays to move) it rarely hung.
+  # Four layers, as in the demo: with one (fewer arrays to move) six runs did not hang.
   flags = [f for f in TRAIN_FLAGS if not f.startswith((
       "--config.sample_tokens", "--config.steps", "--config.eval_every",
       "--config.checkpoint_every", "--config.model.num_layers"))]
