@@ -10,21 +10,28 @@ mesh of ``total_cpu_devices`` CPU devices through ``jax.distributed`` (gloo
 collectives), exactly as separate hosts would: this is a stand-in for a
 cluster scheduler, not a protocol of its own.
 
-Process 0's output goes to this terminal; process ``i > 0`` writes to
-``<logs_dir>/process_<i>.log`` (``--logs_dir``, else the job's ``--workdir``).
-If any process fails or ``--timeout_s`` passes, the others are stopped and the
-launcher exits non-zero.
+Every process writes ``<logs_dir>/process_<i>.log`` (``--logs_dir``, else the
+job's ``--workdir``); process 0's output also goes to this terminal.
+
+When a process fails, the launcher stops the others (their errors are only
+echoes of the first one), prints one line naming the failure and the failing
+process's last lines, and exits with its code (128 + N for signal N, as shells
+do). When ``--timeout_s`` passes, it says which processes hung, stops them and
+exits 124. Stopping is SIGTERM to each process's group, then SIGKILL after a
+grace period: a process blocked in a collective may never act on SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from absl import app, flags
@@ -42,7 +49,6 @@ LOGS_DIR = flags.DEFINE_string("logs_dir", None,
 # Flags the launcher sets on every process; passing them after `--` is a mistake.
 _OWNED_FLAGS = ("coordinator_address", "num_processes", "process_id", "cpu_devices")
 _GRACE_S = 5.0  # between SIGTERM and SIGKILL when stopping processes
-_POLL_S = 0.1
 
 
 def free_port() -> int:
@@ -92,19 +98,38 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def exit_status(returncode: int) -> int:
+  """A child's exit status as a shell reports it: 128 + N for death by signal N."""
+  return 128 - returncode if returncode < 0 else returncode
+
+
+def describe(returncode: int) -> str:
+  """'exited with code 3' or 'was killed by SIGKILL (exit status 137)'."""
+  if returncode >= 0:
+    return f"exited with code {returncode}"
+  try:
+    name = signal.Signals(-returncode).name
+  except ValueError:
+    name = f"signal {-returncode}"
+  return f"was killed by {name} (exit status {exit_status(returncode)})"
+
+
+def _signal_group(p: subprocess.Popen, signum: int) -> None:
+  with contextlib.suppress(ProcessLookupError, PermissionError):
+    os.killpg(p.pid, signum)  # each child leads its own group (process_group=0)
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
-  """SIGTERM to every running process, then SIGKILL to those still alive."""
+  """SIGTERM to each running process's group, then SIGKILL to those still alive after a grace."""
   running = [p for p in procs if p.poll() is None]
   for p in running:
-    with contextlib.suppress(ProcessLookupError):
-      p.terminate()
+    _signal_group(p, signal.SIGTERM)
   deadline = time.monotonic() + _GRACE_S
   for p in running:
     try:
       p.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-      with contextlib.suppress(ProcessLookupError):
-        p.kill()
+      _signal_group(p, signal.SIGKILL)
       p.wait()
 
 
@@ -121,9 +146,34 @@ def _usage_error(message: str) -> None:
   sys.exit(2)
 
 
-def _raise_on_sigterm(signum, frame):
+def _say(message: str) -> None:
+  print(f"launch_local: {message}", file=sys.stderr, flush=True)
+
+
+def _exit_on_signal(signum, frame):
   del frame
+  _say(f"got {signal.Signals(signum).name}; stopping all processes")
   raise SystemExit(128 + signum)  # unwinds through the `finally` that stops the children
+
+
+class _Echo:
+  """Copies one pipe of process 0 into its log and, until ``quiet`` is set, to ``out``."""
+
+  def __init__(self, pipe, log, out, quiet: threading.Event):
+    self._thread = threading.Thread(target=self._run, args=(pipe, log, out, quiet), daemon=True)
+    self._thread.start()
+
+  @staticmethod
+  def _run(pipe, log, out, quiet: threading.Event) -> None:
+    for line in iter(pipe.readline, b""):
+      log.write(line)
+      log.flush()
+      if not quiet.is_set():
+        out.write(line)
+        out.flush()
+
+  def join(self) -> None:
+    self._thread.join(timeout=_GRACE_S)
 
 
 def main(argv: list[str]) -> None:
@@ -141,48 +191,68 @@ def main(argv: list[str]) -> None:
   os.makedirs(log_dir, exist_ok=True)
   address = f"127.0.0.1:{PORT.value or free_port()}"
   env = process_env(per_process)
-  print(f"launch_local: {n} processes x {per_process} CPU devices, coordinator {address}"
-        + (f", logs of processes 1..{n - 1} in {log_dir}" if n > 1 else ""), flush=True)
+  print(f"launch_local: {n} processes x {per_process} CPU devices, coordinator {address}, "
+        f"logs in {os.path.join(log_dir, 'process_<i>.log')}", flush=True)
 
-  signal.signal(signal.SIGTERM, _raise_on_sigterm)
+  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, _exit_on_signal)
   procs: list[subprocess.Popen] = []
-  logs: list[str | None] = []
-  try:
-    for i in range(n):
-      cmd = [sys.executable, "-m", MODULE.value, *job_args, f"--coordinator_address={address}",
-             f"--num_processes={n}", f"--process_id={i}", f"--cpu_devices={per_process}"]
-      if i == 0:  # inherits this terminal
-        logs.append(None)
-        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
-        continue
-      logs.append(os.path.join(log_dir, f"process_{i}.log"))
-      with open(logs[i], "w") as out:
-        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      preexec_fn=_die_with_parent))
-    sys.exit(_wait(procs, logs, time.monotonic() + TIMEOUT_S.value))
-  finally:
-    stop(procs)
+  echoes: list[_Echo] = []
+  quiet = threading.Event()  # set once the survivors' output is only noise
+  exits: queue.Queue[tuple[int, int]] = queue.Queue()
+  with contextlib.ExitStack() as logs:
+    try:
+      for i in range(n):
+        cmd = [sys.executable, "-m", MODULE.value, *job_args, f"--coordinator_address={address}",
+               f"--num_processes={n}", f"--process_id={i}", f"--cpu_devices={per_process}"]
+        log = logs.enter_context(open(os.path.join(log_dir, f"process_{i}.log"), "wb"))
+        if i == 0:
+          p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               process_group=0, preexec_fn=_die_with_parent)
+          echoes = [_Echo(p.stdout, log, sys.stdout.buffer, quiet),
+                    _Echo(p.stderr, log, sys.stderr.buffer, quiet)]
+        else:
+          p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               process_group=0, preexec_fn=_die_with_parent)
+        procs.append(p)
+        # One waiter per process, so the first exit is known in the order it happened.
+        threading.Thread(target=lambda i=i, p=p: exits.put((i, p.wait())), daemon=True).start()
+      code = _supervise(procs, exits, log_dir, echoes, quiet, time.monotonic() + TIMEOUT_S.value)
+      for echo in echoes:
+        echo.join()
+      sys.exit(code)
+    finally:
+      stop(procs)
 
 
-def _wait(procs: list[subprocess.Popen], logs: list[str | None], deadline: float) -> int:
-  """Waits for all processes; on the first failure or at the deadline, the exit code."""
-  while time.monotonic() < deadline:
-    codes = [p.poll() for p in procs]
-    failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-    if failed:
-      i, code = failed[0]
-      # One dead process leaves the others blocked in a collective forever.
-      print(f"launch_local: process {i} exited with code {code}; stopping the others",
-            file=sys.stderr, flush=True)
-      if logs[i]:
-        print(f"--- last lines of {logs[i]} ---\n{_tail(logs[i])}", file=sys.stderr, flush=True)
-      return code if code > 0 else 1
-    if all(c == 0 for c in codes):
-      return 0
-    time.sleep(_POLL_S)
-  print(f"launch_local: timed out after {TIMEOUT_S.value:g} s; stopping all processes",
-        file=sys.stderr, flush=True)
-  return 124  # what coreutils `timeout` returns
+def _supervise(procs: list[subprocess.Popen], exits: queue.Queue, log_dir: str,
+               echoes: list[_Echo], quiet: threading.Event, deadline: float) -> int:
+  """Waits for all processes; on the first failure or at the deadline, the exit status."""
+  finished: set[int] = set()
+  while len(finished) < len(procs):
+    try:
+      i, code = exits.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+      quiet.set()
+      hung = ", ".join(str(j) for j in range(len(procs)) if j not in finished)
+      _say(f"hung: process(es) {hung} still running after --timeout_s={TIMEOUT_S.value:g}; "
+           f"stopping them (SIGTERM, then SIGKILL after {_GRACE_S:g} s)")
+      return 124  # what coreutils `timeout` returns
+    if code == 0:
+      finished.add(i)
+      continue
+    # The others are blocked in a collective with the dead one, or about to fail with an
+    # error that only echoes this one: stop them quietly and report this failure.
+    if i == 0:  # its own last lines go to this terminal in full
+      for echo in echoes:
+        echo.join()
+    quiet.set()
+    _say(f"process {i} {describe(code)}; stopping the others")
+    if i > 0:
+      log = os.path.join(log_dir, f"process_{i}.log")
+      print(f"--- last lines of {log} ---\n{_tail(log)}", end="", file=sys.stderr, flush=True)
+    return exit_status(code)
+  return 0
 
 
 if __name__ == "__main__":

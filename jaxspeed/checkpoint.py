@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -44,6 +45,10 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
     """Starts an asynchronous save of ``step``; the next save or ``close`` waits for it."""
+    # Orbax opens a save with a barrier that is itself a device collective across processes;
+    # run alongside a still-running train step, the two programs' collectives could meet in
+    # different orders on different processes and wait forever.
+    jax.block_until_ready(state)
     self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 

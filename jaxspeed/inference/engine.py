@@ -73,7 +73,7 @@ class Generator:
     if cfg.position == "learned" and self.cache_len > cfg.max_seq_len:
       raise ConfigError("inference.max_out_tokens", f"cache_len={self.cache_len} exceeds the "
                         f"learned position table (model.max_seq_len={cfg.max_seq_len})")
-    self._param_shardings = None
+    self._param_shardings = self._place = None
     if mesh is not None:
       boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
       specs = jax.tree.map(lambda s: logical_to_spec(tuple(s), RULES),
@@ -81,23 +81,40 @@ class Generator:
                            is_leaf=lambda x: isinstance(x, P))
       self._param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                            is_leaf=lambda x: isinstance(x, P))
+      # One program moves the whole tree, so every process runs its collectives in the same
+      # order. Across processes ``jax.device_put`` runs one program per leaf instead; those
+      # are independent, so XLA:CPU may run them concurrently, and their gloo collectives
+      # can then meet in different orders on different processes and wait forever.
+      self._place = jax.jit(lambda p: p, out_shardings=self._param_shardings)
     self.load_params(params)
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames="sampling", donate_argnums=1)
     self._teacher_forced = jax.jit(self._teacher_forced_fn, static_argnums=2)
+    # Compiled too: eager ops on sharded logits would each be a program of their own, and
+    # independent ones may run concurrently (see ``_place``).
+    self._sample = jax.jit(sample_logits, static_argnames="sampling")
 
   @property
   def param_shardings(self):
     """Where generation keeps each parameter (tensor-parallel only), or None without a mesh."""
     return self._param_shardings
 
+  @property
+  def placement(self):
+    """The jitted identity that moves parameters into ``param_shardings``, or None without a mesh.
+
+    Its compiled HLO holds the collectives of the switch (see ``rlhf.HybridEngine``).
+    """
+    return self._place
+
   def load_params(self, params) -> None:
     """Generates from ``params`` from now on; same shapes, so nothing recompiles.
 
-    On a mesh the parameters are placed in ``param_shardings`` (device to device).
+    On a mesh the parameters are placed in ``param_shardings`` by one compiled program
+    (``placement``), device to device.
     """
-    if self._param_shardings is not None:
-      params = jax.device_put(params, self._param_shardings)
+    if self._place is not None:
+      params = self._place(params)
     self.params = params
 
   # -- compiled steps --------------------------------------------------------------------------
@@ -225,7 +242,7 @@ class Generator:
     active = np.ones(len(prompts), bool)
     with self._mesh_context():
       rng, sub = jax.random.split(rng)
-      tokens = sample_logits(logits, sub, sampling)
+      tokens = self._sample(logits, sub, sampling=sampling)
       for step in range(steps):
         host = np.asarray(jax.device_get(tokens))
         for row in np.flatnonzero(active):

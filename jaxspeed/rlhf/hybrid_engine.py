@@ -6,7 +6,8 @@ latency-bound and reads every weight at every token, so it wants them
 tensor-parallel only, whole on each data replica, with each replica decoding
 its own rows (DeepSpeed gathers the ZeRO-3 partitions and swaps in inference
 kernels for ``generate()``). Here
-the switch is one jitted identity with the inference shardings as outputs:
+the switch is one jitted identity with the inference shardings as outputs
+(``Generator.placement``):
 XLA turns it into all-gathers between devices, nothing goes through the
 host, and the generation programs (``jaxspeed.inference.Generator``) compile
 once and are reused with each iteration's parameters.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import time
 
-import jax
 import numpy as np
 
 from jaxspeed.comm.hlo import communication
@@ -39,12 +39,11 @@ class HybridEngine:
   def __init__(self, model: GPT, params, mesh, cache_len: int):
     self.generator = Generator(model, params, cache_len=cache_len, mesh=mesh,
                                batch_axes=DATA_AXES)
-    self._to_inference = jax.jit(lambda p: p, out_shardings=self.generator.param_shardings)
     self.generate_seconds = 0.0
 
   def reshard_communication(self, params) -> dict[str, float]:
     """Collective bytes and rounds of the train -> inference switch, from its compiled HLO."""
-    text = self._to_inference.lower(params).compile().as_text()
+    text = self.generator.placement.lower(params).compile().as_text()
     return communication(text, len(self.generator.mesh.devices.flat))
 
   def generate(self, params, prompts: np.ndarray, answer_len: int, sampling: SamplingConfig,
@@ -54,7 +53,7 @@ class HybridEngine:
     Adds the wall time (switch + generation) to ``generate_seconds``.
     """
     start = time.perf_counter()
-    self.generator.load_params(self._to_inference(params))
+    self.generator.load_params(params)
     answers = self.generator.generate([list(p) for p in prompts], answer_len,
                                       sampling=sampling, seed=seed)
     if any(len(a) != answer_len for a in answers):
