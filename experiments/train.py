@@ -9,8 +9,6 @@ Multi-process (one process per host; see experiments/launch_local.py):
 
 from __future__ import annotations
 
-import sys
-
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -37,11 +35,8 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(COORDINATOR.value, num_processes=NUM_PROCESSES.value,
                                process_id=PROCESS_ID.value)
-  try:
-    jaxspeed.train(CONFIG.value, WORKDIR.value)
-  except jaxspeed.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # Bad input and stopped runs become one line in common.run_app.
+  jaxspeed.train(common.config_value(CONFIG), WORKDIR.value)
 
 
 if __name__ == "__main__":

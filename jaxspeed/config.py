@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_batches = 4
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
+  c.max_consecutive_skips = 20  # stop the run after this many non-finite steps in a row
   c.peak_flops = 1.4e11  # FLOP/s of the whole host, for MFU (2-core AVX-512 matmul roofline)
   c.sample_tokens = 64  # length of the text sample printed at the end; 0 to skip
   c.sample_prompt = "The "
@@ -625,7 +626,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "eval_every",
               "eval_batches", "checkpoint_every", "keep_checkpoints", "optim.learning_rate",
               "model.vocab_size", "model.num_layers", "model.num_heads", "model.d_model",
-              "model.d_ff", "model.max_seq_len", "peak_flops"):
+              "model.d_ff", "model.max_seq_len", "peak_flops", "max_consecutive_skips"):
     _positive(config, key)
   for key in ("optim.weight_decay", "optim.grad_clip", "optim.warmup", "optim.decay",
               "optim.eps", "sample_tokens"):
