@@ -82,9 +82,11 @@ def _config_file_error(error: OSError):
 def config_value(holder: flags.FlagHolder):
   """The config of a ``config_flags`` holder; a file that failed to load is a ``FlagError``."""
   try:
-    return holder.value
+    config = holder.value
+    config.keys()  # ml_collections defers a load failure to the first attribute access
   except OSError as e:
     raise _config_file_error(e) from e
+  return config
 
 
 def _one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

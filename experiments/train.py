@@ -9,6 +9,8 @@ Multi-process (one process per host; see experiments/launch_local.py):
 
 from __future__ import annotations
 
+import logging as std_logging
+
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -26,6 +28,10 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # A failed save stops the run with one line naming the error; orbax's tracebacks of
+    # it (several threads each log one) show with --verbosity.
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno < std_logging.ERROR or "/orbax/" not in record.pathname)
   common.setup_devices()
   import jax
 

@@ -171,9 +171,11 @@ def _bad_input_cases(tmp):
                     "config.seq_len: the train split"),
       "workdir_is_a_file": ([f"--workdir={afile}"], "--workdir: "),
       "workdir_below_a_file": ([f"--workdir={afile}/run"], "--workdir: cannot write"),
-      "workdir_not_writable": (["--workdir=/proc/jaxspeed_run"], "--workdir: cannot write"),
+      "workdir_not_writable": (["--workdir=/sys/kernel"], "--workdir: cannot write"),
       "missing_config_file": ([f"--config={tmp / 'nope.py'}", f"--workdir={tmp / 'w'}"],
-                              "nope.py"),
+                              "--config: cannot load the config file: [Errno 2]"),
+      "missing_config_file_with_overrides": (
+          [f"--config={tmp / 'nope.py'}", "--config.steps=3"], "--config: cannot load"),
       "cpu_devices_0": (["--cpu_devices=0", f"--workdir={tmp / 'w'}"], "cpu_devices"),
   }
 
@@ -181,7 +183,8 @@ def _bad_input_cases(tmp):
 CASES = [
     "empty_txt", "single_document", "binary", "jsonl_missing_field", "jsonl_invalid",
     "jsonl_not_a_string", "too_short", "workdir_is_a_file", "workdir_below_a_file",
-    "workdir_not_writable", "missing_config_file", "cpu_devices_0"]
+    "workdir_not_writable", "missing_config_file", "missing_config_file_with_overrides",
+    "cpu_devices_0"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -200,6 +203,8 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
   args, expected = _bad_input_cases(tmp_path)[case]
   tiny = ["--config=configs/gpt_tiny.py", "--cpu_devices=8", "--config.seq_len=32",
           "--config.model.max_seq_len=32", "--config.batch_size=8"]
+  if any(a.startswith("--config=") for a in args):  # the case brings its own config
+    tiny = ["--cpu_devices=8"]
   monkeypatch.setattr(sys, "argv", ["train", *tiny, *args])
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   with pytest.raises(SystemExit) as exit_info:

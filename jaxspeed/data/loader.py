@@ -191,7 +191,8 @@ def make_datasets(
   The validation iterator is unshuffled, so its step ``i`` is always the same data.
   """
   def build(docs: Sequence[str], shuffle: bool) -> BatchIterator:
-    name = f"{'train' if shuffle else 'validation'} split ({len(docs)} documents)"
+    n = len(docs)
+    name = f"{'train' if shuffle else 'validation'} split ({n} document{'s' * (n != 1)})"
     windows = TokenWindows(concat_tokens(docs, tokenizer), seq_len, name)
     return BatchIterator(windows, global_batch_size, seed, process_index=process_index,
                          process_count=process_count, shuffle=shuffle)

@@ -442,11 +442,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if start is not None:
     saved = saved_run_config(workdir)
     changes = check_resume_compatible(saved, config) if saved is not None else []
-    if lead and changes:
-      print(f"resuming {workdir} with changes: {'; '.join(changes)}", flush=True)
     if start >= config.steps:
       checkpointer.close()
       return _finished_run(config, workdir, start, lead)
+    if lead and changes:
+      print(f"resuming {workdir} with changes: {'; '.join(changes)}", flush=True)
   try:
     summary, sample = _train(config, workdir, checkpointer, start, lead)
   except BaseException:
