@@ -438,17 +438,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   check_workdir(workdir)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
-  start = checkpointer.latest_step()
-  if start is not None:
-    saved = saved_run_config(workdir)
-    changes = check_resume_compatible(saved, config) if saved is not None else []
-    if start >= config.steps:
-      checkpointer.close()
-      return _finished_run(config, workdir, start, lead)
-    if lead and changes:
-      print(f"resuming {workdir} with changes: {'; '.join(changes)}", flush=True)
   try:
-    summary, sample = _train(config, workdir, checkpointer, start, lead)
+    start = checkpointer.latest_step()
+    if start is not None:
+      saved = saved_run_config(workdir)
+      changes = check_resume_compatible(saved, config) if saved is not None else []
+      if start >= config.steps:
+        checkpointer.close()
+        return _finished_run(config, workdir, start, lead)
+      if lead and changes:
+        print(f"resuming {workdir} with changes: {'; '.join(changes)}", flush=True)
+    summary, sample = _train(config, workdir, checkpointer, start, lead)  # closes checkpointer
   except BaseException:
     with contextlib.suppress(Exception):  # a pending save's own failure is secondary
       checkpointer.close()
@@ -516,8 +516,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         state, metrics = setup.train_step(state, batch, step)
         if previous:  # one step late, so the host does not wait for the step just dispatched
           skips.update(step, int(previous["skipped_steps"]))
-        with _save_errors(checkpoint_dir):
-          checkpointer.check()  # a failed background save stops the run at once
+        if jax.process_count() == 1:
+          # A failed background save stops the run at the next step. With several
+          # processes each could see the save end a step apart, and one stopping alone
+          # would leave the others waiting in a collective: they learn it at the next
+          # save instead, which orbax synchronizes.
+          with _save_errors(checkpoint_dir):
+            checkpointer.check()
         window_tokens += batch["inputs"].size
         done = step + 1
         writer.advance()
