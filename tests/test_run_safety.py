@@ -54,13 +54,18 @@ def _steps_logged(workdir) -> list[int]:
   return [int(r["step"]) for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def test_run_skips_non_finite_updates_then_stops_without_saving_them(config, tmp_path,
-                                                                      monkeypatch):
+@pytest.mark.parametrize("steps,limit,error", [
+    (10, 3, r"stopped at step [34]: .*max_consecutive_skips=3"),
+    (4, 20, r"every step from 1 to 4 was skipped"),  # shorter than the limit: fails at its end
+], ids=["limit_reached", "short_run"])
+def test_run_skips_non_finite_updates_then_stops_without_saving_them(
+    config, tmp_path, monkeypatch, steps, limit, error):
   _poison_updates(monkeypatch)
-  config.max_consecutive_skips = 3
+  config.steps = steps
+  config.max_consecutive_skips = limit
   config.checkpoint_every = 2
   config.log_every = 1
-  with pytest.raises(RunError, match=r"max_consecutive_skips=3"):
+  with pytest.raises(RunError, match=error):
     jaxspeed.train(config, str(tmp_path))
   records = read_metrics(str(tmp_path / "metrics.jsonl"))
   # Every update was NaN with a finite loss and gradient: each step is skipped and the

@@ -388,7 +388,8 @@ class SkipWatch:
   """Stops a run after ``limit`` consecutive skipped (non-finite) steps.
 
   Fed the running total ``state.skipped`` after each step; a step counts as
-  skipped when that total grew.
+  skipped when that total grew. A run shorter than ``limit`` whose every step
+  was skipped fails at its end instead (``check_trained``).
   """
 
   def __init__(self, limit: int, done: int, skipped: int):
@@ -406,6 +407,14 @@ class SkipWatch:
                      "because the loss, gradients or update were not finite "
                      f"(max_consecutive_skips={self.limit}); no checkpoint was written for "
                      "them. Lower optim.learning_rate or check the data")
+
+  def check_trained(self, first_step: int) -> None:
+    """Raises ``RunError`` if every step after ``first_step`` was skipped: nothing trained."""
+    if self.done > first_step and self.consecutive >= self.done - first_step:
+      raise RunError(f"every step from {first_step + 1} to {self.done} was skipped because the "
+                     "loss, gradients or update were not finite; nothing was trained and no "
+                     "checkpoint was written for them. Lower optim.learning_rate or check "
+                     "the data")
 
 
 @contextlib.contextmanager
@@ -545,6 +554,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
           window_start, window_tokens, window_first = time.perf_counter(), 0, False
         if done % config.checkpoint_every == 0 or done == config.steps:
           skips.update(done, int(metrics["skipped_steps"]))
+          if done == config.steps:
+            skips.check_trained(first_step)
           if not _all_finite(state.params):  # the guard keeps them finite; never save otherwise
             raise RunError(f"stopped at step {done}: the parameters are not finite; no "
                            "checkpoint was written")
