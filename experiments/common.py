@@ -16,13 +16,14 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 from absl import app, flags
 
 import jaxspeed
 from jaxspeed.data_efficiency.from_config import schedule_from_config
+from jaxspeed.errors import ConfigError, FlagError, RunError
 from jaxspeed.parallel import use_cpu_devices
 from jaxspeed.training import read_metrics
 
@@ -49,7 +50,6 @@ def run_app(main: Callable[[list[str]], None]) -> None:
   ``RunError`` (the run diverged, a checkpoint failed to save).
   """
   from jaxspeed.config import check_override_keys
-  from jaxspeed.errors import ConfigError
 
   try:
     check_override_keys(sys.argv[1:])
@@ -58,7 +58,7 @@ def run_app(main: Callable[[list[str]], None]) -> None:
   app.run(_one_line_errors(main), flags_parser=_parse_flags)
 
 
-def _fail(error: Exception, code: int) -> None:
+def _fail(error: Exception, code: int) -> NoReturn:
   print(f"error: {error}", file=sys.stderr, flush=True)
   sys.exit(code)
 
@@ -72,9 +72,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(_config_file_error(e), 2)
 
 
-def _config_file_error(error: OSError):
-  from jaxspeed.errors import FlagError
-
+def _config_file_error(error: OSError) -> FlagError:
   reason = str(error).strip().splitlines()[-1].strip()
   return FlagError("config", f"cannot load the config file: {reason}")
 
@@ -90,8 +88,6 @@ def config_value(holder: flags.FlagHolder):
 
 
 def _one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-  from jaxspeed.errors import ConfigError, FlagError, RunError
-
   @functools.wraps(main)
   def run(argv: list[str]) -> None:
     try:
