@@ -405,16 +405,15 @@ class SkipWatch:
     if self.consecutive >= self.limit:
       raise RunError(f"stopped at step {done}: the last {self.consecutive} steps were skipped "
                      "because the loss, gradients or update were not finite "
-                     f"(max_consecutive_skips={self.limit}); no checkpoint was written for "
-                     "them. Lower optim.learning_rate or check the data")
+                     f"(max_consecutive_skips={self.limit}); parameters and checkpoints keep "
+                     "the last finite values. Lower optim.learning_rate or check the data")
 
   def check_trained(self, first_step: int) -> None:
     """Raises ``RunError`` if every step after ``first_step`` was skipped: nothing trained."""
     if self.done > first_step and self.consecutive >= self.done - first_step:
       raise RunError(f"every step from {first_step + 1} to {self.done} was skipped because the "
-                     "loss, gradients or update were not finite; nothing was trained and no "
-                     "checkpoint was written for them. Lower optim.learning_rate or check "
-                     "the data")
+                     "loss, gradients or update were not finite, so nothing was trained. "
+                     "Lower optim.learning_rate or check the data")
 
 
 @contextlib.contextmanager
