@@ -8,6 +8,7 @@ device.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import math
@@ -15,18 +16,19 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 from absl import app, flags
 
 import jaxspeed
 from jaxspeed.data_efficiency.from_config import schedule_from_config
+from jaxspeed.errors import ConfigError, FlagError, RunError
 from jaxspeed.parallel import use_cpu_devices
 from jaxspeed.training import read_metrics
 
 CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 8, "Virtual CPU devices to create (ignored on GPU/TPU).")
+    "cpu_devices", 8, "Virtual CPU devices to create (ignored on GPU/TPU).", lower_bound=1)
 OUTPUT_DIR = flags.DEFINE_string("output_dir", "results", "Where results are written.")
 
 
@@ -40,16 +42,62 @@ def setup_devices(num: int | None = None) -> None:
 
 
 def run_app(main: Callable[[list[str]], None]) -> None:
-  """``app.run(main)`` after refusing unknown ``--config.*`` keys with one line (exit 2)."""
+  """``app.run(main)``, turning every user mistake and stopped run into one line on stderr.
+
+  Exit code 2 for bad input: an unknown ``--config.*`` key, a flag that does
+  not parse (a missing ``--config`` file, ``--cpu_devices=0``), a
+  ``ConfigError`` or ``FlagError`` from ``main``. Exit code 1 for a
+  ``RunError`` (the run diverged, a checkpoint failed to save).
+  """
   from jaxspeed.config import check_override_keys
-  from jaxspeed.errors import ConfigError
 
   try:
     check_override_keys(sys.argv[1:])
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  app.run(main)
+    _fail(e, 2)
+  app.run(_one_line_errors(main), flags_parser=_parse_flags)
+
+
+def _fail(error: Exception, code: int) -> NoReturn:
+  print(f"error: {error}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(e, 2)
+  except OSError as e:  # ml_collections loads the --config file while parsing its overrides
+    _fail(_config_file_error(e), 2)
+
+
+def _config_file_error(error: OSError) -> FlagError:
+  reason = str(error).strip().splitlines()[-1].strip()
+  return FlagError("config", f"cannot load the config file: {reason}")
+
+
+def config_value(holder: flags.FlagHolder):
+  """The config of a ``config_flags`` holder; a file that failed to load is a ``FlagError``."""
+  try:
+    config = holder.value
+    config.keys()  # ml_collections defers a load failure to the first attribute access
+  except OSError as e:
+    raise _config_file_error(e) from e
+  return config
+
+
+def _one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  @functools.wraps(main)
+  def run(argv: list[str]) -> None:
+    try:
+      return main(argv)
+    except (ConfigError, FlagError) as e:
+      _fail(e, 2)
+    except RunError as e:
+      _fail(e, 1)
+
+  return run
 
 
 def env_info() -> dict[str, Any]:

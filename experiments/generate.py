@@ -11,8 +11,6 @@ trained with; ``--config.inference.*`` choose how to generate.
 
 from __future__ import annotations
 
-import sys
-
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -31,33 +29,30 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   common.setup_devices()
   from jaxspeed.checkpoint import load_run_config
-  from jaxspeed.errors import ConfigError
   from jaxspeed.inference import from_config
 
-  try:
-    config = load_run_config(WORKDIR.value, CONFIG.value)
-    config.inference = CONFIG.value.inference
-    setup, params = from_config.load_params(config, WORKDIR.value)
-    tokenizer = setup.tokenizer
-    generator = from_config.generator_from_config(
-        config, setup.model, params, punct_ids=from_config.punctuation_ids(tokenizer))
-    prompts = [[int(t) for t in tokenizer.encode(p)] for p in PROMPTS.value]
+  # Bad input (no run in --workdir, a bad config) becomes one line in common.run_app.
+  requested = common.config_value(CONFIG)
+  config = load_run_config(WORKDIR.value, requested)
+  config.inference = requested.inference
+  setup, params = from_config.load_params(config, WORKDIR.value)
+  tokenizer = setup.tokenizer
+  generator = from_config.generator_from_config(
+      config, setup.model, params, punct_ids=from_config.punctuation_ids(tokenizer))
+  prompts = [[int(t) for t in tokenizer.encode(p)] for p in PROMPTS.value]
 
-    def stream(step, tokens, active):
-      del step
-      if active[0]:
-        print(tokenizer.decode([int(tokens[0])]), end="", flush=True)
+  def stream(step, tokens, active):
+    del step
+    if active[0]:
+      print(tokenizer.decode([int(tokens[0])]), end="", flush=True)
 
-    if STREAM.value:
-      print(PROMPTS.value[0], end="", flush=True)
-    rows = generator.generate(prompts, config.inference.max_new_tokens,
-                              sampling=from_config.sampling_config(config),
-                              seed=config.inference.seed,
-                              stop_tokens=from_config.stop_tokens(config),
-                              on_token=stream if STREAM.value else None)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  if STREAM.value:
+    print(PROMPTS.value[0], end="", flush=True)
+  rows = generator.generate(prompts, config.inference.max_new_tokens,
+                            sampling=from_config.sampling_config(config),
+                            seed=config.inference.seed,
+                            stop_tokens=from_config.stop_tokens(config),
+                            on_token=stream if STREAM.value else None)
   if STREAM.value:
     print("\n")
   for prompt, ids in zip(PROMPTS.value, rows):

@@ -9,7 +9,7 @@ Multi-process (one process per host; see experiments/launch_local.py):
 
 from __future__ import annotations
 
-import sys
+import logging as std_logging
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -28,6 +28,10 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # A failed save stops the run with one line naming the error; orbax's tracebacks of
+    # it (several threads each log one) show with --verbosity.
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno < std_logging.ERROR or "/orbax/" not in record.pathname)
   common.setup_devices()
   import jax
 
@@ -37,11 +41,8 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(COORDINATOR.value, num_processes=NUM_PROCESSES.value,
                                process_id=PROCESS_ID.value)
-  try:
-    jaxspeed.train(CONFIG.value, WORKDIR.value)
-  except jaxspeed.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # Bad input and stopped runs become one line in common.run_app.
+  jaxspeed.train(common.config_value(CONFIG), WORKDIR.value)
 
 
 if __name__ == "__main__":

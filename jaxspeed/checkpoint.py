@@ -52,6 +52,11 @@ class Checkpointer:
     self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
+  def check(self) -> None:
+    """Raises the error of a finished asynchronous save that failed; never waits for one."""
+    if not self._manager.is_saving_in_progress():
+      self._manager.wait_until_finished()  # returns at once; re-raises a failed save
+
   def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Restores ``step`` into the shardings of ``target`` (ShapeDtypeStructs)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(

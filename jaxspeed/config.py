@@ -48,6 +48,7 @@ class Config(Section):
     microbatches: gradient-accumulation steps per optimizer step; with
       parallel.stage > 1, the pipeline's microbatches (DeepSpeed's
       gradient_accumulation_steps in its PipelineEngine).
+    max_consecutive_skips: the run stops after this many non-finite steps in a row.
     peak_flops: FLOP/s of the whole host, for MFU (2-core AVX-512 matmul roofline).
     sample_tokens: length of the text sample printed at the end; 0 to skip.
   """
@@ -62,6 +63,7 @@ class Config(Section):
   eval_batches: int = setting(4, ge=1)
   checkpoint_every: int = setting(50, ge=1)
   keep_checkpoints: int = setting(3, ge=1)
+  max_consecutive_skips: int = setting(20, ge=1)
   peak_flops: float = setting(1.4e11, gt=0)
   sample_tokens: int = setting(64, ge=0)
   sample_prompt: str = setting("The ")

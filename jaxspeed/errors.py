@@ -11,3 +11,19 @@ class ConfigError(ValueError):
   def __init__(self, key: str, message: str):
     self.key = key
     super().__init__(f"config.{key}: {message}")
+
+
+class FlagError(ValueError):
+  """A command-line flag outside the config is invalid (e.g. ``--workdir``).
+
+  Attributes:
+    flag: the flag's name without dashes, e.g. ``workdir``.
+  """
+
+  def __init__(self, flag: str, message: str):
+    self.flag = flag
+    super().__init__(f"--{flag}: {message}")
+
+
+class RunError(RuntimeError):
+  """A run had to stop (it diverged, a checkpoint failed to save); the message says why."""

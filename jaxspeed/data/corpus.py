@@ -90,33 +90,45 @@ def load_text_files(
     jsonl_field: JSON key holding the text of a ``.jsonl`` record.
 
   Returns:
-    The documents, in file order and then line order.
+    The non-blank documents, in file order and then line order.
+
+  Raises:
+    ConfigError: a path is not a file, a file is not UTF-8, or a ``.jsonl`` line
+      is not a record with a string ``jsonl_field``.
   """
   docs: list[str] = []
   for path in paths:
     path = os.fspath(path)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"no such file: {path!r}")
-    if not path.endswith(".jsonl"):
+      raise ConfigError("data.corpus", f"no such file: {path!r}")
+    try:
       with open(path, encoding="utf-8") as f:
-        docs.append(f.read())
+        docs += _jsonl_documents(f, path, jsonl_field) if path.endswith(".jsonl") else [f.read()]
+    except UnicodeDecodeError as e:
+      raise ConfigError("data.corpus", f"{path} is not UTF-8 text (byte {e.start} cannot be "
+                        "decoded); give .txt or .jsonl text files") from e
+  # Blank documents (e.g. an empty file) hold no tokens; dropping them keeps the
+  # document count honest for the train/validation split.
+  return [d for d in docs if d.strip()]
+
+
+def _jsonl_documents(lines: Iterable[str], path: str, jsonl_field: str) -> list[str]:
+  docs = []
+  for lineno, line in enumerate(lines, start=1):
+    if not line.strip():
       continue
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        if not isinstance(record, dict) or jsonl_field not in record:
-          raise ValueError(f"{path}:{lineno}: record has no field {jsonl_field!r} "
-                           "(set data.jsonl_field to the key that holds the text)")
-        text = record[jsonl_field]
-        if not isinstance(text, str):
-          raise ValueError(f"{path}:{lineno}: field {jsonl_field!r} is "
-                           f"{type(text).__name__}, expected a string")
-        docs.append(text)
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError("data.corpus", f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(record, dict) or jsonl_field not in record:
+      raise ConfigError("data.jsonl_field", f"{path}:{lineno}: record has no field "
+                        f"{jsonl_field!r} (set data.jsonl_field to the key that holds the text)")
+    text = record[jsonl_field]
+    if not isinstance(text, str):
+      raise ConfigError("data.corpus", f"{path}:{lineno}: field {jsonl_field!r} is "
+                        f"{type(text).__name__}, expected a string")
+    docs.append(text)
   return docs
 
 
@@ -136,12 +148,9 @@ def load_corpus(spec: str, jsonl_field: str = "text") -> list[str]:
   if not paths:
     raise ConfigError("data.corpus",
                       f"expected {PYTHON_DOCS!r} or comma-separated file paths, got {spec!r}")
-  try:
-    docs = load_text_files(paths, jsonl_field=jsonl_field)
-  except (FileNotFoundError, ValueError) as e:  # a missing file or a bad .jsonl record
-    raise ConfigError("data.corpus", str(e)) from e
+  docs = load_text_files(paths, jsonl_field=jsonl_field)
   if not docs:
-    raise ConfigError("data.corpus", f"the files in {spec!r} contain no documents")
+    raise ConfigError("data.corpus", f"the files in {spec!r} contain no text")
   return docs
 
 
@@ -163,7 +172,9 @@ def split_documents(
   if not 0.0 < val_fraction < 1.0:
     raise ConfigError("data.val_fraction", f"must be in (0, 1), got {val_fraction}")
   if n < 2:
-    raise ValueError(f"need at least 2 documents to split into train and validation, got {n}")
+    raise ConfigError("data.corpus", f"has {n} document; the train/validation split is by "
+                      "document and needs at least 2: give several files, or a .jsonl file "
+                      "with one document per line")
   n_val = min(max(1, math.ceil(val_fraction * n)), n - 1)
   order = np.random.default_rng(seed).permutation(n)
   shuffled = [docs[i] for i in order]

@@ -48,9 +48,10 @@ class TokenWindows:
     tokens: int[num_tokens], all documents concatenated.
     seq_len: model sequence length S; each window holds S + 1 tokens so that
       inputs and targets (shifted by one) are both S long.
+    name: what ``tokens`` are, for the error message (e.g. "validation split").
   """
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  def __init__(self, tokens: np.ndarray, seq_len: int, name: str = "corpus"):
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
       raise ValueError(f"tokens must be a 1-D integer array, got {tokens.dtype}{tokens.shape}")
@@ -58,9 +59,9 @@ class TokenWindows:
       raise ConfigError("seq_len", f"must be >= 1, got {seq_len}")
     n = tokens.shape[0] // (seq_len + 1)
     if n == 0:
-      raise ValueError(
-          f"corpus has {tokens.shape[0]} tokens, fewer than one window of seq_len + 1 = "
-          f"{seq_len + 1}; use a bigger corpus (data.corpus) or a smaller seq_len")
+      raise ConfigError(
+          "seq_len", f"the {name} has {tokens.shape[0]} tokens, fewer than one window of "
+          f"seq_len + 1 = {seq_len + 1}; use a bigger corpus (data.corpus) or a smaller seq_len")
     self.seq_len = seq_len
     # int32[num_windows, S + 1], a view into one contiguous buffer.
     self.windows = tokens[: n * (seq_len + 1)].astype(np.int32).reshape(n, seq_len + 1)
@@ -190,7 +191,9 @@ def make_datasets(
   The validation iterator is unshuffled, so its step ``i`` is always the same data.
   """
   def build(docs: Sequence[str], shuffle: bool) -> BatchIterator:
-    windows = TokenWindows(concat_tokens(docs, tokenizer), seq_len)
+    n = len(docs)
+    name = f"{'train' if shuffle else 'validation'} split ({n} document{'s' * (n != 1)})"
+    windows = TokenWindows(concat_tokens(docs, tokenizer), seq_len, name)
     return BatchIterator(windows, global_batch_size, seed, process_index=process_index,
                          process_count=process_count, shuffle=shuffle)
 

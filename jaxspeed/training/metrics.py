@@ -16,7 +16,11 @@ from matplotlib.figure import Figure
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
+  """Appends one JSON object per logged step; mirrors scalars to TensorBoard.
+
+  Records past ``start_step`` (logged by an earlier run after its last
+  checkpoint) are dropped first, so a resumed run logs each step once.
+  """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
                enabled: bool = True):
@@ -25,6 +29,7 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    truncate_metrics(self.path, start_step)
     self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
     # tensorboardX imports torch when installed: pay for it only where it is used.
     from tensorboardX import SummaryWriter
@@ -63,6 +68,25 @@ class MetricsWriter:
       self._bar.close()
     self._tb.close()
     self._file.close()
+
+
+def truncate_metrics(path: str, step: int) -> None:
+  """Drops the records of ``path`` past ``step`` and any torn last line, atomically."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a line cut short by a kill
+      if isinstance(record, dict) and record.get("step", 0) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:

@@ -237,10 +237,21 @@ def _accumulate(grad_fn, params, batch: Batch, rngs, microbatches: int, determin
   return objective, sums, grads
 
 
+def _all_finite(tree) -> jax.Array:
+  """True if every floating-point leaf of ``tree`` is finite (integer leaves are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _finish(state: TrainState, params, opt_state, objective, grad_norm, lr, sums,
             batch: Batch, layer_tokens: int) -> tuple[TrainState, Metrics]:
   """The non-finite guard, counters and metrics shared by both step builders."""
-  finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+  # A finite loss and gradient can still give a non-finite update (overflow at a huge
+  # learning rate, 0/0 in an optimizer): the new parameters and optimizer state must be
+  # finite too, or the step is skipped. Checking the new parameters covers the update.
+  finite = (jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+            & _all_finite(params) & _all_finite(opt_state))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(
       step=state.step + 1,
@@ -281,7 +292,7 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   One optimizer step per call: gradients of the token-mean loss over the whole
   global batch (accumulated over ``microbatches``), clipped by global norm,
   optimizer update scaled by ``schedule`` of the step, tokens or layer-tokens
-  seen (``lr_unit``). A step whose loss or gradient norm is not finite leaves
+  seen (``lr_unit``). A step with a non-finite loss, gradient or update leaves
   parameters and optimizer state untouched and counts itself in
   ``state.skipped``. ``dense_interceptor(step)`` runs the weight matmuls
   compressed (``jaxspeed.compression``). ``aux_loss_coef`` scales the MoE

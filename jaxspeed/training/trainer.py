@@ -7,10 +7,13 @@ logging, evaluation, checkpointing and automatic resume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -21,7 +24,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxspeed.checkpoint import Checkpointer, checkpoint_dir, restore_latest, save_run_config
+from jaxspeed.checkpoint import (
+  CONFIG_FILE,
+  Checkpointer,
+  checkpoint_dir,
+  restore_latest,
+  save_run_config,
+)
 from jaxspeed.comm import WorkerGroup
 from jaxspeed.compression.qat import compression_from_config, matmul_shapes
 from jaxspeed.config import validate
@@ -37,7 +46,7 @@ from jaxspeed.data import (
 )
 from jaxspeed.data_efficiency.batches import SampledBatches, SeqlenCurriculum
 from jaxspeed.data_efficiency.from_config import curriculum_source
-from jaxspeed.errors import ConfigError
+from jaxspeed.errors import ConfigError, FlagError, RunError
 from jaxspeed.inference import Generator, SamplingConfig
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
@@ -179,11 +188,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   train_data, val_data = make_datasets(
       train_docs, val_docs, tokenizer, config.seq_len, config.batch_size, config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  de = config.data_efficiency
-  if config.model.name == "bert":
-    if de.seqlen.enabled or de.curriculum.enabled:
-      raise ConfigError("data_efficiency", "the sequence-length and sampling curricula feed "
-                        "the GPT trainer; with model.name='bert' use random_ltd or pld")
+  if config.model.name == "bert":  # the curricula are GPT-only (compatibility table)
     train_data, val_data = (MaskedLMBatches(d, tokenizer.vocab_size)
                             for d in (train_data, val_data))
   else:
@@ -262,26 +267,226 @@ def _summary_table(summary: dict[str, Any]) -> str:
   return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
+# ---------------------------------------------------------------------------
+# Run safety: the workdir, resuming, the end of a run, divergence, failed saves.
+
+SUMMARY_FILE = "summary.json"
+
+# Config keys a resume may change: how the run is laid out on devices, how long it runs
+# and what it reports. Any other key changes the model, the optimizer or the data stream,
+# so the checkpoints would not fit it. A trailing dot matches a whole section.
+RESUMABLE_KEYS = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                  "keep_checkpoints", "max_consecutive_skips", "peak_flops", "sample_tokens",
+                  "sample_prompt", "microbatches", "parallel.", "zero.stage",
+                  "sequence_parallel.", "model.remat", "model.attention", "inference.",
+                  "rlhf.")
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates ``workdir`` if needed; raises ``FlagError`` unless it is a writable directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FlagError("workdir", f"{workdir} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise FlagError("workdir", f"cannot write to {workdir}: {e.strerror or e}") from e
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def saved_run_config(workdir: str) -> dict[str, Any] | None:
+  """The flattened config the run in ``workdir`` was started with, or None if none is saved."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    raise FlagError("workdir", f"{path} is unreadable ({e}); delete it to resume with the "
+                    "config given") from e
+
+
+def check_resume_compatible(saved: dict[str, Any], requested: ml_collections.ConfigDict
+                            ) -> list[str]:
+  """Compares a resumed run's saved (flattened) config with the requested one.
+
+  Keys missing on either side (a schema change) are not compared.
+
+  Returns:
+    ``"key: old -> new"`` for each change a resume honours (``RESUMABLE_KEYS``).
+
+  Raises:
+    ConfigError: naming every other key that differs.
+  """
+  # Through JSON, so that tuples compare equal to the saved lists.
+  wanted = _flat(json.loads(requested.to_json()))
+  changed = sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
+  resumable = lambda key: any(key == k or (k.endswith(".") and key.startswith(k))
+                              for k in RESUMABLE_KEYS)
+  refused = [k for k in changed if not resumable(k)]
+  if refused:
+    diffs = "; ".join(f"{k}: saved {saved[k]!r}, requested {wanted[k]!r}" for k in refused)
+    raise ConfigError(", ".join(refused), f"differs from the run being resumed ({diffs}). A "
+                      "resume may change only the mesh (parallel.*), zero.stage, steps, "
+                      "intervals and reporting; start a new run in another --workdir, or "
+                      "delete this one")
+  return [f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in changed]
+
+
+def read_summary(workdir: str) -> dict[str, Any] | None:
+  """The summary a finished run saved in ``workdir``, or None."""
+  try:
+    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_json_atomic(path: str, payload: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def _finished_run(config: ml_collections.ConfigDict, workdir: str, latest: int,
+                  lead: bool) -> dict[str, Any]:
+  """What a run whose newest checkpoint is at or past ``config.steps`` does: nothing."""
+  if latest > config.steps:
+    raise ConfigError("steps", f"{config.steps} is below the newest checkpoint (step {latest}) "
+                      f"in {workdir}, so there is nothing to train; raise steps above {latest}"
+                      " to train on, or start fresh in a new --workdir")
+  summary = read_summary(workdir) or {"steps": latest}
+  if lead:
+    print(f"the run in {workdir} is complete (step {latest} of {config.steps}); raise "
+          "--config.steps to train on, or use a new --workdir to start fresh", flush=True)
+    print(_summary_table({k: v for k, v in summary.items() if k != "sample"}), flush=True)
+  return summary
+
+
+def _all_finite(tree) -> bool:
+  """True if every floating-point leaf of ``tree`` is finite (one device-to-host sync)."""
+  leaves = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.inexact)]
+  return all(bool(v) for v in jax.device_get([jax.numpy.isfinite(x).all() for x in leaves]))
+
+
+class SkipWatch:
+  """Stops a run after ``limit`` consecutive skipped (non-finite) steps.
+
+  Fed the running total ``state.skipped`` after each step; a step counts as
+  skipped when that total grew. A run shorter than ``limit`` whose every step
+  was skipped fails at its end instead (``check_trained``).
+  """
+
+  def __init__(self, limit: int, done: int, skipped: int):
+    self.limit, self.done, self.skipped, self.consecutive = limit, done, skipped, 0
+
+  def update(self, done: int, skipped: int) -> None:
+    """Raises ``RunError`` once ``limit`` steps in a row up to step ``done`` were skipped."""
+    if done <= self.done:
+      return
+    new = skipped - self.skipped
+    self.consecutive = self.consecutive + new if new == done - self.done else new
+    self.done, self.skipped = done, skipped
+    if self.consecutive >= self.limit:
+      raise RunError(f"stopped at step {done}: the last {self.consecutive} steps were skipped "
+                     "because the loss, gradients or update were not finite "
+                     f"(max_consecutive_skips={self.limit}); parameters and checkpoints keep "
+                     "the last finite values. Lower optim.learning_rate or check the data")
+
+  def check_trained(self, first_step: int) -> None:
+    """Raises ``RunError`` if every step after ``first_step`` was skipped: nothing trained."""
+    if self.done > first_step and self.consecutive >= self.done - first_step:
+      raise RunError(f"every step from {first_step + 1} to {self.done} was skipped because the "
+                     "loss, gradients or update were not finite, so nothing was trained. "
+                     "Lower optim.learning_rate or check the data")
+
+
+@contextlib.contextmanager
+def _save_errors(directory: str):
+  """Turns a failed (possibly earlier, asynchronous) checkpoint save into one ``RunError``."""
+  try:
+    yield
+  except Exception as e:
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise RunError(f"saving a checkpoint in {directory} failed ({type(e).__name__}: {first}); "
+                   "the run stopped. Free space or fix the directory, then rerun to resume "
+                   "from the newest complete checkpoint") from e
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per ``config``, resuming from the newest checkpoint in ``workdir``.
 
+  A resume must keep the model, optimizer and data settings (``check_resume_compatible``);
+  a run whose newest checkpoint is at ``config.steps`` only prints its saved summary.
+
   Returns:
-    The run summary (also printed as a table by process 0).
+    The run summary (also printed as a table by process 0, and saved as ``summary.json``).
+
+  Raises:
+    ConfigError, FlagError: bad config or workdir, before anything compiles.
+    RunError: the run diverged (``max_consecutive_skips``) or a checkpoint failed to save.
   """
-  setup = build(config, workdir)
   lead = jax.process_index() == 0
-  if lead:
-    save_run_config(config, workdir)
+  validate(config, jax.device_count())
+  check_workdir(workdir)
   checkpointer = Checkpointer(checkpoint_dir(workdir), keep=config.keep_checkpoints)
+  try:
+    start = checkpointer.latest_step()
+    if start is not None:
+      saved = saved_run_config(workdir)
+      changes = check_resume_compatible(saved, config) if saved is not None else []
+      if start >= config.steps:
+        checkpointer.close()
+        return _finished_run(config, workdir, start, lead)
+      if lead and changes:
+        print(f"resuming {workdir} with changes: {'; '.join(changes)}", flush=True)
+    summary, sample = _train(config, workdir, checkpointer, start, lead)  # closes checkpointer
+  except BaseException:
+    with contextlib.suppress(Exception):  # a pending save's own failure is secondary
+      checkpointer.close()
+    raise
+  if lead:
+    _write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
+    print(_summary_table(summary))
+    if sample is not None:
+      print(f"\nsample: {sample!r}")
+  if sample is not None:
+    summary["sample"] = sample
+  return summary
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkpointer,
+           start: int | None, lead: bool) -> tuple[dict[str, Any], str | None]:
+  """The training loop of ``train``: (summary, text sample or None)."""
+  setup = build(config, workdir)
+  directory = checkpoint_dir(workdir)
   with jax.set_mesh(setup.mesh):
-    restored = checkpointer.restore_latest(setup.abstract_state())
-    if restored is None:
+    if start is None:
       state = setup.init_state()
     else:
-      start, state, data_state = restored
+      try:
+        state, data_state = checkpointer.restore(start, setup.abstract_state())
+      except Exception as e:  # orbax raises many kinds; one line is enough
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RunError(f"cannot restore step {start} from {directory} into this config "
+                       f"({type(e).__name__}: {first})") from e
       setup.train_data.restore(data_state)
       if lead:
         print(f"resumed from step {start} in {workdir}", flush=True)
+    if lead:  # only now: a failed restore must leave the run's config.json as it was
+      save_run_config(config, workdir)
     first_step = int(state.step)
     teacher = load_teacher(config) if config.kd.enabled else None
 
@@ -296,45 +501,67 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     throughput: list[float] = []
     window_start, window_tokens, window_first = time.perf_counter(), 0, True
     metrics: dict[str, jax.Array] = {}
+    skips = SkipWatch(config.max_consecutive_skips, first_step, int(state.skipped))
     compile_s = [0.0]
     on_compile = lambda event, seconds, **_: compile_s.__setitem__(
         0, compile_s[0] + seconds * (event == BACKEND_COMPILE_EVENT))
     jax.monitoring.register_event_duration_secs_listener(on_compile)
     loop_start = time.perf_counter()
-    for step in range(first_step, config.steps):
-      batch = setup.to_device(setup.train_data.next_batch())
-      if teacher is not None and (not config.kd.stop_step or step < config.kd.stop_step):
-        # MoS; staged KD stops at stop_step. The previous step must finish first: with two
-        # programs' collectives in flight, XLA:CPU's in-process rendezvous can starve on a
-        # loaded host (seen as an all-reduce termination timeout).
-        jax.block_until_ready(state)
-        batch[TEACHER_LOGITS] = teacher(batch["inputs"])
-      state, metrics = setup.train_step(state, batch, step)
-      window_tokens += batch["inputs"].size
-      done = step + 1
-      writer.advance()
-      evaluate_now = done % config.eval_every == 0 or done == config.steps
-      if evaluate_now or done % config.log_every == 0:
-        record = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-                  for k, v in metrics.items()}
-        elapsed = time.perf_counter() - window_start
-        tokens_per_s = window_tokens / elapsed
-        if not window_first:  # the first window includes compilation
-          throughput.append(tokens_per_s)
-        record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tokens_per_s,
-                      mfu=mfu(tokens_per_s), tokens_seen=int(state.tokens),
-                      elapsed_s=time.perf_counter() - loop_start)
-        if evaluate_now:
-          val_losses.append(evaluate(setup, state.params))
-          record["val_loss"] = val_losses[-1]
-        writer.write(done, record)
-        window_start, window_tokens, window_first = time.perf_counter(), 0, False
-      if done % config.checkpoint_every == 0 or done == config.steps:
-        checkpointer.save(done, state, setup.train_data.state)
-    loop_s = time.perf_counter() - loop_start
-    jax.monitoring.unregister_event_duration_listener(on_compile)
-    checkpointer.close()
-    writer.close()
+    try:
+      for step in range(first_step, config.steps):
+        batch = setup.to_device(setup.train_data.next_batch())
+        if teacher is not None and (not config.kd.stop_step or step < config.kd.stop_step):
+          # MoS; staged KD stops at stop_step. The previous step must finish first: with two
+          # programs' collectives in flight, XLA:CPU's in-process rendezvous can starve on a
+          # loaded host (seen as an all-reduce termination timeout).
+          jax.block_until_ready(state)
+          batch[TEACHER_LOGITS] = teacher(batch["inputs"])
+        previous = metrics
+        state, metrics = setup.train_step(state, batch, step)
+        if previous:  # one step late, so the host does not wait for the step just dispatched
+          skips.update(step, int(previous["skipped_steps"]))
+        if jax.process_count() == 1:
+          # A failed background save stops the run at the next step. With several
+          # processes each could see the save end a step apart, and one stopping alone
+          # would leave the others waiting in a collective: they learn it at the next
+          # save instead, which orbax synchronizes.
+          with _save_errors(directory):
+            checkpointer.check()
+        window_tokens += batch["inputs"].size
+        done = step + 1
+        writer.advance()
+        evaluate_now = done % config.eval_every == 0 or done == config.steps
+        if evaluate_now or done % config.log_every == 0:
+          record = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                    for k, v in metrics.items()}
+          elapsed = time.perf_counter() - window_start
+          tokens_per_s = window_tokens / elapsed
+          if not window_first:  # the first window includes compilation
+            throughput.append(tokens_per_s)
+          record.update(perplexity=math.exp(min(record["loss"], 50.0)),
+                        tokens_per_s=tokens_per_s, mfu=mfu(tokens_per_s),
+                        tokens_seen=int(state.tokens),
+                        elapsed_s=time.perf_counter() - loop_start)
+          if evaluate_now:
+            val_losses.append(evaluate(setup, state.params))
+            record["val_loss"] = val_losses[-1]
+          writer.write(done, record)
+          window_start, window_tokens, window_first = time.perf_counter(), 0, False
+        if done % config.checkpoint_every == 0 or done == config.steps:
+          skips.update(done, int(metrics["skipped_steps"]))
+          if done == config.steps:
+            skips.check_trained(first_step)
+          if not _all_finite(state.params):  # the guard keeps them finite; never save otherwise
+            raise RunError(f"stopped at step {done}: the parameters are not finite; no "
+                           "checkpoint was written")
+          with _save_errors(directory):
+            checkpointer.save(done, state, setup.train_data.state)
+      loop_s = time.perf_counter() - loop_start
+      with _save_errors(directory):
+        checkpointer.close()
+    finally:
+      jax.monitoring.unregister_event_duration_listener(on_compile)
+      writer.close()
 
     summary: dict[str, Any] = {
         "steps": config.steps,
@@ -349,20 +576,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "train_step_compilations": setup.train_step.compilations,
         "mesh": " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items() if v > 1) or "1 device",
         "zero_stage": config.zero.stage,
-        "checkpoint": os.path.join(workdir, "checkpoints", str(config.steps)),
+        "checkpoint": os.path.join(directory, str(config.steps)),
     }
     summary["mfu"] = mfu(summary["tokens_per_s"])
     if lead and os.path.exists(writer.path):
       plot_loss(read_metrics(writer.path), os.path.join(workdir, "loss.png"))
+    sample = None
     if config.sample_tokens and config.model.name == "gpt":
       prompt = [int(t) for t in setup.tokenizer.encode(config.sample_prompt)]
       generator = Generator(setup.model, state.params, cache_len=config.seq_len,
                             mesh=setup.mesh)
       ids = generator.generate([prompt], config.sample_tokens, seed=config.seed,
                                sampling=SamplingConfig(temperature=0.8))[0]
-      summary["sample"] = config.sample_prompt + setup.tokenizer.decode(ids)
-  if lead:
-    print(_summary_table({k: v for k, v in summary.items() if k != "sample"}))
-    if "sample" in summary:
-      print(f"\nsample: {summary['sample']!r}")
-  return summary
+      sample = config.sample_prompt + setup.tokenizer.decode(ids)
+  return summary, sample
