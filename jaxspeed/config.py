@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_batches = 4
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
-  c.peak_flops = 1.4e11  # FLOP/s of the whole host, for MFU (2-core AVX-512 matmul roofline)
+  c.peak_flops = 0.0  # FLOP/s of all devices, for MFU; 0 = from the device kind (devices.py)
   c.sample_tokens = 64  # length of the text sample printed at the end; 0 to skip
   c.sample_prompt = "The "
 
@@ -100,6 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
   for axis in ("data", "fsdp", "stage", "expert", "sequence", "tensor"):
     c.parallel[axis] = 1
   c.parallel.data = -1
+  # True: a layout that does not fit the devices drops axes (tensor first) and fills
+  # data instead of failing; the chosen mesh is printed (the demo config sets it).
+  c.fit_parallel = False
   # DeepSpeed-Ulysses needs seq_len % parallel.sequence == 0; pad=True right-pads
   # causal-LM batches to a multiple instead (padded targets do not count).
   c.sequence_parallel = ml_collections.ConfigDict(dict(pad=False))
@@ -625,10 +628,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "eval_every",
               "eval_batches", "checkpoint_every", "keep_checkpoints", "optim.learning_rate",
               "model.vocab_size", "model.num_layers", "model.num_heads", "model.d_model",
-              "model.d_ff", "model.max_seq_len", "peak_flops"):
+              "model.d_ff", "model.max_seq_len"):
     _positive(config, key)
   for key in ("optim.weight_decay", "optim.grad_clip", "optim.warmup", "optim.decay",
-              "optim.eps", "sample_tokens"):
+              "optim.eps", "sample_tokens", "peak_flops"):
     _positive(config, key, allow_zero=True)
   for key in ("optim.b1", "optim.b2", "optim.min_lr_ratio", "model.dropout",
               "data.val_fraction"):
