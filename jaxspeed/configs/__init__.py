@@ -7,7 +7,7 @@ its fields overridden. The repository's ``configs/*.py`` re-export them, so
 
 import os
 
-NAMES = ("gpt_tiny", "gpt3_1p3b", "rlhf_tiny")
+NAMES = ("demo", "gpt_tiny", "gpt3_1p3b", "rlhf_tiny")
 
 
 def path(name: str) -> str:
