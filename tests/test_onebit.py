@@ -226,6 +226,27 @@ def test_one_worker_onebit_adam_after_freeze_is_exact_adam_with_frozen_variance(
     assert not np.any(e)
 
 
+def test_one_worker_lamb_and_zero_one_adam_average_exactly():
+  params = {"w": jnp.full((6, 8), 0.5), "b": jnp.full((8,), 0.1)}
+  g = _adam_grads(1, world=1, seed=2)[0]
+  lamb = onebit_lamb(WorkerGroup(1), freeze_step=1)
+  state = lamb.init(params)
+  _, state = lamb.update(jax.tree.map(lambda x: x[0], g), state, params, kind=WARMUP,
+                         learning_rate=1e-3)
+  _, after = lamb.update(g, state, params, kind=COMPRESSED, learning_rate=1e-3)
+  for m, prev, gw in zip(jax.tree.leaves(after.mu), jax.tree.leaves(state.mu),
+                         jax.tree.leaves(g)):  # momentum scaled and unscaled, not compressed
+    np.testing.assert_allclose(m, 0.9 * prev + 0.1 * gw[0], rtol=1e-5)
+  zero_one = zero_one_adam(WorkerGroup(1), var_freeze_step=4)
+  state = zero_one.init(params)
+  _, state = zero_one.update(jax.tree.map(lambda x: x[0], g), state, params, kind=VARIANCE,
+                             learning_rate=1e-3)
+  g2 = _adam_grads(1, world=1, seed=3)[0]
+  _, state = zero_one.update(g2, state, params, kind=ONEBIT_GRADIENT, learning_rate=1e-3)
+  for m, g1, gw in zip(jax.tree.leaves(state.mu), jax.tree.leaves(g), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(m, 0.09 * g1 + 0.1 * gw, rtol=1e-5)  # the exact gradient
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_one_worker_compressed_mean_is_the_value_itself_on_a_mesh_too(fused):
   xs = {"a": jax.random.normal(jax.random.PRNGKey(0), (1, 37)),
