@@ -101,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel[axis] = 1
   c.parallel.data = -1
   # True: a layout that does not fit the devices drops axes (tensor first) and fills
-  # data instead of failing; the chosen mesh is printed (the demo config sets it).
+  # data instead of failing; the chosen mesh is printed (configs/gpt_tiny.py sets it).
   c.fit_parallel = False
   # DeepSpeed-Ulysses needs seq_len % parallel.sequence == 0; pad=True right-pads
   # causal-LM batches to a multiple instead (padded targets do not count).
