@@ -41,11 +41,20 @@ def resolve_config_args(args: list[str]) -> list[str]:
   return out
 
 
+def _with_default_config(args: list[str], default: str) -> list[str]:
+  if any(a.startswith("--config=") for a in args):
+    return args
+  return [f"--config={configs.path(default)}", *args]
+
+
 def _run(module: str, default: str | None) -> None:
   args = resolve_config_args(sys.argv[1:])
-  job = args[:args.index("--")] if "--" in args else args
-  if default and not any(a.startswith("--config=") for a in job):
-    args.insert(0, f"--config={configs.path(default)}")
+  if default:
+    args = _with_default_config(args, default)
+  elif "--" in args:  # the launcher; its job (after "--") is experiments.train unless --module
+    cut = args.index("--") + 1
+    if not any(a.startswith("--module") for a in args[:cut]):
+      args = args[:cut] + _with_default_config(args[cut:], "gpt_tiny")
   sys.argv[1:] = args
   main = importlib.import_module(module).main
   if default is None:  # the launcher has no config of its own
