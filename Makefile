@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.train --config=configs/gpt_tiny.py --workdir=results/demo
+	$(PY) -m experiments.train --config=configs/demo.py --workdir=results/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q tests

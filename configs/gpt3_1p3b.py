@@ -1,20 +1,8 @@
-"""GPT-3 XL shapes (1.3B parameters; Brown et al. 2020, table 2.1).
+"""``--config=configs/gpt3_1p3b.py``: the packaged ``jaxspeed.configs.gpt3_1p3b``.
 
-Too big to train on a CPU; used to check shapes, parameter counts and
-per-device memory from abstract (never allocated) arrays.
+Copy this file and override fields after ``get_config()`` to make your own.
 """
 
-from jaxspeed.config import default_config
+from jaxspeed.configs.gpt3_1p3b import get_config
 
-
-def get_config():
-  config = default_config()
-  config.batch_size = 512
-  config.seq_len = 2048
-  config.model.update(num_layers=24, num_heads=16, d_model=2048, d_ff=8192,
-                      vocab_size=50304, max_seq_len=2048, tie_embeddings=True)
-  config.optim.learning_rate = 2e-4
-  config.zero.stage = 3
-  config.parallel.fsdp = -1
-  config.parallel.data = 1
-  return config
+__all__ = ["get_config"]

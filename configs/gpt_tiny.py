@@ -1,33 +1,8 @@
-"""The demo: a small byte-level GPT on Python's own docs and sources, 8 CPU devices.
+"""``--config=configs/gpt_tiny.py``: the packaged ``jaxspeed.configs.gpt_tiny``.
 
-Uses three parallel axes at once: data=2 x fsdp=2 (ZeRO-3) x tensor=2.
+Copy this file and override fields after ``get_config()`` to make your own.
 """
 
-from jaxspeed.config import default_config
+from jaxspeed.configs.gpt_tiny import get_config
 
-
-def get_config():
-  config = default_config()
-  config.steps = 300
-  config.batch_size = 16
-  config.seq_len = 128
-  config.log_every = 25
-  config.eval_every = 100
-  config.eval_batches = 4
-  config.checkpoint_every = 100
-
-  config.model.num_layers = 4
-  config.model.num_heads = 4
-  config.model.d_model = 128
-  config.model.d_ff = 512
-  config.model.max_seq_len = 128
-
-  config.optim.name = "adamw"
-  config.optim.learning_rate = 3e-3
-  config.optim.warmup = 30
-
-  config.zero.stage = 3
-  config.parallel.data = 2
-  config.parallel.fsdp = 2
-  config.parallel.tensor = 2
-  return config
+__all__ = ["get_config"]

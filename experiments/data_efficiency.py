@@ -50,8 +50,8 @@ import os
 import numpy as np
 from absl import app, flags
 
-from configs import gpt_tiny
 from experiments import common
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.training import plot_runs
 from jaxspeed.training.trainer import layer_dropping
 

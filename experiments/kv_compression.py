@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from configs import gpt_tiny
 from experiments import common
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.inference import Generator
 from jaxspeed.inference import from_config as inference_config
 from jaxspeed.inference.compression import CompressionConfig

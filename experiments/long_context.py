@@ -19,8 +19,8 @@ import numpy as np
 from absl import app, flags
 
 import jaxspeed
-from configs import gpt_tiny
 from experiments import common
+from jaxspeed.configs import gpt_tiny
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: small budget and model.")
 BUDGET_MIB = flags.DEFINE_float("budget_mib", 128.0, "Per-device memory budget.")

@@ -37,9 +37,9 @@ import numpy as np
 from absl import app, flags
 
 import jaxspeed
-from configs import gpt_tiny
 from experiments import common
 from jaxspeed.comm.hlo import collectives
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.moe import capacity
 
 QUICK = flags.DEFINE_bool("quick", False,

@@ -40,8 +40,8 @@ import jax
 from absl import app, flags
 
 import jaxspeed
-from configs import gpt_tiny
 from experiments import common
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.moe import param_counts
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 4 layers of width 32, 8 steps.")

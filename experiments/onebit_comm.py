@@ -33,9 +33,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxspeed
-from configs import gpt_tiny
 from experiments import common
 from jaxspeed.comm.hlo import communication
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.optimizers import zero_one_kinds
 from jaxspeed.parallel.mesh import DATA_AXES
 

@@ -25,8 +25,8 @@ import os
 
 from absl import app, flags
 
-from configs import gpt_tiny
 from experiments import common
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.training import plot_runs
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 2-layer model, 20 steps.")

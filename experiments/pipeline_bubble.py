@@ -45,8 +45,8 @@ import numpy as np
 from absl import app, flags
 
 import jaxspeed
-from configs import gpt_tiny
 from experiments import common
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.parallel.pipeline import bubble_fraction
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: p = 2 and m = 4p only, 4 layers, "

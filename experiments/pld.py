@@ -39,8 +39,8 @@ import os
 import numpy as np
 from absl import app, flags
 
-from configs import gpt_tiny
 from experiments import common
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.models.layer_drop import keep_probability, pld_theta
 from jaxspeed.training import plot_runs
 

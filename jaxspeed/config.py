@@ -49,7 +49,10 @@ class Config(Section):
       parallel.stage > 1, the pipeline's microbatches (DeepSpeed's
       gradient_accumulation_steps in its PipelineEngine).
     max_consecutive_skips: the run stops after this many non-finite steps in a row.
-    peak_flops: FLOP/s of the whole host, for MFU (2-core AVX-512 matmul roofline).
+    peak_flops: FLOP/s of all devices, for MFU; 0 = from the device kind
+      (``jaxspeed.parallel.devices``).
+    fit_parallel: a layout that does not fit the devices drops axes (tensor first) and
+      fills data instead of failing; the chosen mesh is printed.
     sample_tokens: length of the text sample printed at the end; 0 to skip.
   """
 
@@ -64,7 +67,8 @@ class Config(Section):
   checkpoint_every: int = setting(50, ge=1)
   keep_checkpoints: int = setting(3, ge=1)
   max_consecutive_skips: int = setting(20, ge=1)
-  peak_flops: float = setting(1.4e11, gt=0)
+  peak_flops: float = setting(0.0, ge=0)
+  fit_parallel: bool = setting(False)
   sample_tokens: int = setting(64, ge=0)
   sample_prompt: str = setting("The ")
   model: ModelConfig = setting(factory=ModelConfig)

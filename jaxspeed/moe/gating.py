@@ -96,7 +96,11 @@ def top1_gating(logits: jax.Array, capacity: int | None, *, rts_noise: jax.Array
     logits: [S, E] float32 router logits.
     capacity: C, or None for dropless.
     rts_noise: [S, E] U(0, 1) draws for random token selection, or None to
-      keep the first C tokens of each expert.
+      keep the first C tokens of each expert, in token order. DeepSpeed
+      without RTS takes ``topk`` of the 0/1 mask over tokens, where every
+      routed token ties, so which C it keeps is up to the tie order of
+      ``torch.topk`` (not promised to be the first C); the two agree on how
+      many tokens each expert keeps and on the weights, not on which tokens.
     selection_noise: [S, E] Gumbel noise added to the logits for the choice
       only (RSample), or None.
   """

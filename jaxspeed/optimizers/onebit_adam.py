@@ -6,7 +6,9 @@ unless ``bias_correction=True``). Afterwards the variance v is frozen and each
 worker folds its *local* gradient into the momentum,
 m_w = β1·m + (1−β1)·g_w, which is averaged with the error-compensated 1-bit
 all-reduce (one scale per tensor) and masked where v = 0 (``mask_unseen``);
-the update formula is unchanged.
+the update formula is unchanged. With one worker nothing is compressed (as
+in DeepSpeed, which skips the compressed all-reduce at world size 1): the
+update is Adam with the variance frozen after ``freeze_step``, exactly.
 
 Beyond DeepSpeed: the error-feedback buffers are part of the optimizer state
 (checkpointed and restored, where DeepSpeed resets them), and the state may

@@ -13,7 +13,9 @@ reconstructs the averaged gradient ĝ = (m − β1·m_prev)/(1 − β1), tracks 
 fresh variance v_fresh with it, and multiplies the frozen coefficient by
 factor = max((√v + ε)/(√v_fresh + ε)), mixed with ‖u_prelim‖/‖u‖ under weight
 decay, clipped to [factor_min, factor_max] and to ±factor_threshold of the
-previous factor.
+previous factor. With one worker the momentum is not compressed (as in
+DeepSpeed at world size 1), so only the frozen variance and the factor differ
+from LAMB.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ the per-worker momentum and accumulated update carry a leading worker axis, so
 worker w's parameters during local steps are ``params + u[w]``. Every
 1-bit average is masked where v = 0 (``mask_unseen``). The error
 buffers are zeroed once when phase 2 starts (they then compress a different
-quantity). DeepSpeed's ``bias_correction`` flag is ignored by its 0/1 Adam;
-it is not offered here.
+quantity); with one worker nothing is compressed (the 1-bit averages are
+exact, as in DeepSpeed at world size 1). DeepSpeed's ``bias_correction``
+flag is ignored by its 0/1 Adam; it is not offered here.
 
 Weight decay, unlike DeepSpeed: in phase 2 the decoupled decay multiplies the
 synchronized parameters and each u_w by (1 − lr·wd) every step — so worker

@@ -54,6 +54,8 @@ from jaxspeed.moe import MoeConfig
 from jaxspeed.moe.distill import TEACHER_LOGITS, Distillation
 from jaxspeed.optimizers import CommunicatingOptimizer
 from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_multiple
+from jaxspeed.parallel.devices import fit_config_layout, peak_flops
+from jaxspeed.training.evaluation import validation_bits_per_byte
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
 from jaxspeed.training.state import (
@@ -176,6 +178,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
     ConfigError: for any bad value, before anything compiles.
   """
   devices = jax.devices() if devices is None else devices
+  fit_config_layout(config, devices)
   validate(config, len(devices))
   train_docs, val_docs = run_documents(config)
   tokenizer = run_tokenizer(config, train_docs, workdir)
@@ -276,8 +279,8 @@ SUMMARY_FILE = "summary.json"
 # and what it reports. Any other key changes the model, the optimizer or the data stream,
 # so the checkpoints would not fit it. A trailing dot matches a whole section.
 RESUMABLE_KEYS = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                  "keep_checkpoints", "max_consecutive_skips", "peak_flops", "sample_tokens",
-                  "sample_prompt", "microbatches", "parallel.", "zero.stage",
+                  "keep_checkpoints", "max_consecutive_skips", "peak_flops", "fit_parallel",
+                  "sample_tokens", "sample_prompt", "microbatches", "parallel.", "zero.stage",
                   "sequence_parallel.", "model.remat", "model.attention", "inference.",
                   "rlhf.")
 
@@ -492,7 +495,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
 
     writer = MetricsWriter(workdir, config.steps, first_step, enabled=lead)
     flops_per_token = setup.model_config.flops_per_token(config.seq_len)
-    mfu = lambda tokens_per_s: tokens_per_s * flops_per_token / config.peak_flops
+    peak, peak_from = peak_flops(config.peak_flops, config.model.dtype, setup.mesh.devices.ravel())
+    mfu = lambda tokens_per_s: tokens_per_s * flops_per_token / peak
     val_losses: list[float] = []
     if first_step == 0:  # the untrained model's loss, so the curve shows what training did
       val_losses.append(evaluate(setup, state.params))
@@ -579,6 +583,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         "checkpoint": os.path.join(directory, str(config.steps)),
     }
     summary["mfu"] = mfu(summary["tokens_per_s"])
+    summary.update(peak_flops=peak, peak_flops_from=peak_from)
+    if config.model.name == "gpt":
+      summary["val_bits_per_byte"] = validation_bits_per_byte(
+          setup.tokenizer, map(setup.val_data.batch_at, range(config.eval_batches)),
+          summary["val_loss"])
     if lead and os.path.exists(writer.path):
       plot_loss(read_metrics(writer.path), os.path.join(workdir, "loss.png"))
     sample = None
