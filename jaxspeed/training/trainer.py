@@ -42,7 +42,7 @@ from jaxspeed.inference import Generator, SamplingConfig
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.moe import MoeConfig
-from jaxspeed.moe.distill import TEACHER_LOGITS, Distillation
+from jaxspeed.moe.distill import Distillation
 from jaxspeed.optimizers import CommunicatingOptimizer
 from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_multiple
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
@@ -57,7 +57,10 @@ from jaxspeed.training.state import (
   tensor_parallel_specs,
 )
 from jaxspeed.training.step import (
+  KnowledgeDistillation,
+  LanguageModeling,
   LayerDropping,
+  StepOptions,
   TrainStep,
   batch_sharding,
   make_eval_step,
@@ -135,7 +138,7 @@ def run_tokenizer(config: ml_collections.ConfigDict, docs: list[str],
 def layer_dropping(config: ml_collections.ConfigDict) -> LayerDropping:
   """Random-LTD's kept-length schedule and PLD's parameters from ``config.data_efficiency``."""
   ltd, pld = config.data_efficiency.random_ltd, config.data_efficiency.pld
-  kept_length_at = lambda step: None
+  kept_length_at = None
   if ltd.enabled:
     kept_length_at = functools.partial(
         kept_length_at_step, min_value=ltd.min_value, max_value=ltd.max_value or config.seq_len,
@@ -207,16 +210,44 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   compression = compression_from_config(config.compression, matmul_shapes(
       lambda p, x: model.apply({"params": p}, x), abstract_params(model, _model_input(config)),
       _model_input(config)))
-  train_step = make_train_step(
-      model, optimizer, make_schedule(config.optim, total), specs, mesh,
-      microbatches=config.microbatches if num_stages == 1 else 1, lr_unit=config.optim.lr_unit,
-      grad_clip=config.optim.grad_clip, deterministic=config.model.dropout == 0,
-      layer_dropping=dropping, dense_interceptor=compression,
-      aux_loss_coef=config.moe.aux_loss_coef,
-      distillation=Distillation(config.kd.temperature, config.kd.alpha_ce, config.kd.beta_ce))
+  options = StepOptions(
+      train_objective(config, devices), microbatches=config.microbatches if num_stages == 1 else 1,
+      grad_clip=config.optim.grad_clip, lr_unit=config.optim.lr_unit,
+      deterministic=config.model.dropout == 0, layer_dropping=dropping,
+      dense_interceptor=compression)
+  train_step = make_train_step(model, optimizer, make_schedule(config.optim, total), specs, mesh,
+                               options)
   eval_step = make_eval_step(model, specs, mesh, compression)
   return Setup(config, mesh, model_config, model, optimizer, specs, train_step, eval_step,
                tokenizer, train_data, val_data)
+
+
+def train_objective(config: ml_collections.ConfigDict, devices=None
+              ) -> LanguageModeling | KnowledgeDistillation:
+  """The language-model objective, distilling from ``kd``'s teacher when ``kd.enabled`` (MoS)."""
+  if not config.kd.enabled:
+    return LanguageModeling(config.moe.aux_loss_coef)
+  kd = config.kd
+  return KnowledgeDistillation(TeacherLogits(config, devices),
+                               Distillation(kd.temperature, kd.alpha_ce, kd.beta_ce),
+                               config.moe.aux_loss_coef, kd.stop_step)
+
+
+class TeacherLogits:
+  """``teacher(inputs [B, S]) -> logits [B, S, V]`` of the MoS teacher (``load_teacher``).
+
+  The teacher is restored on the first call (under the student's mesh), so
+  building a student for evaluation or generation does not need it.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    self._config, self._devices = config, devices
+    self._forward = None
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self._forward is None:
+      self._forward = load_teacher(self._config, self._devices)
+    return self._forward(inputs)
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -283,7 +314,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if lead:
         print(f"resumed from step {start} in {workdir}", flush=True)
     first_step = int(state.step)
-    teacher = load_teacher(config) if config.kd.enabled else None
 
     writer = MetricsWriter(workdir, config.steps, first_step, enabled=lead)
     flops_per_token = setup.model_config.flops_per_token(config.seq_len)
@@ -303,12 +333,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     loop_start = time.perf_counter()
     for step in range(first_step, config.steps):
       batch = setup.to_device(setup.train_data.next_batch())
-      if teacher is not None and (not config.kd.stop_step or step < config.kd.stop_step):
-        # MoS; staged KD stops at stop_step. The previous step must finish first: with two
-        # programs' collectives in flight, XLA:CPU's in-process rendezvous can starve on a
-        # loaded host (seen as an all-reduce termination timeout).
-        jax.block_until_ready(state)
-        batch[TEACHER_LOGITS] = teacher(batch["inputs"])
       state, metrics = setup.train_step(state, batch, step)
       window_tokens += batch["inputs"].size
       done = step + 1
