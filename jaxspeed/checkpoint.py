@@ -31,6 +31,12 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINTS)
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the run in ``workdir`` has a finished checkpoint (without opening orbax)."""
+  directory = checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
 class Checkpointer:
   """A train state plus the data iterator's JSON state, per step, under ``directory``."""
 

@@ -205,8 +205,8 @@ def test_good_pipeline_config_validates(tiny_config):
 
 
 def test_train_step_refuses_sequential_accumulation_of_a_pipeline():
-  from jaxspeed.training import make_train_step
+  from jaxspeed.training import StepOptions, make_train_step
 
   model = PipelinedGPT(_tiny_model_config(), num_stages=2, microbatches=4)
   with pytest.raises(ValueError, match="microbatches=1"):
-    make_train_step(model, None, None, None, None, microbatches=4)
+    make_train_step(model, None, None, None, None, StepOptions(microbatches=4))

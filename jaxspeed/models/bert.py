@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspeed.models.config import ModelConfig
-from jaxspeed.models.layer_drop import draw_layer_keeps, run_or_skip
+from jaxspeed.models.layer_runner import run_layers
 from jaxspeed.models.layers import (
     Embed,
     LayerNorm,
@@ -16,13 +16,7 @@ from jaxspeed.models.layers import (
     remat_block,
     zeros_init,
 )
-from jaxspeed.models.random_ltd import (
-    active_kept_length,
-    drops_tokens,
-    gather_tokens,
-    run_on_kept_tokens,
-    sample_kept_indices,
-)
+from jaxspeed.models.random_ltd import gather_tokens
 
 
 class BertEncoder(nn.Module):
@@ -61,24 +55,18 @@ class BertEncoder(nn.Module):
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "seq", "embed"))
     block = remat_block(cfg.remat)
-    # At init the parameters are the same either way, and drawing no rngs
-    # keeps the parameter keys of the plain model.
-    init = self.is_initializing()
-    kept = None if init else active_kept_length(random_ltd_kept, tokens.shape[1])
-    keeps = probs = None
-    if not init and layer_keep_theta is not None:
-      keeps, probs = draw_layer_keeps(self.make_rng("layer_drop"), cfg.num_layers,
-                                      layer_keep_theta)
-    for i in range(cfg.num_layers):
-      idx = None
-      if kept is not None and drops_tokens(i, cfg.num_layers):
-        idx = sample_kept_indices(self.make_rng("random_ltd"), *tokens.shape, kept)
-        self.sow("intermediates", "random_ltd_indices", idx)
-      layer = block(cfg, causal=False, pre_ln=False, per_row_positions=idx is not None,
-                    name=f"layer_{i}")
-      run = _layer_runner(positions, padding_mask, idx, deterministic)
-      x = run(layer, x, None) if keeps is None else run_or_skip(layer, run, x, keeps[i], probs[i])
-    return x
+
+    def make_layer(i: int, per_row_positions: bool) -> nn.Module:
+      return block(cfg, causal=False, pre_ln=False, per_row_positions=per_row_positions,
+                   name=f"layer_{i}")
+
+    def mask_for(idx: jax.Array | None) -> jax.Array | None:
+      valid = padding_mask if idx is None or padding_mask is None else gather_tokens(
+          padding_mask, idx)
+      return None if valid is None else valid[:, None, None, :]
+
+    return run_layers(self, make_layer, cfg.num_layers, x, positions, mask_for, deterministic,
+                      random_ltd_kept, layer_keep_theta)
 
 
 class BertForMaskedLM(nn.Module):
@@ -109,16 +97,3 @@ class BertForMaskedLM(nn.Module):
     logits = jnp.einsum("bsd,vd->bsv", x, table.astype(dtype)) + bias
     return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
 
-
-def _layer_runner(positions: jax.Array, padding_mask: jax.Array | None, idx: jax.Array | None,
-                  deterministic: bool):
-  """``run(layer, x [B, S, d], branch_scale) -> [B, S, d]`` on all or on idx's tokens."""
-  def attention_mask(valid: jax.Array | None) -> jax.Array | None:
-    return None if valid is None else valid[:, None, None, :]
-
-  if idx is None:
-    mask = attention_mask(padding_mask)
-    return lambda layer, x, scale: layer(x, positions, mask, deterministic, scale)
-  kept_mask = attention_mask(None if padding_mask is None else gather_tokens(padding_mask, idx))
-  return lambda layer, x, scale: run_on_kept_tokens(
-      lambda h, pos: layer(h, pos, kept_mask, deterministic, scale), x, positions, idx)

@@ -8,14 +8,8 @@ import jax.numpy as jnp
 
 from jaxspeed.models.attention import causal_mask
 from jaxspeed.models.config import ModelConfig
-from jaxspeed.models.layer_drop import draw_layer_keeps, run_or_skip
+from jaxspeed.models.layer_runner import run_layers
 from jaxspeed.models.layers import Block, Embed, LayerNorm, constrain, param_init, remat_block
-from jaxspeed.models.random_ltd import (
-    active_kept_length,
-    drops_tokens,
-    run_on_kept_tokens,
-    sample_kept_indices,
-)
 
 
 class GPT(nn.Module):
@@ -79,28 +73,17 @@ class GPT(nn.Module):
                   random_ltd_kept: int | None, layer_keep_theta: jax.Array | None) -> jax.Array:
     """The L blocks: x [B, S, d_model] -> [B, S, d_model]; see ``__call__``'s arguments."""
     cfg = self.config
-    batch, seq_len = positions.shape
     block = remat_block(cfg.remat)
-    mask = causal_mask(seq_len)
-    # At init the parameters are the same either way, and drawing no rngs
-    # keeps the parameter keys of the plain model.
-    init = self.is_initializing()
-    kept = None if init else active_kept_length(random_ltd_kept, seq_len)
-    keeps = probs = None
-    if not init and layer_keep_theta is not None:
-      keeps, probs = draw_layer_keeps(self.make_rng("layer_drop"), cfg.num_layers,
-                                      layer_keep_theta)
-    for i in range(cfg.num_layers):
-      idx = None
-      if kept is not None and drops_tokens(i, cfg.num_layers):
-        idx = sample_kept_indices(self.make_rng("random_ltd"), batch, seq_len, kept)
-        self.sow("intermediates", "random_ltd_indices", idx)
-      layer = block(cfg, causal=True, pre_ln=True, per_row_positions=idx is not None,
-                    feed_forward=None if cfg.moe is None else cfg.moe.feed_forward_at(i),
-                    name=f"layer_{i}")
-      run = _layer_runner(positions, mask, idx, deterministic)
-      x = run(layer, x, None) if keeps is None else run_or_skip(layer, run, x, keeps[i], probs[i])
-    return x
+
+    def make_layer(i: int, per_row_positions: bool) -> nn.Module:
+      return block(cfg, causal=True, pre_ln=True, per_row_positions=per_row_positions,
+                   feed_forward=None if cfg.moe is None else cfg.moe.feed_forward_at(i),
+                   name=f"layer_{i}")
+
+    # Sorted kept tokens keep the causal order: their mask is the r x r triangle.
+    mask_for = lambda idx: causal_mask(positions.shape[1] if idx is None else idx.shape[1])
+    return run_layers(self, make_layer, cfg.num_layers, x, positions, mask_for, deterministic,
+                      random_ltd_kept, layer_keep_theta)
 
   def _logits(self, embed: Embed, x: jax.Array) -> jax.Array:
     """Final LayerNorm and LM head: [B, S, d_model] -> float32 logits [B, S, vocab]."""
@@ -113,13 +96,3 @@ class GPT(nn.Module):
       logits = constrain(x @ w.astype(cfg.compute_dtype), ("batch", "seq", "vocab"))
     return logits.astype(jnp.float32)
 
-
-def _layer_runner(positions: jax.Array, mask: jax.Array, idx: jax.Array | None,
-                  deterministic: bool):
-  """``run(layer, x [B, S, d], branch_scale) -> [B, S, d]`` on all or on idx's tokens."""
-  if idx is None:
-    return lambda layer, x, scale: layer(x, positions, mask, deterministic, scale)
-  # Sorted kept tokens keep the causal order: the mask is the r x r triangle.
-  kept_mask = causal_mask(idx.shape[1])
-  return lambda layer, x, scale: run_on_kept_tokens(
-      lambda h, pos: layer(h, pos, kept_mask, deterministic, scale), x, positions, idx)

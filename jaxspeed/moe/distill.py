@@ -6,7 +6,8 @@ A student with fewer layers learns from a trained MoE teacher with
 
 (reference §7, MoS: Megatron's ``kl_div(..., reduction="batchmean") / seq_len``,
 that is the KL averaged over tokens). Staged KD stops the KL term after
-``stop_step`` and continues with the plain LM loss.
+``stop_step`` and continues with the plain LM loss. The train step's
+objective is ``jaxspeed.training.step.KnowledgeDistillation``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import jax.numpy as jnp
 from jaxspeed.errors import ConfigError
 from jaxspeed.schema import Section, setting
 
-TEACHER_LOGITS = "teacher_logits"  # the batch key the trainer fills while distilling
+# The batch key under which ``jaxspeed.training.step.KnowledgeDistillation`` hands the
+# teacher's logits [B, S, V] to its loss, so they split with the batch into microbatches.
+TEACHER_LOGITS = "teacher_logits"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,14 @@ from jax.sharding import Mesh, use_abstract_mesh
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.training.optim import make_optimizer, make_schedule
 from jaxspeed.training.state import StateSpecs, TrainState, abstract_state, state_specs
-from jaxspeed.training.step import TrainStep, batch_sharding, make_train_step
+from jaxspeed.training.step import (
+  CustomObjective,
+  LanguageModeling,
+  StepOptions,
+  TrainStep,
+  batch_sharding,
+  make_train_step,
+)
 
 
 def mesh_jit(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
@@ -99,16 +106,17 @@ def make_learner(model: nn.Module, optim: ml_collections.ConfigDict, steps: int,
 
   Args:
     optim: ``config.optim`` (see ``step_optim``); an optax optimizer.
-    loss_sum: ``(params, batch, rngs, deterministic, step=None, **_) ->
-      (objective, {"loss_sum", "tokens"})``; the gradient is that of
-      objective / tokens. None for the language-model cross-entropy.
+    loss_sum: the objective, a ``jaxspeed.training.step.LossSum``; the
+      gradient is that of objective / tokens. None for the language-model
+      cross-entropy.
   """
   optimizer = make_optimizer(optim)
   sample_input = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
   specs = state_specs(model, optimizer, sample_input, mesh, zero_stage)
-  train_step = make_train_step(model, optimizer, make_schedule(optim, steps), specs, mesh,
-                               microbatches=microbatches, grad_clip=optim.grad_clip,
-                               loss_sum=loss_sum)
+  objective = LanguageModeling() if loss_sum is None else CustomObjective(loss_sum)
+  train_step = make_train_step(
+      model, optimizer, make_schedule(optim, steps), specs, mesh,
+      StepOptions(objective, microbatches=microbatches, grad_clip=optim.grad_clip))
   return Learner(model, optimizer, mesh, specs, train_step, sample_input)
 
 

@@ -10,6 +10,11 @@ from jaxspeed.training.state import (
     state_specs,
 )
 from jaxspeed.training.step import (
+    CustomObjective,
+    KnowledgeDistillation,
+    LanguageModeling,
+    LayerDropping,
+    StepOptions,
     batch_sharding,
     cross_entropy,
     make_eval_step,
@@ -19,9 +24,14 @@ from jaxspeed.training.step import (
 from jaxspeed.training.trainer import Setup, build, evaluate, train
 
 __all__ = [
+    "CustomObjective",
+    "KnowledgeDistillation",
+    "LanguageModeling",
+    "LayerDropping",
     "MetricsWriter",
     "Setup",
     "StateSpecs",
+    "StepOptions",
     "TrainState",
     "abstract_state",
     "batch_sharding",

@@ -1,5 +1,9 @@
 """The jitted train and eval steps: ``step(state, batch) -> (state, metrics)``.
 
+``make_train_step(model, optimizer, schedule, specs, mesh, StepOptions(...))``:
+the options hold each technique's part of the step (the objective, layer
+dropping, the dense interceptor of compression, microbatches, clipping).
+
 A batch is a dict of [B, S] arrays: ``inputs`` and ``targets`` (int32), and
 optionally ``loss_mask`` (float32, 1 where the target counts) and model
 keyword inputs (``positions``, ``token_types``, ``padding_mask``). B is the
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Hashable
+from typing import ClassVar, Protocol
 
 import flax.linen as nn
 import jax
@@ -36,6 +41,13 @@ MODEL_KWARGS = ("positions", "token_types", "padding_mask")
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 DenseInterceptorAt = Callable[[jax.Array | None], DenseInterceptor]
+# ``(params, batch, rngs, deterministic, step=None, **model_kwargs) -> (objective, sums)``:
+# the objective a step differentiates (its gradient is that of objective / sums["tokens"])
+# and sums that add up over microbatches and workers, at least ``loss_sum`` and
+# ``tokens``. ``step`` is the traced update index (None when evaluating);
+# ``model_kwargs`` are the model's layer-dropping arguments.
+LossSum = Callable[..., tuple[jax.Array, Metrics]]
+LR_UNITS = ("steps", "tokens", "layer_tokens")
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -71,27 +83,27 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def loss_sum_fn(model: nn.Module, dense_interceptor: DenseInterceptorAt | None = None,
-                aux_loss_coef: float = 0.0, distillation: Distillation | None = None) -> Callable:
-  """``(params, batch, rngs, deterministic, step=None, **model_kwargs) -> (objective, sums)``.
+def loss_sum_fn(model: nn.Module, *, aux_loss_coef: float = 0.0,
+                distillation: Distillation | None = None) -> LossSum:
+  """The language-model ``LossSum`` of ``model`` (see ``LossSum`` for the contract).
 
   ``rngs`` maps flax rng streams (``dropout``, ``random_ltd``, ``layer_drop``,
-  ``moe``) to keys, or is None for evaluation. ``dense_interceptor(step)``
-  (compression) replaces the model's weight matmuls; ``step`` is None when
-  evaluating. ``sums`` adds up over microbatches and workers: ``loss_sum``
-  (summed token cross-entropy), ``tokens`` (counted tokens) and, for MoE
-  models, the ``moe_*`` sums of ``jaxspeed.moe.stats.step_sums``. The objective
-  is ``loss_sum`` plus ``aux_loss_coef`` · Σ_layers l_aux · tokens, so that
-  divided by the token count it is DeepSpeed-MoE's CE + coef · Σ l_aux. A batch
-  with ``teacher_logits`` [B, S, V] adds MoS's distillation term
+  ``moe``) to keys, or is None for evaluation. ``sums`` adds up over
+  microbatches and workers: ``loss_sum`` (summed token cross-entropy),
+  ``tokens`` (counted tokens) and, for MoE models, the ``moe_*`` sums of
+  ``jaxspeed.moe.stats.step_sums``. The objective is ``loss_sum`` plus
+  ``aux_loss_coef`` · Σ_layers l_aux · tokens, so that divided by the token
+  count it is DeepSpeed-MoE's CE + coef · Σ l_aux. A batch with
+  ``TEACHER_LOGITS`` [B, S, V] (put there by ``KnowledgeDistillation.prepare``)
+  adds MoS's distillation term weighted by ``distillation``
   (``jaxspeed.moe.distill``), summed as ``kd_sum``.
   """
   def loss_sum(params, batch: Batch, rngs, deterministic: bool, step=None, **model_kwargs):
+    del step
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
-    with intercept_dense(None if dense_interceptor is None else dense_interceptor(step)):
-      logits, collections = model.apply(
-          {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
-          mutable=[moe_stats.COLLECTION], **kwargs, **model_kwargs)
+    logits, collections = model.apply(
+        {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
+        mutable=[moe_stats.COLLECTION], **kwargs, **model_kwargs)
     ce, count = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
     sown = collections.get(moe_stats.COLLECTION, {})
     sums = {"loss_sum": ce, "tokens": count, **moe_stats.step_sums(sown, count)}
@@ -103,6 +115,108 @@ def loss_sum_fn(model: nn.Module, dense_interceptor: DenseInterceptorAt | None =
       return objective + kd.alpha_ce * ce + kd.beta_ce * sums["kd_sum"], sums
     return objective + ce, sums
   return loss_sum
+
+
+def intercepted(loss_sum: LossSum, dense_interceptor: DenseInterceptorAt | None) -> LossSum:
+  """``loss_sum`` with the weight matmuls of its forward run by ``dense_interceptor(step)``."""
+  if dense_interceptor is None:
+    return loss_sum
+
+  def run(params, batch: Batch, rngs, deterministic: bool, step=None, **model_kwargs):
+    with intercept_dense(dense_interceptor(step)):
+      return loss_sum(params, batch, rngs, deterministic, step, **model_kwargs)
+  return run
+
+
+class Objective(Protocol):
+  """What a train step minimizes.
+
+  Attributes:
+    passes_model_kwargs: whether ``loss_sum`` hands the step's model keyword
+      arguments (random-LTD's kept length, PLD's θ) to the model; layer
+      dropping needs an objective that does.
+  """
+
+  passes_model_kwargs: ClassVar[bool]
+
+  def loss_sum(self, model: nn.Module) -> LossSum:
+    """The objective's ``LossSum`` for ``model``."""
+
+  def prepare(self, state: TrainState, batch: Batch, step: int) -> Batch:
+    """The batch the jitted step receives for update ``step`` (host side, before the call)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModeling:
+  """Token cross-entropy plus ``aux_loss_coef`` times DeepSpeed-MoE's load-balancing loss."""
+
+  aux_loss_coef: float = 0.0
+  passes_model_kwargs: ClassVar[bool] = True
+
+  def loss_sum(self, model: nn.Module) -> LossSum:
+    return loss_sum_fn(model, aux_loss_coef=self.aux_loss_coef)
+
+  def prepare(self, state: TrainState, batch: Batch, step: int) -> Batch:
+    del state, step
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class KnowledgeDistillation:
+  """MoS (DeepSpeed-MoE §5): ``LanguageModeling`` plus the KD term toward a teacher's logits.
+
+  Attributes:
+    teacher: ``inputs [B, S] -> logits [B, S, V]``, the teacher's forward with
+      its parameters (``jaxspeed.training.trainer.TeacherLogits``).
+    distillation: the KD weights α, β and temperature T.
+    aux_loss_coef: as for ``LanguageModeling``.
+    stop_step: staged KD distills updates ``step < stop_step`` only; 0 for all.
+
+  The teacher runs as its own program before each distilled update
+  (``prepare``); its logits reach ``loss_sum`` in the batch under
+  ``TEACHER_LOGITS``, so microbatches and workers split them with the batch.
+  """
+
+  teacher: Callable[[jax.Array], jax.Array]
+  distillation: Distillation = dataclasses.field(default_factory=Distillation)
+  aux_loss_coef: float = 0.0
+  stop_step: int = 0
+  passes_model_kwargs: ClassVar[bool] = True
+
+  def loss_sum(self, model: nn.Module) -> LossSum:
+    return loss_sum_fn(model, aux_loss_coef=self.aux_loss_coef, distillation=self.distillation)
+
+  def distills(self, step: int) -> bool:
+    return not self.stop_step or step < self.stop_step
+
+  def prepare(self, state: TrainState, batch: Batch, step: int) -> Batch:
+    if not self.distills(step):
+      return batch
+    # The previous step must finish first: with two programs' collectives in
+    # flight, XLA:CPU's in-process rendezvous can starve on a loaded host
+    # (seen as an all-reduce termination timeout).
+    jax.block_until_ready(state)
+    return {**batch, TEACHER_LOGITS: self.teacher(batch["inputs"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomObjective:
+  """Any ``LossSum`` (e.g. the RLHF losses of ``jaxspeed.rlhf``), already bound to its model.
+
+  It receives no layer-dropping arguments it would pass on, so ``StepOptions``
+  rejects layer dropping with it.
+  """
+
+  fn: LossSum
+  passes_model_kwargs: ClassVar[bool] = False
+
+  def loss_sum(self, model: nn.Module) -> LossSum:
+    del model
+    return self.fn
+
+  def prepare(self, state: TrainState, batch: Batch, step: int) -> Batch:
+    del state, step
+    return batch
 
 
 def step_rngs(state_rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
@@ -147,15 +261,23 @@ class LayerDropping:
   """What random-LTD and progressive layer dropping do at each step.
 
   Attributes:
-    kept_length_at: step -> tokens each middle layer keeps (random-LTD), or
-      None to keep all; a host-side schedule, so each value compiles once.
+    random_ltd: step -> tokens each middle layer keeps (random-LTD), or None
+      for no random-LTD; a host-side schedule, so each value compiles once.
     pld: (theta_bar, gamma) of progressive layer dropping, or None.
     num_layers: L, for the layer-token count.
   """
 
-  kept_length_at: Callable[[int], int | None] = lambda step: None
+  random_ltd: Callable[[int], int] | None = None
   pld: tuple[float, float] | None = None
   num_layers: int = 1
+
+  @property
+  def enabled(self) -> bool:
+    return self.random_ltd is not None or self.pld is not None
+
+  def kept_length_at(self, step: int) -> int | None:
+    """Random-LTD's kept length at ``step``; None to keep all tokens."""
+    return None if self.random_ltd is None else self.random_ltd(step)
 
   def model_kwargs(self, kept: int | None, step: jax.Array) -> dict:
     kwargs = {}
@@ -172,6 +294,47 @@ class LayerDropping:
     return rows * layer_tokens(kept, seq_len, self.num_layers)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Everything a train step does besides the model, optimizer, schedule and placement.
+
+  Each part comes from one technique; every one is applied, and a
+  combination one part would ignore is rejected here.
+
+  Attributes:
+    objective: what to minimize (``LanguageModeling``, ``KnowledgeDistillation``,
+      ``CustomObjective``).
+    microbatches: sequential gradient accumulation over this many slices of the batch.
+    grad_clip: global-norm gradient clipping; 0 for none.
+    lr_unit: what ``schedule`` counts, one of ``LR_UNITS``.
+    deterministic: False to train with dropout.
+    layer_dropping: random-LTD and progressive layer dropping.
+    dense_interceptor: ``step -> interceptor`` running the weight matmuls of
+      the objective's forward compressed (``jaxspeed.compression``).
+  """
+
+  objective: Objective = LanguageModeling()
+  microbatches: int = 1
+  grad_clip: float = 0.0
+  lr_unit: str = "steps"
+  deterministic: bool = True
+  layer_dropping: LayerDropping = LayerDropping()
+  dense_interceptor: DenseInterceptorAt | None = None
+
+  def __post_init__(self):
+    if self.microbatches < 1:
+      raise ValueError(f"microbatches={self.microbatches}; must be >= 1")
+    if self.lr_unit not in LR_UNITS:
+      raise ValueError(f"lr_unit={self.lr_unit!r}; allowed: {', '.join(LR_UNITS)}")
+    if self.layer_dropping.enabled and not self.objective.passes_model_kwargs:
+      raise ValueError(f"layer_dropping (random-LTD / PLD) needs an objective that passes its "
+                       f"arguments to the model; {type(self.objective).__name__} does not")
+
+  def loss_sum(self, model: nn.Module) -> LossSum:
+    """The objective's ``LossSum`` of ``model``, under the dense interceptor."""
+    return intercepted(self.objective.loss_sum(model), self.dense_interceptor)
+
+
 class TrainStep:
   """``train_step(state, batch, step=None) -> (state, metrics)``.
 
@@ -179,13 +342,18 @@ class TrainStep:
   optimizer's communication (``optimizer.kind_at(step)``; one for optax
   optimizers) and random-LTD's kept length. ``step`` is the 0-based index of
   the update; if omitted it is read from ``state.step`` (a device-to-host
-  sync, so the trainer passes it). Each program also recompiles per batch
-  shape (sequence-length curricula): ``compilations`` counts both.
+  sync, so the trainer passes it). Before the call the objective prepares
+  the batch (``Objective.prepare``; a distillation teacher adds its logits).
+  Each program also recompiles per batch shape and structure (sequence-length
+  curricula, staged distillation): ``compilations`` counts both.
   """
 
-  def __init__(self, build: Callable[[Hashable], Callable], kind_at: Callable[[int], Hashable]):
+  def __init__(self, build: Callable[[Hashable], Callable], kind_at: Callable[[int], Hashable],
+               prepare: Callable[[TrainState, Batch, int], Batch] = lambda state, batch, step:
+               batch):
     self._build = build
     self.kind_at = kind_at
+    self.prepare = prepare
     self._jitted: dict[Hashable, Callable] = {}
 
   def for_kind(self, kind: Hashable):
@@ -203,11 +371,13 @@ class TrainStep:
     return sum(f._cache_size() for f in self._jitted.values())
 
   def __call__(self, state: TrainState, batch: Batch, step: int | None = None):
-    kind = self.kind_at(int(state.step) if step is None else step)
-    return self.for_kind(kind)(state, batch)
+    step = int(state.step) if step is None else step
+    batch = self.prepare(state, batch, step)
+    return self.for_kind(self.kind_at(step))(state, batch)
 
   def lower(self, state: TrainState, batch: Batch, step: int = 0):
-    """Lowers the program of ``step``'s kind; ``state`` may be abstract."""
+    """Lowers the program of ``step``'s kind for ``batch`` as given (not prepared);
+    ``state`` may be abstract."""
     return self.for_kind(self.kind_at(step)).lower(state, batch)
 
 
@@ -280,42 +450,37 @@ def _clip(grads, grad_norm, grad_clip: float):
 
 
 def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: StateSpecs,
-                    mesh: Mesh, *, microbatches: int = 1, lr_unit: str = "steps",
-                    grad_clip: float = 0.0, deterministic: bool = True,
-                    layer_dropping: LayerDropping | None = None,
-                    dense_interceptor: DenseInterceptorAt | None = None,
-                    aux_loss_coef: float = 0.0,
-                    distillation: Distillation | None = None,
-                    loss_sum: Callable | None = None) -> TrainStep:
+                    mesh: Mesh, options: StepOptions = StepOptions()) -> TrainStep:
   """Builds the train step, jitted with shardings, for an optax or communicating optimizer.
 
-  One optimizer step per call: gradients of the token-mean loss over the whole
-  global batch (accumulated over ``microbatches``), clipped by global norm,
-  optimizer update scaled by ``schedule`` of the step, tokens or layer-tokens
-  seen (``lr_unit``). A step with a non-finite loss, gradient or update leaves
-  parameters and optimizer state untouched and counts itself in
-  ``state.skipped``. ``dense_interceptor(step)`` runs the weight matmuls
-  compressed (``jaxspeed.compression``). ``aux_loss_coef`` scales the MoE
-  load-balancing loss added to the objective and ``distillation`` weighs MoS's
-  KD term for batches that carry ``teacher_logits`` (``loss_sum_fn``).
-  ``loss_sum`` replaces that language-model objective by another with the
-  same contract (the RLHF losses of ``jaxspeed.rlhf``).
+  One optimizer step per call: gradients of ``options.objective`` per token
+  over the whole global batch (accumulated over ``options.microbatches``),
+  clipped by global norm, optimizer update scaled by ``schedule`` of the
+  step, tokens or layer-tokens seen (``options.lr_unit``). A step with a
+  non-finite loss, gradient or update leaves parameters and optimizer state
+  untouched and counts itself in ``state.skipped``.
+
+  Raises:
+    ValueError: for options ``model`` cannot apply (a ``PipelinedGPT`` has its
+      own microbatches and runs no layer dropping).
   """
-  if isinstance(model, PipelinedGPT) and microbatches > 1:
-    raise ValueError("a PipelinedGPT splits the batch into its own microbatches; pass "
-                     "microbatches=1 (the trainer does) instead of accumulating sequentially")
-  dropping = layer_dropping or LayerDropping()
-  options = dict(microbatches=microbatches, lr_unit=lr_unit, grad_clip=grad_clip,
-                 deterministic=deterministic, dropping=dropping,
-                 loss_sum=loss_sum or loss_sum_fn(model, dense_interceptor, aux_loss_coef,
-                                                  distillation))
+  if isinstance(model, PipelinedGPT):
+    if options.microbatches > 1:
+      raise ValueError("a PipelinedGPT splits the batch into its own microbatches; pass "
+                       "microbatches=1 (the trainer does) instead of accumulating sequentially")
+    if options.layer_dropping.enabled:
+      raise ValueError("a PipelinedGPT runs no random-LTD or progressive layer dropping")
+  dropping = options.layer_dropping
+  run = dict(microbatches=options.microbatches, lr_unit=options.lr_unit,
+             grad_clip=options.grad_clip, deterministic=options.deterministic,
+             dropping=dropping, loss_sum=options.loss_sum(model))
+  prepare = options.objective.prepare
   if isinstance(optimizer, CommunicatingOptimizer):
-    build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind,
-                                             **options)
+    build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind, **run)
     return TrainStep(build, lambda step: (optimizer.kind_at(step),
-                                          dropping.kept_length_at(step)))
-  build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1], **options)
-  return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)))
+                                          dropping.kept_length_at(step)), prepare)
+  build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1], **run)
+  return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)), prepare)
 
 
 def _schedule_time(state: TrainState, lr_unit: str) -> jax.Array:
@@ -420,7 +585,7 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
 def make_eval_step(model: nn.Module, specs: StateSpecs, mesh: Mesh,
                    dense_interceptor: DenseInterceptorAt | None = None):
   """``eval_step(params, batch) -> (cross-entropy sum, token_count)``, jitted."""
-  loss_sum = loss_sum_fn(model, dense_interceptor)
+  loss_sum = intercepted(loss_sum_fn(model), dense_interceptor)
 
   def evaluate(params, batch: Batch):
     with nn.logical_axis_rules(compute_rules()), use_abstract_mesh(mesh.abstract_mesh):

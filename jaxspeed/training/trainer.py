@@ -28,6 +28,7 @@ from jaxspeed.checkpoint import (
   CONFIG_FILE,
   Checkpointer,
   checkpoint_dir,
+  has_checkpoint,
   restore_latest,
   save_run_config,
 )
@@ -51,7 +52,7 @@ from jaxspeed.inference import Generator, SamplingConfig
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.moe import MoeConfig
-from jaxspeed.moe.distill import TEACHER_LOGITS, Distillation
+from jaxspeed.moe.distill import Distillation
 from jaxspeed.optimizers import CommunicatingOptimizer
 from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_multiple
 from jaxspeed.parallel.devices import fit_config_layout, peak_flops
@@ -68,7 +69,10 @@ from jaxspeed.training.state import (
   tensor_parallel_specs,
 )
 from jaxspeed.training.step import (
+  KnowledgeDistillation,
+  LanguageModeling,
   LayerDropping,
+  StepOptions,
   TrainStep,
   batch_sharding,
   make_eval_step,
@@ -146,7 +150,7 @@ def run_tokenizer(config: ml_collections.ConfigDict, docs: list[str],
 def layer_dropping(config: ml_collections.ConfigDict) -> LayerDropping:
   """Random-LTD's kept-length schedule and PLD's parameters from ``config.data_efficiency``."""
   ltd, pld = config.data_efficiency.random_ltd, config.data_efficiency.pld
-  kept_length_at = lambda step: None
+  kept_length_at = None
   if ltd.enabled:
     kept_length_at = functools.partial(
         kept_length_at_step, min_value=ltd.min_value, max_value=ltd.max_value or config.seq_len,
@@ -215,16 +219,44 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   compression = compression_from_config(config.compression, matmul_shapes(
       lambda p, x: model.apply({"params": p}, x), abstract_params(model, _model_input(config)),
       _model_input(config)))
-  train_step = make_train_step(
-      model, optimizer, make_schedule(config.optim, total), specs, mesh,
-      microbatches=config.microbatches if num_stages == 1 else 1, lr_unit=config.optim.lr_unit,
-      grad_clip=config.optim.grad_clip, deterministic=config.model.dropout == 0,
-      layer_dropping=dropping, dense_interceptor=compression,
-      aux_loss_coef=config.moe.aux_loss_coef,
-      distillation=Distillation(config.kd.temperature, config.kd.alpha_ce, config.kd.beta_ce))
+  options = StepOptions(
+      train_objective(config, devices), microbatches=config.microbatches if num_stages == 1 else 1,
+      grad_clip=config.optim.grad_clip, lr_unit=config.optim.lr_unit,
+      deterministic=config.model.dropout == 0, layer_dropping=dropping,
+      dense_interceptor=compression)
+  train_step = make_train_step(model, optimizer, make_schedule(config.optim, total), specs, mesh,
+                               options)
   eval_step = make_eval_step(model, specs, mesh, compression)
   return Setup(config, mesh, model_config, model, optimizer, specs, train_step, eval_step,
                tokenizer, train_data, val_data)
+
+
+def train_objective(config: ml_collections.ConfigDict, devices=None
+              ) -> LanguageModeling | KnowledgeDistillation:
+  """The language-model objective, distilling from ``kd``'s teacher when ``kd.enabled`` (MoS)."""
+  if not config.kd.enabled:
+    return LanguageModeling(config.moe.aux_loss_coef)
+  kd = config.kd
+  return KnowledgeDistillation(TeacherLogits(config, devices),
+                               Distillation(kd.temperature, kd.alpha_ce, kd.beta_ce),
+                               config.moe.aux_loss_coef, kd.stop_step)
+
+
+class TeacherLogits:
+  """``teacher(inputs [B, S]) -> logits [B, S, V]`` of the MoS teacher (``load_teacher``).
+
+  The teacher is restored on the first call (under the student's mesh), so
+  building a student for evaluation or generation does not need it.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    self._config, self._devices = config, devices
+    self._forward = None
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self._forward is None:
+      self._forward = load_teacher(self._config, self._devices)
+    return self._forward(inputs)
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -444,6 +476,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   lead = jax.process_index() == 0
   validate(config, jax.device_count())
   check_workdir(workdir)
+  if config.kd.enabled and not has_checkpoint(config.kd.teacher_workdir):
+    # The teacher is restored at the first distilled step; a missing one must stop the run
+    # before anything compiles.
+    raise ConfigError("kd.teacher_workdir", f"no checkpoint in "
+                      f"{checkpoint_dir(config.kd.teacher_workdir)}")
   checkpointer = Checkpointer(checkpoint_dir(workdir), keep=config.keep_checkpoints)
   try:
     start = checkpointer.latest_step()
@@ -491,7 +528,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
     if lead:  # only now: a failed restore must leave the run's config.json as it was
       save_run_config(config, workdir)
     first_step = int(state.step)
-    teacher = load_teacher(config) if config.kd.enabled else None
 
     writer = MetricsWriter(workdir, config.steps, first_step, enabled=lead)
     flops_per_token = setup.model_config.flops_per_token(config.seq_len)
@@ -514,12 +550,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
     try:
       for step in range(first_step, config.steps):
         batch = setup.to_device(setup.train_data.next_batch())
-        if teacher is not None and (not config.kd.stop_step or step < config.kd.stop_step):
-          # MoS; staged KD stops at stop_step. The previous step must finish first: with two
-          # programs' collectives in flight, XLA:CPU's in-process rendezvous can starve on a
-          # loaded host (seen as an all-reduce termination timeout).
-          jax.block_until_ready(state)
-          batch[TEACHER_LOGITS] = teacher(batch["inputs"])
         previous = metrics
         state, metrics = setup.train_step(state, batch, step)
         if previous:  # one step late, so the host does not wait for the step just dispatched
