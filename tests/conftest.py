@@ -1,4 +1,10 @@
-"""8 virtual CPU devices for every test, set before JAX initializes."""
+"""8 virtual CPU devices for every test, set before JAX initializes.
+
+Compiled programs are shared through a persistent compilation cache that starts
+empty in each run (under pytest's temporary directory): a program that several
+tests compile, such as the single-device reference of ``tiny_config``, compiles
+once per run, for both xdist workers and for the experiments run in a subprocess.
+"""
 
 import os
 
@@ -14,6 +20,23 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 8)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin
+def pytest_configure(config):
+  base = config._tmp_path_factory.getbasetemp()
+  # xdist workers get <basetemp>/popen-gwN: share the parent between them.
+  root = base.parent if base.name.startswith("popen-gw") else base
+  cache = str(root / "xla_cache")
+  os.makedirs(cache, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked ``slow`` first: the longest start early, so both xdist workers end together."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture
