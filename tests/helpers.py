@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 from absl.flags import FLAGS
+from conftest import FAST_COMPILE
 
 import jaxspeed
 
@@ -52,9 +53,10 @@ def train_losses(config, num_steps: int, devices=None):
 def subprocess_env() -> dict[str, str]:
   """This environment for a child process that picks its own device count.
 
-  Without conftest.py's 8-device XLA flag, and with this run's compilation cache.
+  Without conftest.py's 8-device XLA flag; with its fast-compile flag and this run's
+  compilation cache.
   """
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
   env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
   env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
