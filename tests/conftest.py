@@ -15,17 +15,19 @@ import os
 # they run a few steps each, so the slower code costs far less than it saves.
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split()
-     if not f.startswith(("--xla_force_host_platform_device_count",
-                          "--xla_backend_optimization_level"))]
+     if not f.startswith("--xla_force_host_platform_device_count")]
     + ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest
 
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # for subprocesses: helpers.subprocess_env
 jax.config.update("jax_num_cpu_devices", 8)
+jax.devices()  # XLA reads XLA_FLAGS here, once per process
+# Child processes inherit the flags without the fast-compile one.
+os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"].replace(" " + FAST_COMPILE, "")
 
-FAST_COMPILE = "--xla_backend_optimization_level=0"  # for subprocesses
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
