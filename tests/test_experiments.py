@@ -43,7 +43,7 @@ def test_onebit_convergence_quick(tmp_path):
   rows = {r["optimizer"]: r for r in payload["rows"]}
   assert set(rows) == {"adamw", "onebit_adam", "zero_one_adam", "lamb_optax", "lamb",
                        "onebit_lamb"}
-  for row in rows.values():  # every optimizer learns something in 20 steps
+  for row in rows.values():  # every optimizer learns something in 12 steps
     assert row["val_loss"] < row["initial_val_loss"]
   assert os.path.exists(tmp_path / "onebit_convergence.png")
 
