@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.train --config=configs/demo.py --workdir=results/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -29,7 +29,7 @@ from experiments import common
 from jaxspeed.configs import gpt_tiny
 from jaxspeed.training import plot_runs
 
-QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 2-layer model, 20 steps.")
+QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 2-layer model, seq 32, 12 steps.")
 STEPS = flags.DEFINE_integer("steps", 300, "Training steps of every run.")
 WARMUP_FRACTION = flags.DEFINE_float("warmup_fraction", 0.15,
                                      "Share of steps before 1-bit compression starts.")
@@ -56,8 +56,8 @@ def _config(quick: bool, steps: int):
   config.optim.grad_clip = GRAD_CLIP.value
   if quick:
     config.model.update(num_layers=2, d_model=64, d_ff=256)
-    config.batch_size, config.seq_len = 16, 64
-    config.model.max_seq_len = 64
+    config.batch_size, config.seq_len = 16, 32
+    config.model.max_seq_len = 32
     config.eval_batches = 2
   return config
 
@@ -81,7 +81,7 @@ def main(argv):
   del argv
   common.setup_devices()
   quick = QUICK.value
-  steps = 20 if quick else STEPS.value
+  steps = 12 if quick else STEPS.value
   out = os.path.join(common.OUTPUT_DIR.value, "onebit_convergence")
   rows, curves = [], {}
   for label, optim in _runs(steps).items():

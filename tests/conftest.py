@@ -1,19 +1,51 @@
-"""8 virtual CPU devices for every test, set before JAX initializes."""
+"""8 virtual CPU devices for every test, set before JAX initializes.
+
+XLA compiles at LLVM optimization level 0 (``FAST_COMPILE``), also in the
+subprocesses the tests start.
+
+Compiled programs are shared through a persistent compilation cache that starts
+empty in each run (under pytest's temporary directory): a program that several
+tests compile, such as the single-device reference of ``tiny_config``, compiles
+once per run, for both xdist workers and for the experiments run in a subprocess.
+"""
 
 import os
 
+# LLVM's optimization level 0 compiles the suite's many tiny programs about twice as fast;
+# they run a few steps each, so the slower code costs far less than it saves.
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split()
      if not f.startswith("--xla_force_host_platform_device_count")]
-    + ["--xla_force_host_platform_device_count=8"])
+    + ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest
 
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # for subprocesses: helpers.subprocess_env
 jax.config.update("jax_num_cpu_devices", 8)
+jax.devices()  # XLA reads XLA_FLAGS here, once per process
+# Child processes inherit the flags without the fast-compile one.
+os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"].replace(" " + FAST_COMPILE, "")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin
+def pytest_configure(config):
+  base = config._tmp_path_factory.getbasetemp()
+  # xdist workers get <basetemp>/popen-gwN: share the parent between them.
+  root = base.parent if base.name.startswith("popen-gw") else base
+  cache = str(root / "xla_cache")
+  os.makedirs(cache, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked ``slow`` first: the longest start early, so both xdist workers end together."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

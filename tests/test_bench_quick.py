@@ -6,32 +6,17 @@ otherwise.
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from helpers import run_experiment_subprocess
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
-@pytest.mark.xdist_group("subprocess")
+@pytest.mark.slow
 def test_bench_vs_torch_quick(tmp_path):
-  # The benchmark picks its own device count and XLA flags; the 8 virtual
-  # devices conftest.py puts in XLA_FLAGS must not leak into it.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_vs_torch", "--quick",
-       f"--output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  with open(tmp_path / "bench_vs_torch.json") as f:
-    payload = json.load(f)
-  assert set(payload) == {"summary", "rows", "config", "env"}
-  assert (tmp_path / "bench_vs_torch.md").exists()
-
+  # Its own process: the benchmark picks its own device count and XLA flags.
+  payload = run_experiment_subprocess("bench_vs_torch", tmp_path)
   summary = payload["summary"]
   for key in ("speedup_vs_torch", "jaxspeed_tokens_per_s", "torch_tokens_per_s"):
     assert key in summary

@@ -31,7 +31,7 @@ def test_values_and_gradients_match_plain_attention(kind):
   loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, **kwargs)))
   got = jax.grad(loss(blockwise_attention), (0, 1, 2))(q, k, v)
   want = jax.grad(loss(dot_product_attention), (0, 1, 2))(q, k, v)
-  for g, w in zip(got, want):
+  for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(g, w, atol=2e-5 * float(jnp.abs(w).max()))
 
 

@@ -192,7 +192,7 @@ def test_sampler_resume_is_exact(index):
   resumed = two_metric_sampler(index, seed=999)
   resumed.restore(state)
   got += [resumed.next_indices() for _ in range(25)]
-  for a, b in zip(expected, got):
+  for a, b in zip(expected, got, strict=True):
     np.testing.assert_array_equal(a, b)
 
 

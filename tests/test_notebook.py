@@ -6,6 +6,7 @@ import re
 import nbformat
 import pytest
 from conftest import REPO
+from helpers import subprocess_env
 from nbclient import NotebookClient
 
 NOTEBOOK = os.path.join(REPO, "experiments", "notebooks", "quickstart.ipynb")
@@ -13,9 +14,7 @@ NOTEBOOK = os.path.join(REPO, "experiments", "notebooks", "quickstart.ipynb")
 
 def _kernel_env() -> dict[str, str]:
   """This environment without the test suite's 8-device XLA flag: the notebook sets its own."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
+  env = subprocess_env()
   env["JAX_PLATFORMS"] = "cpu"
   return env
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import train_losses
+from helpers import assert_trees_close, train_losses
 
 import jaxspeed
 from jaxspeed.checkpoint import Checkpointer
@@ -112,8 +112,8 @@ def test_error_feedback_makes_the_running_average_converge_to_the_true_mean():
     mean, errors = reduce(xs, errors)
     total = jax.tree.map(jnp.add, total, mean)
     if i in (1, 10, 200):
-      gaps[i] = max(float(jnp.max(jnp.abs(t / i - m))) for t, m in
-                    zip(jax.tree.leaves(total), jax.tree.leaves(true)))
+      gaps[i] = max(jax.tree.leaves(jax.tree.map(
+          lambda t, m, i=i: float(jnp.max(jnp.abs(t / i - m))), total, true)))
   assert gaps[200] < gaps[10] / 5 < gaps[1] / 5
   assert gaps[200] < 0.03
 
@@ -140,8 +140,7 @@ def test_mesh_equals_single_process_simulation_and_packs_bits_on_the_wire():
     for _ in range(3):
       got, mesh_errors = reduce(xs, mesh_errors)
       want, sim_errors = simulated.compressed_mean(xs, sim_errors)
-      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+      assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
     hlo = reduce.lower(xs, mesh_errors).compile().as_text()
   # One all-to-all of packed bytes for both tensors: chunks of 128/8 and 64/8 elements' bits.
   chunk_bytes = (padded_size(100, 8) + padded_size(30, 8)) // 8 // 8
@@ -169,8 +168,7 @@ def test_onebit_adam_warmup_is_deepspeed_adam_and_bias_corrected_option_is_optax
     v = jax.tree.map(lambda v, g: 0.99 * v + 0.01 * g * g, v, g)
     expected = jax.tree.map(lambda m, v, p: -0.5 * (m / (jnp.sqrt(v) + 1e-6) + 0.1 * p),
                             m, v, params)
-    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
-      np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert_trees_close(updates, expected, rtol=1e-6)
 
   corrected = onebit_adam(WorkerGroup(2), freeze_step=10, b1=0.9, b2=0.99, eps=1e-6,
                           bias_correction=True)
@@ -179,8 +177,7 @@ def test_onebit_adam_warmup_is_deepspeed_adam_and_bias_corrected_option_is_optax
   for g in grads:
     updates, state = corrected.update(g, state, params, kind=WARMUP, learning_rate=0.5)
     expected, ref_state = reference.update(g, ref_state, params)
-    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert_trees_close(updates, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_onebit_adam_freezes_variance_and_averages_momentum_after_freeze_step():
@@ -196,15 +193,13 @@ def test_onebit_adam_freezes_variance_and_averages_momentum_after_freeze_step():
   for g in _adam_grads(3, world=world, seed=1):
     mu_before = state.mu
     updates, state = opt.update(g, state, params, kind=COMPRESSED, learning_rate=1e-3)
-    for a, b in zip(jax.tree.leaves(state.nu), jax.tree.leaves(nu)):
-      np.testing.assert_array_equal(a, b)
+    assert_trees_close(state.nu, nu, rtol=0)
     local = jax.tree.map(lambda m, g: 0.9 * m[None] + 0.1 * g, mu_before, g)
     # The new momentum is the 1-bit estimate of the workers' mean local momentum.
     got, want = np.ravel(state.mu["w"]), np.ravel(local["w"].mean(0))
     assert np.corrcoef(got, want)[0, 1] > 0.5
     expected = jax.tree.map(lambda m, v: -1e-3 * m / (jnp.sqrt(v) + 1e-8), state.mu, nu)
-    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
-      np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert_trees_close(updates, expected, rtol=1e-6)
 
 
 def test_one_worker_onebit_adam_after_freeze_is_exact_adam_with_frozen_variance():
@@ -344,28 +339,24 @@ def test_zero_one_adam_phase_one_is_adam_and_local_steps_accumulate():
     m = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, m, g)
     v = jax.tree.map(lambda v, g: 0.99 * v + 0.01 * g * g, v, g)
     expected = jax.tree.map(lambda m, v: -0.5 * m / (jnp.sqrt(v) + 1e-6), m, v)
-    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
-      np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert_trees_close(updates, expected, rtol=1e-6)
   nu = state.nu
   g = _adam_grads(1, world=world, seed=5)[0]
   updates, local_state = opt.update(g, state, params, kind=LOCAL, learning_rate=0.5)
   for u in jax.tree.leaves(updates):
     assert not np.any(u)  # synchronized parameters do not move on a local step
   expected_mu = jax.tree.map(lambda m, g: 0.9 * m[None] + 0.1 * g, m, g)
-  for a, b in zip(jax.tree.leaves(local_state.mu), jax.tree.leaves(expected_mu)):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert_trees_close(local_state.mu, expected_mu, rtol=1e-6)
   expected_acc = jax.tree.map(lambda m, v: -0.5 * m / (jnp.sqrt(v[None]) + 1e-6),
                               expected_mu, nu)
-  for a, b in zip(jax.tree.leaves(local_state.accumulated), jax.tree.leaves(expected_acc)):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert_trees_close(local_state.accumulated, expected_acc, rtol=1e-6)
   own = opt.worker_params(params, local_state, LOCAL)
   np.testing.assert_allclose(own["w"], params["w"][None] + local_state.accumulated["w"])
   updates, synced = opt.update(g, local_state, params, kind=SYNC, learning_rate=0.5)
   assert float(synced.lr_sum) == 0.0
   for a in jax.tree.leaves(synced.accumulated):
     assert not np.any(a)
-  for a, b in zip(jax.tree.leaves(synced.nu), jax.tree.leaves(nu)):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_close(synced.nu, nu, rtol=0)
   for mu in jax.tree.leaves(synced.mu):  # reconstructed momentum agrees across workers
     np.testing.assert_array_equal(mu[0], mu[1])
 
@@ -447,8 +438,7 @@ def test_save_and_restore_in_compression_phase_continues_exactly(tiny_config, tm
       restored, _ = setup.train_step(restored, setup.to_device(batches[step]), step)
   assert name != "zero_one_adam" or np.any(np.asarray(state.opt_state.accumulated["embed"]
                                                       ["table"]))
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_close(restored, state, rtol=0)
 
 
 def test_segmented_compression_equals_per_tensor_compression_bit_for_bit():

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import train_losses
+from helpers import assert_trees_close, train_losses
 
 from jaxspeed.comm.hlo import collectives
 from jaxspeed.config import validate
@@ -112,8 +112,7 @@ def test_stack_layers_layout_and_round_trip(alibi_model):
                                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert shapes(abstract) == shapes(stacked)
   unboxed = nn.meta.unbox(plain)
-  jax.tree.map(np.testing.assert_array_equal, unstack_layers(stack_layers(unboxed, 4, 2)),
-               unboxed)
+  assert_trees_close(unstack_layers(stack_layers(unboxed, 4, 2)), unboxed, rtol=0)
   with pytest.raises(ValueError, match="do not split evenly"):
     stack_layers(unboxed, 4, 3)
 
@@ -133,8 +132,7 @@ def test_pipelined_logits_and_grads_equal_plain(alibi_model):
       nn.logical_axis_rules(compute_rules()):
     loss, grads = loss_and_grads(model)(piped)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               unstack_layers(grads["params"]), ref_grads["params"])
+  assert_trees_close(unstack_layers(grads["params"]), ref_grads["params"], atol=1e-6, rtol=0)
 
 
 def test_gpipe_against_sequential_reference():

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from conftest import REPO
+from helpers import subprocess_env
 
 import jaxspeed
 from jaxspeed.training import read_metrics
@@ -40,11 +41,12 @@ def test_resume_reproduces_uninterrupted_losses(tiny_config, tmp_path):
   assert sorted(os.listdir(os.path.join(split, "checkpoints"))) == ["10", "15", "20"]
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("subprocess")
 def test_killed_during_save_resumes_from_a_complete_checkpoint(tmp_path):
   """SIGKILL while checkpointing every step; the next run must restore and finish."""
   workdir = str(tmp_path)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   args = [sys.executable, "-m", "experiments.train", "--config=configs/gpt_tiny.py",
           f"--workdir={workdir}", "--cpu_devices=8", "--config.model.num_layers=1",
           "--config.model.d_model=64", "--config.model.d_ff=128", "--config.seq_len=32",

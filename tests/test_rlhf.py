@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import assert_trees_close
 
 from jaxspeed.config import default_config, validate_rlhf
 from jaxspeed.data import ByteTokenizer
@@ -231,7 +232,7 @@ def test_saved_step_restores(tmp_path):
     state = reward.start(reward.init_params(0))
     save_stage(context, "reward", state, True, {})
     restored = load_stage(context, "reward", reward, True)
-  jax.tree.map(np.testing.assert_array_equal, restored, state.params)
+  assert_trees_close(restored, state.params, rtol=0)
   with pytest.raises(ConfigError, match="model"):
     value_params_from_lm(restored, {"embed": restored["lm"]["embed"]})
 

@@ -4,11 +4,10 @@ import json
 import os
 
 import pytest
-from test_experiments import run_experiment
+from helpers import run_experiment_subprocess as run_experiment
 
 
-# Not in the "subprocess" group: that group runs serially on one worker and is the
-# suite's longest, so this long test balances the other worker instead.
+@pytest.mark.slow
 def test_rlhf_quick_then_ppo_alone(tmp_path):
   workdir = tmp_path / "run"
   payload = run_experiment("rlhf", tmp_path, f"--workdir={workdir}", "--cpu_devices=2",
