@@ -195,7 +195,7 @@ def test_generator_places_parameters_in_one_program():
     jax.monitoring.unregister_event_duration_listener(listener)
   assert len(compiled) == 1, f"{len(compiled)} programs compiled to place the parameters"
   for leaf, sharding in zip(jax.tree.leaves(generator.params),
-                            jax.tree.leaves(generator.param_shardings)):
+                            jax.tree.leaves(generator.param_shardings), strict=True):
     assert leaf.sharding == sharding
 
 

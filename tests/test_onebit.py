@@ -229,17 +229,17 @@ def test_one_worker_lamb_and_zero_one_adam_average_exactly():
   _, state = lamb.update(jax.tree.map(lambda x: x[0], g), state, params, kind=WARMUP,
                          learning_rate=1e-3)
   _, after = lamb.update(g, state, params, kind=COMPRESSED, learning_rate=1e-3)
-  for m, prev, gw in zip(jax.tree.leaves(after.mu), jax.tree.leaves(state.mu),
-                         jax.tree.leaves(g)):  # momentum scaled and unscaled, not compressed
-    np.testing.assert_allclose(m, 0.9 * prev + 0.1 * gw[0], rtol=1e-5)
+  # momentum scaled and unscaled, not compressed
+  assert_trees_close(after.mu, jax.tree.map(lambda prev, gw: 0.9 * prev + 0.1 * gw[0],
+                                            state.mu, g), rtol=1e-5)
   zero_one = zero_one_adam(WorkerGroup(1), var_freeze_step=4)
   state = zero_one.init(params)
   _, state = zero_one.update(jax.tree.map(lambda x: x[0], g), state, params, kind=VARIANCE,
                              learning_rate=1e-3)
   g2 = _adam_grads(1, world=1, seed=3)[0]
   _, state = zero_one.update(g2, state, params, kind=ONEBIT_GRADIENT, learning_rate=1e-3)
-  for m, g1, gw in zip(jax.tree.leaves(state.mu), jax.tree.leaves(g), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(m, 0.09 * g1 + 0.1 * gw, rtol=1e-5)  # the exact gradient
+  assert_trees_close(state.mu, jax.tree.map(lambda g1, gw: 0.09 * g1 + 0.1 * gw, g, g2),
+                     rtol=1e-5)  # the exact gradient
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -253,8 +253,7 @@ def test_one_worker_compressed_mean_is_the_value_itself_on_a_mesh_too(fused):
     with jax.set_mesh(mesh):
       got, _ = jax.jit(group.compressed_mean, static_argnums=2)(
           xs, group.error_feedback(params, fused), fused)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
-      np.testing.assert_array_equal(g, w)
+    assert_trees_close(got, params, atol=0, rtol=0)
 
 
 def test_onebit_lamb_warmup_matches_hand_written_lamb_and_coefficient_ema():
