@@ -58,6 +58,10 @@ def _hand_written_step(model, config):
   return tx, step
 
 
+def _tree_bytes(tree) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
 def _time_interleaved(fns, steps: int, block: int = 5) -> list[list[float]]:
   """Alternates blocks of calls to each fn; returns per-call seconds for each."""
   times = [[] for _ in fns]
@@ -107,6 +111,10 @@ def _overhead(quick: bool, steps: int) -> dict:
           # Deterministic: XLA's own count of the work in each compiled step.
           "flops_ratio": float(lib_cost["flops"] / hand_cost["flops"]),
           "bytes_accessed_ratio": float(lib_cost["bytes accessed"] / hand_cost["bytes accessed"]),
+          # Bytes of the parameters and optimizer state, the unit of the non-finite guard's traffic
+          # (it checks the new state, then selects new or old).
+          "guard_read_fraction": float(_tree_bytes((lib["state"].params, lib["state"].opt_state))
+                                       / hand_cost["bytes accessed"]),
           "jaxspeed_step_ms_iqr": [float(1e3 * q) for q in np.percentile(lib_times, [25, 75])],
           "hand_step_ms_iqr": [float(1e3 * q) for q in np.percentile(hand_times, [25, 75])]}
 

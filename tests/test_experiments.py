@@ -21,7 +21,12 @@ def test_bench_step_quick(tmp_path):
   # The library step does the hand-written step's work: same FLOPs, memory traffic within 3%
   # (the guard and metrics add about 1 MB of elementwise traffic per step).
   assert abs(summary["flops_ratio"] - 1) < 0.01
-  assert abs(summary["bytes_accessed_ratio"] - 1) < 0.03
+  # Memory traffic: the hand-written step's plus the non-finite guard's, which checks the new
+  # parameters and optimizer state and then selects new or old: at most 4 passes over them
+  # (read new; read new and old, write the kept state).
+  guard = summary["guard_read_fraction"]
+  assert 0 < guard < 0.2
+  assert 0.97 < summary["bytes_accessed_ratio"] < 1 + 4 * guard
   total = summary["zero0_bytes_per_device"]
   # ZeRO-1/2 keep 1/8 of the Adam state (2 of 3 float32 copies of the model): 1/3 + 2/3/8.
   for stage in (1, 2):

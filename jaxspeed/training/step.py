@@ -407,11 +407,18 @@ def _accumulate(grad_fn, params, batch: Batch, rngs, microbatches: int, determin
   return objective, sums, grads
 
 
-def _all_finite(tree) -> jax.Array:
+def _all_finite_leaves(tree) -> jax.Array:
   """True if every floating-point leaf of ``tree`` is finite (integer leaves are)."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+# One compiled program for the whole tree: checked leaf by leaf outside jit, each leaf's
+# reduction would be its own program with its own collectives, and many such programs in
+# flight at once can meet in different orders on different devices or processes and wait
+# forever (XLA:CPU's collectives).
+all_finite = jax.jit(_all_finite_leaves)
 
 
 def _finish(state: TrainState, params, opt_state, objective, grad_norm, lr, sums,
@@ -421,7 +428,7 @@ def _finish(state: TrainState, params, opt_state, objective, grad_norm, lr, sums
   # learning rate, 0/0 in an optimizer): the new parameters and optimizer state must be
   # finite too, or the step is skipped. Checking the new parameters covers the update.
   finite = (jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-            & _all_finite(params) & _all_finite(opt_state))
+            & _all_finite_leaves(params) & _all_finite_leaves(opt_state))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(
       step=state.step + 1,

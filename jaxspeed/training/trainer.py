@@ -74,6 +74,7 @@ from jaxspeed.training.step import (
   LayerDropping,
   StepOptions,
   TrainStep,
+  all_finite,
   batch_sharding,
   make_eval_step,
   make_train_step,
@@ -410,10 +411,6 @@ def _finished_run(config: ml_collections.ConfigDict, workdir: str, latest: int,
   return summary
 
 
-def _all_finite(tree) -> bool:
-  """True if every floating-point leaf of ``tree`` is finite (one device-to-host sync)."""
-  leaves = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.inexact)]
-  return all(bool(v) for v in jax.device_get([jax.numpy.isfinite(x).all() for x in leaves]))
 
 
 class SkipWatch:
@@ -585,7 +582,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
           skips.update(done, int(metrics["skipped_steps"]))
           if done == config.steps:
             skips.check_trained(first_step)
-          if not _all_finite(state.params):  # the guard keeps them finite; never save otherwise
+          # The guard keeps the parameters finite; never save them otherwise.
+          if not bool(all_finite(state.params)):
             raise RunError(f"stopped at step {done}: the parameters are not finite; no "
                            "checkpoint was written")
           with _save_errors(directory):
