@@ -22,7 +22,7 @@ import jax
 from absl import app, flags
 
 import jaxspeed
-from jaxspeed.data_efficiency.from_config import schedule_from_config
+from jaxspeed.data_efficiency.sources import schedule_from_config
 from jaxspeed.errors import ConfigError, FlagError, RunError
 from jaxspeed.parallel import use_cpu_devices
 from jaxspeed.training import read_metrics

@@ -29,16 +29,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   common.setup_devices()
   from jaxspeed.checkpoint import load_run_config
-  from jaxspeed.inference import from_config
+  from jaxspeed.inference import builders
 
   # Bad input (no run in --workdir, a bad config) becomes one line in common.run_app.
   requested = common.config_value(CONFIG)
   config = load_run_config(WORKDIR.value, requested)
   config.inference = requested.inference
-  setup, params = from_config.load_params(config, WORKDIR.value)
+  setup, params = builders.load_params(config, WORKDIR.value)
   tokenizer = setup.tokenizer
-  generator = from_config.generator_from_config(
-      config, setup.model, params, punct_ids=from_config.punctuation_ids(tokenizer))
+  generator = builders.generator_from_config(
+      config, setup.model, params, punct_ids=builders.punctuation_ids(tokenizer))
   prompts = [[int(t) for t in tokenizer.encode(p)] for p in PROMPTS.value]
 
   def stream(step, tokens, active):
@@ -49,9 +49,9 @@ def main(argv):
   if STREAM.value:
     print(PROMPTS.value[0], end="", flush=True)
   rows = generator.generate(prompts, config.inference.max_new_tokens,
-                            sampling=from_config.sampling_config(config),
+                            sampling=builders.sampling_config(config),
                             seed=config.inference.seed,
-                            stop_tokens=from_config.stop_tokens(config),
+                            stop_tokens=builders.stop_tokens(config),
                             on_token=stream if STREAM.value else None)
   if STREAM.value:
     print("\n")

@@ -35,9 +35,9 @@ from absl import app, flags, logging
 from experiments import common
 from jaxspeed.configs import gpt_tiny
 from jaxspeed.inference import Generator
-from jaxspeed.inference import from_config as inference_config
-from jaxspeed.inference.compression import CompressionConfig
-from jaxspeed.inference.from_config import make_policy
+from jaxspeed.inference import builders as inference_builders
+from jaxspeed.inference.builders import make_policy
+from jaxspeed.inference.kv_policies import KvPolicyConfig
 from jaxspeed.training import read_metrics
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: seq 128, 2-layer model, 10 steps, "
@@ -89,14 +89,14 @@ def main(argv):
     val_loss = [r["val_loss"] for r in records if "val_loss" in r][-1]
   else:
     val_loss = common.fresh_run(config, workdir)[0]["val_loss"]
-  setup, params = inference_config.load_params(config, workdir)
+  setup, params = inference_builders.load_params(config, workdir)
   params = jax.device_get(params)
   cache_len = config.seq_len
   prompt = 32 if quick else PROMPT.value
   rows_n = 2 if quick else EVAL_ROWS.value
   tokens = np.concatenate([setup.val_data.batch_at(i)["inputs"] for i in range(
       math.ceil(rows_n / config.batch_size))])[:rows_n]
-  punct = inference_config.punctuation_ids(setup.tokenizer)
+  punct = inference_builders.punctuation_ids(setup.tokenizer)
 
   full = Generator(setup.model, params, cache_len=cache_len)
   full_nll, full_ids = continuation_stats(full.teacher_forced_logits(tokens, prompt), tokens,
@@ -108,7 +108,7 @@ def main(argv):
              "context": cache_len, "prompt": prompt}
   for name in POLICIES:
     for budget in BUDGETS[:1] if quick else BUDGETS:
-      policy = make_policy(CompressionConfig(policy=name, budget=budget, punct_ids=tuple(punct)),
+      policy = make_policy(KvPolicyConfig(policy=name, budget=budget, punct_ids=tuple(punct)),
                            cache_len)
       generator = Generator(setup.model, params, cache_len=cache_len, policy=policy)
       nll, ids = continuation_stats(generator.teacher_forced_logits(tokens, prompt), tokens,

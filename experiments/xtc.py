@@ -24,7 +24,7 @@ from absl import app, flags
 
 import jaxspeed
 from experiments import common
-from jaxspeed.compression.distill import (
+from jaxspeed.compression.layer_distill import (
     apply_with_hidden,
     hidden_mse,
     layer_reduction_init,

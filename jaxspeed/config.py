@@ -26,7 +26,7 @@ from jaxspeed.errors import ConfigError
 from jaxspeed.inference.config import InferenceConfig
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.moe.config import MoeConfig
-from jaxspeed.moe.distill import KdConfig
+from jaxspeed.moe.mos import KdConfig
 from jaxspeed.optimizers.config import ONEBIT_OPTIMIZERS, OPTIMIZERS, OptimConfig
 from jaxspeed.parallel.config import ParallelConfig, SequenceParallelConfig, ZeroConfig
 from jaxspeed.parallel.mesh import DATA_AXES, resolve_mesh_shape

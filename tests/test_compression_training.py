@@ -7,7 +7,7 @@ import pytest
 from helpers import train_losses
 
 import jaxspeed
-from jaxspeed.compression.distill import layer_reduction_init, soft_cross_entropy
+from jaxspeed.compression.layer_distill import layer_reduction_init, soft_cross_entropy
 from jaxspeed.config import validate
 from jaxspeed.errors import ConfigError
 from jaxspeed.training import make_eval_step

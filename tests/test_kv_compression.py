@@ -9,16 +9,16 @@ from test_inference import tiny_model
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference import Generator, KVCache, cache_bytes
 from jaxspeed.inference import quantize as q2
-from jaxspeed.inference.compression import (
+from jaxspeed.inference.builders import make_policy
+from jaxspeed.inference.kv_policies import (
   PUNCT,
   SPECIAL,
-  CompressionConfig,
+  KvPolicyConfig,
   SlotPolicy,
   fastgen_head_policy,
   merge_evicted,
   slot_attention_weights,
 )
-from jaxspeed.inference.from_config import make_policy
 
 CACHE_LEN = 24
 FULL_BUDGET = {
@@ -32,7 +32,7 @@ def test_each_policy_at_full_budget_equals_full_cache():
   tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (2, CACHE_LEN), 0, 64))
   full = Generator(model, params, cache_len=CACHE_LEN).teacher_forced_logits(tokens, 9)
   for name, extra in FULL_BUDGET.items():
-    policy = make_policy(CompressionConfig(policy=name, budget=1.0, punct_ids=(5,), **extra),
+    policy = make_policy(KvPolicyConfig(policy=name, budget=1.0, punct_ids=(5,), **extra),
                          CACHE_LEN)
     logits = Generator(model, params, cache_len=CACHE_LEN, policy=policy).teacher_forced_logits(
         tokens, 9)
@@ -47,7 +47,7 @@ def test_compressed_cache_bytes_shrink_by_the_budget():
   full_bytes = cache_bytes(jax.eval_shape(lambda: dense.prefill(prompts)[0]))
   assert full_bytes == 2 * 2 * 2 * CACHE_LEN * 4 * 8 * 4  # layers, k+v, B, T, H, D, float32
   for name in ("h2o", "minikv"):
-    policy = make_policy(CompressionConfig(policy=name, budget=0.5, window=4), CACHE_LEN)
+    policy = make_policy(KvPolicyConfig(policy=name, budget=0.5, window=4), CACHE_LEN)
     gen = Generator(model, params, cache_len=CACHE_LEN, policy=policy)
     caches = gen.prefill(prompts)[0]
     ratio = cache_bytes(caches) / full_bytes
@@ -72,10 +72,10 @@ def _prompt_cache(score, batch=1, heads=1, dim=4, seed=0):
 def test_streaming_llm_and_h2o_keep_the_hand_computed_tokens():
   score = [5.0, 0.1, 0.2, 3.0, 0.3, 0.1, 2.0, 0.4, 0.2, 0.1]
   cache, tokens, lengths = _prompt_cache(score), jnp.zeros((1, 10), jnp.int32), jnp.array([10])
-  local = SlotPolicy(CompressionConfig(policy="local", budget=0.5, sink_tokens=2), 5)
+  local = SlotPolicy(KvPolicyConfig(policy="local", budget=0.5, sink_tokens=2), 5)
   kept = set(np.asarray(local.compress(cache, tokens, lengths).pos).ravel().tolist())
   assert kept == {0, 1, 7, 8, 9}  # 2 sinks + the 3 most recent
-  h2o = SlotPolicy(CompressionConfig(policy="h2o", budget=0.5, recent_ratio=0.4), 5)
+  h2o = SlotPolicy(KvPolicyConfig(policy="h2o", budget=0.5, recent_ratio=0.4), 5)
   kept = set(np.asarray(h2o.compress(cache, tokens, lengths).pos).ravel().tolist())
   assert kept == {0, 3, 6, 8, 9}  # recent 2 (8, 9) + 3 heaviest of the rest (0, 3, 6)
 
@@ -88,7 +88,7 @@ def test_fastgen_picks_the_cheapest_policy_reaching_the_threshold():
                         [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]])
   kind = jnp.asarray([[SPECIAL, 0, PUNCT, 0, 0, 0, 0, 0]], jnp.int8)[:, None].repeat(3, 1)
   pos = jnp.broadcast_to(jnp.arange(8), (1, 3, 8))
-  cfg = CompressionConfig(policy="fastgen", threshold=0.9, fastgen_ratio=0.25)
+  cfg = KvPolicyConfig(policy="fastgen", threshold=0.9, fastgen_ratio=0.25)
   policy = fastgen_head_policy(score, kind, pos, jnp.array([8]), cfg)
   # Head 1: special 8/9 = 0.889 < 0.9, + punct 8.6/9 = 0.956. Head 2: special, punct,
   # 2 heavy, 2 local = 6/8 = 0.75 < 0.9 -> full.
@@ -119,7 +119,7 @@ def test_merging_identical_keys_is_exact():
   pos = jnp.arange(6)[None, None]
   entries = dict(k=k, v=v, pos=pos, score=jnp.ones((1, 1, 6)), log_mass=jnp.zeros((1, 1, 6)))
   kept = jnp.asarray([[[True, True, False, False, True, True]]])
-  cfg = CompressionConfig(policy="kvmerger", merge_threshold=0.99)
+  cfg = KvPolicyConfig(policy="kvmerger", merge_threshold=0.99)
   merged = jax.jit(merge_evicted, static_argnums=2)(entries, kept, cfg)
   q = jax.random.normal(jax.random.PRNGKey(2), (1, 1, 8))
   cur = jnp.array([6])
@@ -139,9 +139,9 @@ def test_merging_identical_keys_is_exact():
 
 def test_bad_policy_settings():
   with pytest.raises(ConfigError, match=r"policy.*allowed values"):
-    CompressionConfig(policy="random")
+    KvPolicyConfig(policy="random")
   for budget in (0.0, 1.01, -0.5):
     with pytest.raises(ConfigError, match=r"budget.*\(0, 1\]"):
-      CompressionConfig(policy="h2o", budget=budget)
+      KvPolicyConfig(policy="h2o", budget=budget)
   with pytest.raises(ConfigError, match="window"):
-    make_policy(CompressionConfig(policy="minikv", window=0), 16)
+    make_policy(KvPolicyConfig(policy="minikv", window=0), 16)

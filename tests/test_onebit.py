@@ -442,7 +442,7 @@ def test_save_and_restore_in_compression_phase_continues_exactly(tiny_config, tm
 
 def test_segmented_compression_equals_per_tensor_compression_bit_for_bit():
   """The vectorized CPU path and the per-segment path (Pallas kernel on GPU) agree."""
-  from jaxspeed.comm.compressed import compress_segments
+  from jaxspeed.comm.onebit_allreduce import compress_segments
   from pallas_kernels import onebit
 
   chunks = [8, 24, 16]

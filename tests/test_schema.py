@@ -10,7 +10,7 @@ import pytest
 from jaxspeed.compatibility import COMPATIBILITY, TECHNIQUES, compatibility_markdown
 from jaxspeed.config import Config, config_warnings, default_config, validate, validate_rlhf
 from jaxspeed.errors import ConfigError
-from jaxspeed.inference.compression import CompressionConfig
+from jaxspeed.inference.kv_policies import KvPolicyConfig
 from jaxspeed.rlhf.config import RlhfConfig
 from jaxspeed.schema import Section, config_fields
 
@@ -120,9 +120,9 @@ def test_min_lr_ratio_in_unit_interval(ratio, ok):
 
 
 def test_kv_window_rule_in_one_place():
-  CompressionConfig(policy="local", window=0)  # the window is MiniKV's only
+  KvPolicyConfig(policy="local", window=0)  # the window is MiniKV's only
   with pytest.raises(ConfigError) as e:
-    CompressionConfig(policy="minikv", window=0)
+    KvPolicyConfig(policy="minikv", window=0)
   assert e.value.key == "inference.kv_compression.window"
   config = default_config()
   config.inference.kv_compression.policy = "minikv"

@@ -1,6 +1,6 @@
 """Communication: the 1-bit compressed all-reduce and per-worker reductions."""
 
-from jaxspeed.comm.compressed import (
+from jaxspeed.comm.onebit_allreduce import (
     ErrorFeedback,
     compressed_allreduce,
     packed_bytes_per_worker,

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxspeed.comm.compressed import ErrorFeedback, compressed_allreduce, padded_size
+from jaxspeed.comm.onebit_allreduce import ErrorFeedback, compressed_allreduce, padded_size
 from jaxspeed.parallel.mesh import DATA_AXES
 
 SIMULATED_AXIS = "workers"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxspeed.errors import ConfigError
-from jaxspeed.inference.compression import CompressionConfig
+from jaxspeed.inference.kv_policies import KvPolicyConfig
 from jaxspeed.inference.sampling import SamplingConfig
 from jaxspeed.schema import Section, setting
 
@@ -35,7 +35,7 @@ class InferenceConfig(SamplingConfig):
   stop_tokens: str = setting("")
   seed: int = setting(0)
   tensor_parallel: TensorParallelConfig = setting(factory=TensorParallelConfig)
-  kv_compression: CompressionConfig = setting(factory=CompressionConfig)
+  kv_compression: KvPolicyConfig = setting(factory=KvPolicyConfig)
 
   def check(self) -> None:
     try:

@@ -8,7 +8,7 @@ compiles once per bucket. With a mesh whose ``tensor`` axis is > 1, the
 parameters and the cache's heads are split by the same logical rules as in
 training (Megatron tensor parallelism, Aminabadi et al. 2022).
 
-A KV-compression policy (``jaxspeed.inference.compression``) replaces the
+A KV-compression policy (``jaxspeed.inference.kv_policies``) replaces the
 dense cache after prefill by its compressed form; decoding is unchanged.
 """
 

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 
 from jaxspeed.errors import ConfigError
 from jaxspeed.inference import quantize as q2
-from jaxspeed.inference.compression import (
+from jaxspeed.inference.kv_cache import KVCache
+from jaxspeed.inference.kv_policies import (
   EMPTY,
   EVICTABLE,
-  CompressionConfig,
+  KvPolicyConfig,
   lowest,
   slot_attention_weights,
 )
-from jaxspeed.inference.kv_cache import KVCache
 from jaxspeed.models.attention import repeat_kv_heads
 
 
@@ -101,8 +101,8 @@ class MiniKVCache:
 class MiniKVPolicy:
   """Compresses a prompt cache into a ``MiniKVCache`` of ``capacity`` tokens per head."""
 
-  config: CompressionConfig
-  capacity: int  # config.window >= 1: CompressionConfig checks it for minikv
+  config: KvPolicyConfig
+  capacity: int  # config.window >= 1: KvPolicyConfig checks it for minikv
 
   @property
   def window(self) -> int:

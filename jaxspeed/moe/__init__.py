@@ -1,7 +1,6 @@
 """DeepSpeed-MoE: top-k gating, expert-parallel MoE layers, PR-MoE, Residual-MoE, MoS."""
 
 from jaxspeed.moe.config import NOISY_GATE_POLICIES, RESIDUAL_MIXES, MoeConfig
-from jaxspeed.moe.distill import Distillation, kd_loss_sum
 from jaxspeed.moe.expert_parallel import (
     expert_parallel_dropless,
     expert_parallel_experts,
@@ -19,6 +18,7 @@ from jaxspeed.moe.gating import (
     topk_gating,
 )
 from jaxspeed.moe.layer import MoeMlp
+from jaxspeed.moe.mos import Distillation, kd_loss_sum
 from jaxspeed.moe.params import param_counts
 
 __all__ = [

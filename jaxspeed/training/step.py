@@ -29,7 +29,7 @@ from jaxspeed.models.layers import DenseInterceptor, intercept_dense
 from jaxspeed.models.pipelined_gpt import PipelinedGPT
 from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.moe import stats as moe_stats
-from jaxspeed.moe.distill import TEACHER_LOGITS, Distillation, kd_loss_sum
+from jaxspeed.moe.mos import TEACHER_LOGITS, Distillation, kd_loss_sum
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
@@ -96,7 +96,7 @@ def loss_sum_fn(model: nn.Module, *, aux_loss_coef: float = 0.0,
   count it is DeepSpeed-MoE's CE + coef · Σ l_aux. A batch with
   ``TEACHER_LOGITS`` [B, S, V] (put there by ``KnowledgeDistillation.prepare``)
   adds MoS's distillation term weighted by ``distillation``
-  (``jaxspeed.moe.distill``), summed as ``kd_sum``.
+  (``jaxspeed.moe.mos``), summed as ``kd_sum``.
   """
   def loss_sum(params, batch: Batch, rngs, deterministic: bool, step=None, **model_kwargs):
     del step

@@ -46,13 +46,13 @@ from jaxspeed.data import (
   split_documents,
 )
 from jaxspeed.data_efficiency.batches import SampledBatches, SeqlenCurriculum
-from jaxspeed.data_efficiency.from_config import curriculum_source
+from jaxspeed.data_efficiency.sources import curriculum_source
 from jaxspeed.errors import ConfigError, FlagError, RunError
 from jaxspeed.inference import Generator, SamplingConfig
 from jaxspeed.models import ModelConfig, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.moe import MoeConfig
-from jaxspeed.moe.distill import Distillation
+from jaxspeed.moe.mos import Distillation
 from jaxspeed.optimizers import CommunicatingOptimizer
 from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_multiple
 from jaxspeed.parallel.devices import fit_config_layout, peak_flops

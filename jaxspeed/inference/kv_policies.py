@@ -22,7 +22,7 @@ only in how they rank entries:
   as in ToMe, Bolya et al. 2023), so merging identical keys is exact.
 
 ``minikv`` (2-bit cache) lives in ``jaxspeed.inference.minikv``;
-``jaxspeed.inference.from_config.make_policy`` picks the policy of a config.
+``jaxspeed.inference.builders.make_policy`` picks the policy of a config.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ FASTGEN_POLICIES = ("special", "special_punct", "special_punct_frequent",
 
 
 @dataclasses.dataclass(frozen=True)
-class CompressionConfig(Section):
+class KvPolicyConfig(Section):
   """A KV-compression policy and its knobs (``config.inference.kv_compression``).
 
   Attributes:
@@ -93,7 +93,7 @@ class CompressionConfig(Section):
     return max(1, math.ceil(self.budget * cache_len - 1e-9))
 
 
-def token_kinds(tokens: jax.Array, positions: jax.Array, config: CompressionConfig) -> jax.Array:
+def token_kinds(tokens: jax.Array, positions: jax.Array, config: KvPolicyConfig) -> jax.Array:
   """int8 SPECIAL / PUNCT / OTHER per token; position 0 is special (the attention sink)."""
   special = (positions == 0) | jnp.isin(tokens, jnp.asarray(config.special_ids, jnp.int32))
   punct = jnp.isin(tokens, jnp.asarray(config.punct_ids, jnp.int32))
@@ -177,9 +177,9 @@ def slot_attention_weights(q: jax.Array, keys: jax.Array, pos: jax.Array, cur: j
 
 @dataclasses.dataclass(frozen=True)
 class SlotPolicy:
-  """Ranks, compresses and decodes a ``SlotCache`` for one ``CompressionConfig``."""
+  """Ranks, compresses and decodes a ``SlotCache`` for one ``KvPolicyConfig``."""
 
-  config: CompressionConfig
+  config: KvPolicyConfig
   capacity: int
 
   @property
@@ -255,7 +255,7 @@ class SlotPolicy:
     return cache.replace(incoming=token_kinds(tokens, jnp.ones_like(tokens), self.config))
 
 
-def fastgen_head_policy(score, kind, pos, lengths, cfg: CompressionConfig) -> jax.Array:
+def fastgen_head_policy(score, kind, pos, lengths, cfg: KvPolicyConfig) -> jax.Array:
   """Per head, the cheapest FastGen policy recovering >= threshold of the attention: [B, H] int8.
 
   A policy keeps a set K of prompt keys; its recovery is Σ_{j∈K} A_·j / Σ_j A_·j
@@ -311,7 +311,7 @@ def _merge_targets(keys, pos, src_keys, src_pos, candidates, threshold):
   return target, jnp.maximum(sim_prev, sim_next) >= threshold
 
 
-def _merge(entries, target, merge, cfg: CompressionConfig):
+def _merge(entries, target, merge, cfg: KvPolicyConfig):
   """Adds each merged source into its target with Gaussian-kernel weight; sources keep theirs."""
   k, v, log_mass = entries["k"], entries["v"], entries["log_mass"]
   pivot = jnp.take_along_axis(k, target[..., None], axis=2)
@@ -330,14 +330,14 @@ def _merge(entries, target, merge, cfg: CompressionConfig):
   return out
 
 
-def merge_evicted(entries, kept, cfg: CompressionConfig):
+def merge_evicted(entries, kept, cfg: KvPolicyConfig):
   """Prefill: every evicted prompt token merges into an adjacent kept one if similar enough."""
   k, pos = entries["k"], entries["pos"]
   target, similar = _merge_targets(k, pos, k, pos, kept, cfg.merge_threshold)
   return _merge(entries, target, similar & (pos >= 0) & ~kept, cfg)
 
 
-def merge_into_neighbor(entries, evict, cfg: CompressionConfig):
+def merge_into_neighbor(entries, evict, cfg: KvPolicyConfig):
   """Decode: the one evicted entry per (row, head) merges into an adjacent entry if similar."""
   k, pos = entries["k"], entries["pos"]
   is_evicted = jnp.arange(pos.shape[-1]) == evict[..., None]

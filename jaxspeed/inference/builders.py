@@ -8,9 +8,9 @@ import jax
 import ml_collections
 
 from jaxspeed.checkpoint import restore_latest
-from jaxspeed.inference.compression import CompressionConfig, SlotPolicy
 from jaxspeed.inference.config import InferenceConfig
 from jaxspeed.inference.engine import Generator
+from jaxspeed.inference.kv_policies import KvPolicyConfig, SlotPolicy
 from jaxspeed.inference.minikv import MiniKVPolicy
 from jaxspeed.inference.sampling import SamplingConfig
 from jaxspeed.parallel import make_mesh
@@ -25,7 +25,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str):
   return setup, state.params
 
 
-def make_policy(config: CompressionConfig, cache_len: int) -> SlotPolicy | MiniKVPolicy | None:
+def make_policy(config: KvPolicyConfig, cache_len: int) -> SlotPolicy | MiniKVPolicy | None:
   """The policy object ``Generator(policy=...)`` takes; None for the full cache."""
   if config.policy == "full":
     return None
@@ -34,9 +34,9 @@ def make_policy(config: CompressionConfig, cache_len: int) -> SlotPolicy | MiniK
   return SlotPolicy(config, config.capacity(cache_len))
 
 
-def compression_config(config: ml_collections.ConfigDict, punct_ids=(), special_ids=()
-                       ) -> CompressionConfig:
-  return CompressionConfig(**config.inference.kv_compression.to_dict(),
+def kv_policy_config(config: ml_collections.ConfigDict, punct_ids=(), special_ids=()
+                       ) -> KvPolicyConfig:
+  return KvPolicyConfig(**config.inference.kv_compression.to_dict(),
                            punct_ids=tuple(punct_ids), special_ids=tuple(special_ids))
 
 
@@ -55,7 +55,7 @@ def generator_from_config(config: ml_collections.ConfigDict, model, params, *,
   tp = config.inference.tensor_parallel.tp_size
   mesh = make_mesh({"tensor": tp}, devices[:tp]) if tp > 1 else None
   cache_len = config.inference.max_out_tokens or config.model.max_seq_len
-  policy = make_policy(compression_config(config, punct_ids), cache_len)
+  policy = make_policy(kv_policy_config(config, punct_ids), cache_len)
   return Generator(model, params, cache_len=cache_len, mesh=mesh, policy=policy)
 
 
