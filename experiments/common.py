@@ -1,4 +1,4 @@
-"""Shared flags and output for experiment apps (the convention in DESIGN.md).
+"""Shared flags and output for experiment apps (the convention in experiments/README.md).
 
 Importing this module defines ``--cpu_devices`` and ``--output_dir``.
 ``setup_devices()`` must run at the start of ``main``, before JAX touches a

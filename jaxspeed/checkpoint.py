@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from jaxspeed.errors import ConfigError
+from jaxspeed.errors import ConfigError, FlagError
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -123,15 +123,34 @@ def load_run_config(workdir: str, defaults: ml_collections.ConfigDict
   with open(path) as f:
     saved = json.load(f)
   saved.pop("inference", None)
-  config.update_from_flattened_dict(_flatten(saved))
+  config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in flatten(saved).items()})
   return config
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def saved_run_config(workdir: str) -> dict[str, Any] | None:
+  """The flattened config the run in ``workdir`` was started with, or None if none is saved.
+
+  Raises:
+    FlagError: the saved file cannot be read.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return flatten(json.load(f))
+  except (OSError, ValueError) as e:
+    raise FlagError("workdir", f"{path} is unreadable ({e}); delete it to resume with the "
+                    "config given") from e
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested JSON config keyed by dotted paths."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten(value, f"{prefix}{key}."))
     else:
-      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+      out[f"{prefix}{key}"] = value
   return out

@@ -1,6 +1,6 @@
 """``experiments.bench_vs_torch --quick`` runs and reports its headline keys.
 
-Nothing here asserts a wall-clock figure (DESIGN.md): the run is a smoke test
+Nothing here asserts a wall-clock figure (the suite never does): the run is a smoke test
 of the benchmark's plumbing, with PyTorch if it is installed and without it
 otherwise.
 """

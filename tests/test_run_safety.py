@@ -16,7 +16,7 @@ import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 import jaxspeed
-from jaxspeed.checkpoint import Checkpointer
+from jaxspeed.checkpoint import Checkpointer, flatten
 from jaxspeed.errors import ConfigError, RunError
 from jaxspeed.training import read_metrics, trainer
 
@@ -79,7 +79,7 @@ def test_run_skips_non_finite_updates_then_stops_without_saving_them(
 
 
 def test_resume_compatibility_allows_layout_and_length_only(tiny_config):
-  saved = trainer._flat(json.loads(tiny_config.to_json()))
+  saved = flatten(json.loads(tiny_config.to_json()))
   requested = tiny_config.copy_and_resolve_references()
   requested.steps = 50
   requested.parallel.tensor = 2

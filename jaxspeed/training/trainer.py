@@ -25,12 +25,13 @@ import optax
 from jax.sharding import Mesh
 
 from jaxspeed.checkpoint import (
-  CONFIG_FILE,
   Checkpointer,
   checkpoint_dir,
+  flatten,
   has_checkpoint,
   restore_latest,
   save_run_config,
+  saved_run_config,
 )
 from jaxspeed.comm import WorkerGroup
 from jaxspeed.compression.qat import compression_from_config, matmul_shapes
@@ -330,29 +331,6 @@ def check_workdir(workdir: str) -> None:
     raise FlagError("workdir", f"cannot write to {workdir}: {e.strerror or e}") from e
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def saved_run_config(workdir: str) -> dict[str, Any] | None:
-  """The flattened config the run in ``workdir`` was started with, or None if none is saved."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return _flat(json.load(f))
-  except (OSError, ValueError) as e:
-    raise FlagError("workdir", f"{path} is unreadable ({e}); delete it to resume with the "
-                    "config given") from e
-
-
 def check_resume_compatible(saved: dict[str, Any], requested: ml_collections.ConfigDict
                             ) -> list[str]:
   """Compares a resumed run's saved (flattened) config with the requested one.
@@ -366,7 +344,7 @@ def check_resume_compatible(saved: dict[str, Any], requested: ml_collections.Con
     ConfigError: naming every other key that differs.
   """
   # Through JSON, so that tuples compare equal to the saved lists.
-  wanted = _flat(json.loads(requested.to_json()))
+  wanted = flatten(json.loads(requested.to_json()))
   changed = sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
   resumable = lambda key: any(key == k or (k.endswith(".") and key.startswith(k))
                               for k in RESUMABLE_KEYS)
