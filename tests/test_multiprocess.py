@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO
+from helpers import subprocess_env
 
 STEPS = 5
 TIMEOUT_S = 240
@@ -45,11 +46,9 @@ TRAIN_FLAGS = [
 
 
 def _env(devices: int) -> dict[str, str]:
-  """This environment with the device count of the child, not of the test process."""
-  env = dict(os.environ)
-  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
-               if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join([*xla_flags, f"--xla_force_host_platform_device_count={devices}"])
+  """The child's environment (``helpers.subprocess_env``) with its own device count."""
+  env = subprocess_env()
+  env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
@@ -122,7 +121,9 @@ def test_launcher_stops_all_when_one_fails(tmp_path):
   assert "last words of process 2" in result.stderr  # the failing process's own lines
   assert "error echoed" not in result.stderr  # not the survivors' reactions to being stopped
   # Each process gets its share of the devices, whatever the caller's XLA_FLAGS say.
-  assert "devices 2 --xla_force_host_platform_device_count=2" in result.stdout
+  line = next(x for x in result.stdout.splitlines() if x.startswith("devices "))
+  assert line.split()[1] == "2" and line.endswith(" --xla_force_host_platform_device_count=2")
+  assert "count=8" not in line
   assert "devices 2" in (tmp_path / "process_3.log").read_text()
   assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
 
