@@ -103,11 +103,18 @@ def restore_latest(workdir: str, target: Any, key: str = "workdir") -> Any:
   return restored[1]
 
 
+def write_atomic(path: str, text: str) -> None:
+  """Replaces the file ``path`` with ``text`` in one step: a kill leaves the old or the new."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the training config into ``workdir``, for ``load_run_config``."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
+  write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=2))
 
 
 def load_run_config(workdir: str, defaults: ml_collections.ConfigDict

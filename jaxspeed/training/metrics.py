@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import tqdm
 from matplotlib.figure import Figure
 
+from jaxspeed.checkpoint import write_atomic
+
 
 class MetricsWriter:
   """Appends one JSON object per logged step; mirrors scalars to TensorBoard.
@@ -83,10 +85,7 @@ def truncate_metrics(path: str, step: int) -> None:
         continue  # a line cut short by a kill
       if isinstance(record, dict) and record.get("step", 0) <= step:
         kept.append(line if line.endswith("\n") else line + "\n")
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  write_atomic(path, "".join(kept))
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:

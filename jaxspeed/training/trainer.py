@@ -32,6 +32,7 @@ from jaxspeed.checkpoint import (
   restore_latest,
   save_run_config,
   saved_run_config,
+  write_atomic,
 )
 from jaxspeed.comm import WorkerGroup
 from jaxspeed.compression.qat import compression_from_config, matmul_shapes
@@ -367,13 +368,6 @@ def read_summary(workdir: str) -> dict[str, Any] | None:
     return None
 
 
-def _write_json_atomic(path: str, payload: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, default=str)
-  os.replace(tmp, path)
-
-
 def _finished_run(config: ml_collections.ConfigDict, workdir: str, latest: int,
                   lead: bool) -> dict[str, Any]:
   """What a run whose newest checkpoint is at or past ``config.steps`` does: nothing."""
@@ -473,7 +467,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       checkpointer.close()
     raise
   if lead:
-    _write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
+    write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
     print(_summary_table(summary))
     if sample is not None:
       print(f"\nsample: {sample!r}")
