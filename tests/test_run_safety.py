@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import shutil
+import struct
 import sys
 import time
 
@@ -128,6 +129,22 @@ def test_resume_finished_run_and_metrics(config, tmp_path, capsys):
   jaxspeed.train(config, workdir)
   assert "resuming" in capsys.readouterr().out  # steps 4 -> 6 is a change a resume honours
   assert _steps_logged(workdir) == [1, 2, 3, 4, 5, 6]
+  # TensorBoard hides the first runs' events from step 3 on: the resumed run's event file
+  # starts a session with purge step 3 (the second run logged nothing).
+  *_, resumed = sorted((tmp_path / "tensorboard").iterdir(), key=os.path.getmtime)
+  assert [e.step for e in _events(resumed) if e.HasField("session_log")] == [3]
+
+
+def _events(path) -> list:
+  """The Event protos of a TensorBoard event file (TFRecord framing)."""
+  from tensorboardX.proto.event_pb2 import Event
+
+  data, events, offset = path.read_bytes(), [], 0
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    events.append(Event.FromString(data[offset + 12:offset + 12 + length]))
+    offset += 12 + length + 4
+  return events
 
 
 def test_checkpointer_reports_a_failed_background_save_without_another_save(tmp_path,

@@ -21,7 +21,8 @@ class MetricsWriter:
   """Appends one JSON object per logged step; mirrors scalars to TensorBoard.
 
   Records past ``start_step`` (logged by an earlier run after its last
-  checkpoint) are dropped first, so a resumed run logs each step once.
+  checkpoint) are dropped first (TensorBoard: purged), so a resumed run logs each
+  step once.
   """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
@@ -36,7 +37,10 @@ class MetricsWriter:
     # tensorboardX imports torch when installed: pay for it only where it is used.
     from tensorboardX import SummaryWriter
 
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # On a resume, TensorBoard hides the earlier run's events past the checkpoint, as
+    # ``truncate_metrics`` drops its records.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=start_step + 1 if start_step else None)
     self._bar = None
     if sys.stderr.isatty():
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
