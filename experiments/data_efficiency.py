@@ -55,7 +55,7 @@ from jaxspeed.configs import gpt_tiny
 from jaxspeed.training import plot_runs
 from jaxspeed.training.trainer import layer_dropping
 
-QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 3-layer model, seq 64, 30 steps.")
+QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 3-layer model, seq 32, 20 steps.")
 STEPS = flags.DEFINE_integer("steps", 300, "Baseline steps; the composed run fills its budget.")
 BUDGET_FRACTION = flags.DEFINE_float(
     "budget_fraction", 1.0, "Composed run's tokens as a share of the baseline's.")
@@ -76,12 +76,12 @@ def _config(quick: bool, steps: int, composed: bool, warmup_steps: int):
   config.sample_tokens = 0
   config.steps = steps
   config.log_every = 1  # per-step times and the loss curve
-  config.eval_every = max(1, (30 if quick else STEPS.value) // 15)
+  config.eval_every = 4 if quick else max(1, STEPS.value // 15)
   config.checkpoint_every = steps
   config.eval_batches = 4
   if quick:
     config.model.update(num_layers=3, d_model=64, d_ff=256)
-    config.seq_len = config.model.max_seq_len = 64
+    config.seq_len = config.model.max_seq_len = 32
     config.eval_batches = 2
   s, layers = config.seq_len, config.model.num_layers
   config.optim.update(lr_unit="tokens", warmup=warmup_steps * config.batch_size * s)
@@ -134,7 +134,7 @@ def main(argv):
   del argv
   common.setup_devices()
   quick = QUICK.value
-  steps = 30 if quick else STEPS.value
+  steps = 20 if quick else STEPS.value
   warmup = max(1, steps // 10)
   baseline = _config(quick, steps, False, warmup)
   budget = BUDGET_FRACTION.value * common.run_tokens(baseline)
