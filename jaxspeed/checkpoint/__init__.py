@@ -1,185 +1,40 @@
-"""A run directory's files: checkpoints (orbax) and the config the run trained with.
+"""Checkpoints: a run directory's files, layout conversion on restore, the universal format.
 
-Orbax writes each step into a temporary directory and renames it into place
-only once every process has finished writing, so a process killed mid-save
-leaves no directory that ``latest_step`` would pick up.
-
-A checkpoint restores into any layout of the same model and optimizer: when
-the saved leaves' shapes differ from the requested ones (a pipeline added or
-removed, another stage count, another number of 1-bit workers), the state is
-read as host arrays and converted by the rules of ``jaxspeed.checkpoint.layout``.
-
-Layout of a run directory ``workdir``::
-
-  workdir/config.json      the training config (``save_run_config``)
-  workdir/checkpoints/<N>  the train state and data-iterator state after step N
+* ``run_files``: the run directory (``config.json``, orbax checkpoints per step) and
+  ``Checkpointer``, which restores a checkpoint into any layout of the same model;
+* ``layout``: the rules that convert layout-dependent state (pipeline stacking,
+  1-bit per-worker state) when a checkpoint is restored into another layout;
+* ``universal``: ``export_universal`` / ``import_universal``, one full unsharded
+  array per logical leaf, independent of any layout.
 """
 
-from __future__ import annotations
+from jaxspeed.checkpoint.layout import LayoutError
+from jaxspeed.checkpoint.run_files import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    Checkpointer,
+    checkpoint_dir,
+    flatten,
+    has_checkpoint,
+    load_run_config,
+    restore_latest,
+    save_run_config,
+    saved_run_config,
+)
+from jaxspeed.checkpoint.universal import export_universal, import_universal
 
-import json
-import os
-from typing import Any
-
-import jax
-import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
-
-from jaxspeed.checkpoint.layout import convert, flatten_with_paths, place
-from jaxspeed.errors import ConfigError, FlagError
-
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"
-
-
-def checkpoint_dir(workdir: str) -> str:
-  """Where a run in ``workdir`` keeps its checkpoints."""
-  return os.path.join(workdir, CHECKPOINTS)
-
-
-def has_checkpoint(workdir: str) -> bool:
-  """Whether the run in ``workdir`` has a finished checkpoint (without opening orbax)."""
-  directory = checkpoint_dir(workdir)
-  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
-
-
-class Checkpointer:
-  """A train state plus the data iterator's JSON state, per step, under ``directory``."""
-
-  def __init__(self, directory: str, keep: int = 3):
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
-  def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
-    """Starts an asynchronous save of ``step``; the next save or ``close`` waits for it."""
-    # Orbax opens a save with a barrier that is itself a device collective across processes;
-    # run alongside a still-running train step, the two programs' collectives could meet in
-    # different orders on different processes and wait forever.
-    jax.block_until_ready(state)
-    self._manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
-
-  def check(self) -> None:
-    """Raises the error of a finished asynchronous save that failed; never waits for one."""
-    if not self._manager.is_saving_in_progress():
-      self._manager.wait_until_finished()  # returns at once; re-raises a failed save
-
-  def saved_leaves(self, step: int) -> dict[tuple[str, ...], Any]:
-    """The saved state's leaves by path: orbax metadata with ``shape`` and ``dtype``."""
-    return flatten_with_paths(self._manager.item_metadata(step)["state"])
-
-  def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores ``step`` into the shardings of ``target`` (ShapeDtypeStructs).
-
-    A state saved under another layout is converted (``jaxspeed.checkpoint.layout``).
-
-    Raises:
-      LayoutError: the saved state does not convert into ``target`` (another model or
-        optimizer), naming the first leaf that differs.
-    """
-    saved = self.saved_leaves(step)
-    wanted = flatten_with_paths(target)
-    same = saved.keys() == wanted.keys() and all(
-        tuple(saved[k].shape) == tuple(w.shape) for k, w in wanted.items())
-    host_target = None if same else jax.tree.map(
-        lambda m: np.empty(m.shape, m.dtype), self._manager.item_metadata(step)["state"])
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target if same else host_target),
-        data=ocp.args.JsonRestore()))
-    state = restored["state"]
-    if not same:
-      state = place(convert(flatten_with_paths(state), wanted), target)
-    return state, restored["data"]
-
-  def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """(step, state, data state) of the newest step, restored as ``restore`` does; None if none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    return (step, *self.restore(step, target))
-
-  def close(self) -> None:
-    """Waits for pending saves, then releases resources."""
-    self._manager.wait_until_finished()
-    self._manager.close()
-
-
-def restore_latest(workdir: str, target: Any, key: str = "workdir") -> Any:
-  """The train state of the newest checkpoint of the run in ``workdir``.
-
-  Args:
-    target: the abstract train state (ShapeDtypeStructs with shardings).
-    key: the config key that named ``workdir``, for the error.
-
-  Raises:
-    ConfigError: naming ``key`` if the run has no checkpoint.
-  """
-  directory = checkpoint_dir(workdir)
-  checkpointer = Checkpointer(directory)
-  try:
-    restored = checkpointer.restore_latest(target)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise ConfigError(key, f"no checkpoint in {directory}")
-  return restored[1]
-
-
-def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the training config into ``workdir``, for ``load_run_config``."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
-
-
-def load_run_config(workdir: str, defaults: ml_collections.ConfigDict
-                    ) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` trained with; ``defaults`` fills keys it lacks.
-
-  The saved ``inference`` section is dropped: generation settings come from the caller.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ConfigError("workdir", f"{path} not found; train with experiments.train first")
-  config = defaults.copy_and_resolve_references()
-  with open(path) as f:
-    saved = json.load(f)
-  saved.pop("inference", None)
-  config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in flatten(saved).items()})
-  return config
-
-
-def saved_run_config(workdir: str) -> dict[str, Any] | None:
-  """The flattened config the run in ``workdir`` was started with, or None if none is saved.
-
-  Raises:
-    FlagError: the saved file cannot be read.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return flatten(json.load(f))
-  except (OSError, ValueError) as e:
-    raise FlagError("workdir", f"{path} is unreadable ({e}); delete it to resume with the "
-                    "config given") from e
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested JSON config keyed by dotted paths."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+__all__ = [
+    "CHECKPOINTS",
+    "CONFIG_FILE",
+    "Checkpointer",
+    "LayoutError",
+    "checkpoint_dir",
+    "export_universal",
+    "flatten",
+    "has_checkpoint",
+    "import_universal",
+    "load_run_config",
+    "restore_latest",
+    "save_run_config",
+    "saved_run_config",
+]
