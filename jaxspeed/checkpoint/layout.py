@@ -33,6 +33,9 @@ degree. Two kinds of leaves do depend on the layout, and are converted here
 
 Anything else that differs (a leaf missing on one side, another shape or
 dtype) is an error naming the leaf: the model or the optimizer changed.
+
+A converted restore reads the whole state into each process's host memory
+before placing it; a restore into the saved shapes streams shards as usual.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preemption:
-  """A context manager that turns SIGTERM/SIGINT into ``stop_now(step) == True``.
+  """A context manager that turns SIGTERM/SIGINT into ``stop_now() == True``.
 
   The handlers are installed only while the context is open, and only from
   the main thread (Python allows no other); the previous handlers are put
