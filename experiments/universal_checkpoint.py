@@ -33,7 +33,7 @@ import time
 
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from experiments import common
 from jaxspeed.checkpoint import Checkpointer
@@ -141,6 +141,8 @@ def run_pair(pair: Pair, steps_before: int, steps_after: int, directory: str,
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
   common.setup_devices(8)
   quick = QUICK.value
   before, after, gap = (4, 2, 4) if quick else (STEPS_BEFORE.value, STEPS_AFTER.value,
