@@ -4,6 +4,7 @@
   jaxspeed-generate --workdir=runs/demo --prompt="The "
   jaxspeed-launch --num_processes=2 -- --config=gpt_tiny --workdir=runs/mp
   jaxspeed-rlhf --config=rlhf_tiny
+  jaxspeed-universal --export --workdir=runs/demo --universal_dir=runs/demo_universal
 
 Each runs the experiment module of the same job (``python -m experiments.train``
 and so on) with its command line. ``--config`` takes a file path or the name of
@@ -81,3 +82,12 @@ def rlhf() -> None:
 
 def launch() -> None:
   _run("experiments.launch_local", None)
+
+
+def universal() -> None:
+  """``--config`` is optional here: only an import checks it against the exported run."""
+  from experiments import common
+  from experiments import universal as job
+
+  sys.argv[1:] = resolve_config_args(sys.argv[1:])
+  common.run_app(job.main)

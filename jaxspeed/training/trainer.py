@@ -61,6 +61,7 @@ from jaxspeed.parallel.devices import fit_config_layout, peak_flops
 from jaxspeed.training.evaluation import validation_bits_per_byte
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
+from jaxspeed.training.preemption import Preemption
 from jaxspeed.training.state import (
   StateSpecs,
   TrainState,
@@ -435,8 +436,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   A resume must keep the model, optimizer and data settings (``check_resume_compatible``);
   a run whose newest checkpoint is at ``config.steps`` only prints its saved summary.
 
+  SIGTERM or SIGINT stops the run at the next step boundary with a committed
+  checkpoint (``Preemption``); a second one ends the process at once.
+
   Returns:
-    The run summary (also printed as a table by process 0, and saved as ``summary.json``).
+    The run summary (also printed as a table by process 0, and saved as ``summary.json``);
+    for a run stopped by a signal, ``{"preempted": True, "steps_done": N, ...}`` only.
 
   Raises:
     ConfigError, FlagError: bad config or workdir, before anything compiles.
@@ -461,11 +466,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return _finished_run(config, workdir, start, lead)
       if lead and changes:
         print(f"resuming {workdir} with changes: {'; '.join(changes)}", flush=True)
-    summary, sample = _train(config, workdir, checkpointer, start, lead)  # closes checkpointer
+    with Preemption() as preemption:
+      summary, sample = _train(config, workdir, checkpointer, start, lead, preemption)
   except BaseException:
     with contextlib.suppress(Exception):  # a pending save's own failure is secondary
       checkpointer.close()
     raise
+  if summary.get("preempted"):  # not complete: no summary.json, which would say it was
+    return summary
   if lead:
     write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
     print(_summary_table(summary))
@@ -476,9 +484,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
+def _preempted_summary(config: ml_collections.ConfigDict, done: int, preemption: Preemption,
+                       state: TrainState, directory: str, loop_s: float) -> dict[str, Any]:
+  """What a run stopped by a signal at step ``done`` reports: where to resume, not results."""
+  received = preemption.signal.name if preemption.signal else "another process's signal"
+  return {"preempted": True, "signal": received, "steps_done": done, "steps": config.steps,
+          "skipped_steps": int(state.skipped), "tokens_seen": int(state.tokens),
+          "loop_s": loop_s, "checkpoint": os.path.join(directory, str(done))}
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkpointer,
-           start: int | None, lead: bool) -> tuple[dict[str, Any], str | None]:
-  """The training loop of ``train``: (summary, text sample or None)."""
+           start: int | None, lead: bool, preemption: Preemption
+           ) -> tuple[dict[str, Any], str | None]:
+  """The training loop of ``train``: (summary, text sample or None).
+
+  Stops early, saved, at the first step boundary ``preemption`` asks for.
+  """
   setup = build(config, workdir)
   directory = checkpoint_dir(workdir)
   with jax.set_mesh(setup.mesh):
@@ -516,6 +537,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         0, compile_s[0] + seconds * (event == BACKEND_COMPILE_EVENT))
     jax.monitoring.register_event_duration_secs_listener(on_compile)
     loop_start = time.perf_counter()
+    preempted_at = None
     try:
       for step in range(first_step, config.steps):
         batch = setup.to_device(setup.train_data.next_batch())
@@ -532,6 +554,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
             checkpointer.check()
         window_tokens += batch["inputs"].size
         done = step + 1
+        stop = preemption.stop_now() and done < config.steps
         writer.advance()
         evaluate_now = done % config.eval_every == 0 or done == config.steps
         if evaluate_now or done % config.log_every == 0:
@@ -550,7 +573,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
             record["val_loss"] = val_losses[-1]
           writer.write(done, record)
           window_start, window_tokens, window_first = time.perf_counter(), 0, False
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        if done % config.checkpoint_every == 0 or done == config.steps or stop:
           skips.update(done, int(metrics["skipped_steps"]))
           if done == config.steps:
             skips.check_trained(first_step)
@@ -560,12 +583,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
                            "checkpoint was written")
           with _save_errors(directory):
             checkpointer.save(done, state, setup.train_data.state)
+        if stop:
+          preempted_at = done
+          break
       loop_s = time.perf_counter() - loop_start
       with _save_errors(directory):
         checkpointer.close()
     finally:
       jax.monitoring.unregister_event_duration_listener(on_compile)
       writer.close()
+    if preempted_at is not None:
+      if lead:
+        print(f"preempted: saved step {preempted_at} in {directory}; rerun the same command to "
+              "resume", flush=True)
+      return _preempted_summary(config, preempted_at, preemption, state, directory,
+                                loop_s), None
 
     summary: dict[str, Any] = {
         "steps": config.steps,

@@ -4,6 +4,11 @@ Orbax writes each step into a temporary directory and renames it into place
 only once every process has finished writing, so a process killed mid-save
 leaves no directory that ``latest_step`` would pick up.
 
+A checkpoint restores into any layout of the same model and optimizer: when
+the saved leaves' shapes differ from the requested ones (a pipeline added or
+removed, another stage count, another number of 1-bit workers), the state is
+read as host arrays and converted by the rules of ``jaxspeed.checkpoint.layout``.
+
 Layout of a run directory ``workdir``::
 
   workdir/config.json      the training config (``save_run_config``)
@@ -18,8 +23,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxspeed.checkpoint.layout import convert, flatten_with_paths, place
 from jaxspeed.errors import ConfigError, FlagError
 
 CONFIG_FILE = "config.json"
@@ -44,7 +51,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "data"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -63,11 +71,36 @@ class Checkpointer:
     if not self._manager.is_saving_in_progress():
       self._manager.wait_until_finished()  # returns at once; re-raises a failed save
 
+  def saved_leaves(self, step: int) -> dict[tuple[str, ...], Any]:
+    """The saved state's leaves by path: orbax metadata with ``shape`` and ``dtype``."""
+    return flatten_with_paths(self._manager.item_metadata(step)["state"])
+
   def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores ``step`` into the shardings of ``target`` (ShapeDtypeStructs)."""
+    """Restores ``step`` into the shardings of ``target`` (ShapeDtypeStructs).
+
+    A state saved under another layout is converted (``jaxspeed.checkpoint.layout``).
+
+    Raises:
+      LayoutError: the saved state does not convert into ``target`` (another model or
+        optimizer), naming the first leaf that differs.
+    """
+    saved = self.saved_leaves(step)
+    wanted = flatten_with_paths(target)
+    if saved.keys() != wanted.keys() or any(tuple(saved[k].shape) != tuple(w.shape)
+                                            for k, w in wanted.items()):
+      leaves, data = self.restore_host(step)
+      return place(convert(leaves, wanted), target), data
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
+
+  def restore_host(self, step: int) -> tuple[dict[tuple[str, ...], np.ndarray], dict[str, Any]]:
+    """(the state's leaves by path as host arrays, in the saved layout; the data state)."""
+    host = jax.tree.map(lambda m: np.empty(m.shape, m.dtype),
+                        self._manager.item_metadata(step)["state"])
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(host), data=ocp.args.JsonRestore()))
+    return flatten_with_paths(restored["state"]), restored["data"]
 
   def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, data state) of the newest step, restored as ``restore`` does; None if none."""
