@@ -20,6 +20,7 @@ from jaxspeed.checkpoint.run_files import (
     restore_latest,
     save_run_config,
     saved_run_config,
+    write_atomic,
 )
 from jaxspeed.checkpoint.universal import export_universal, import_universal
 
@@ -37,4 +38,5 @@ __all__ = [
     "restore_latest",
     "save_run_config",
     "saved_run_config",
+    "write_atomic",
 ]
