@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -113,11 +114,13 @@ def test_sigterm_saves_exits_0_and_the_rerun_resumes_identically(tmp_path):
 @pytest.mark.xdist_group("subprocess")
 def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tmp_path):
   """SIGTERM to process 1 only: both save the same step and exit 0 (no hang)."""
-  from experiments.launch_local import free_port
-
   workdir = str(tmp_path)
   env = subprocess_env()
-  address = f"127.0.0.1:{free_port()}"
+  # A free port (as launch_local picks one; importing it here would define its flags in
+  # this process, next to experiments.train's of the same names).
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
   logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # noqa: SIM115
   procs = [subprocess.Popen(
       [*TRAIN, "--cpu_devices=2", "--config.parallel.data=4", f"--workdir={workdir}",
