@@ -164,13 +164,17 @@ def _max_rel_diff(losses: list[float], reference: list[float]) -> float:
 def _apply_worker_rule(state):
   """The 1-bit worker-count rule on an unchanged layout: error feedback zeroed, per-worker
   momenta and accumulated updates replaced by their mean (``jaxspeed.checkpoint.layout``)."""
-  opt = state.opt_state
-  mean = lambda x: jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape)
-  changed = {"errors": jax.tree.map(jnp.zeros_like, opt.errors)}
-  if hasattr(opt, "accumulated"):  # 0/1 Adam
-    changed.update(mu=jax.tree.map(mean, opt.mu), accumulated=jax.tree.map(mean, opt.accumulated))
-  new = state.replace(opt_state=opt._replace(**changed))
-  return jax.tree.map(lambda x, old: jax.device_put(x, old.sharding), new, state)
+  def rule(state):
+    opt = state.opt_state
+    mean = lambda x: jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape)
+    changed = {"errors": jax.tree.map(jnp.zeros_like, opt.errors)}
+    if hasattr(opt, "accumulated"):  # 0/1 Adam
+      changed.update(mu=jax.tree.map(mean, opt.mu),
+                     accumulated=jax.tree.map(mean, opt.accumulated))
+    return state.replace(opt_state=opt._replace(**changed))
+
+  # One program: per-leaf eager collectives in flight at once can hang on CPU.
+  return jax.jit(rule, out_shardings=jax.tree.map(lambda x: x.sharding, state))(state)
 
 
 def main(argv):
