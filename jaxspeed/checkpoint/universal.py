@@ -37,6 +37,7 @@ from jaxspeed.checkpoint.run_files import (
     checkpoint_dir,
     flatten,
     has_checkpoint,
+    write_atomic,
 )
 from jaxspeed.errors import FlagError
 
@@ -91,9 +92,7 @@ def export_universal(workdir: str, out_dir: str) -> str:
   index = {"format": FORMAT, "version": VERSION, "step": int(step), "config": config,
            "data": data, "leaves": entries}
   index_path = os.path.join(out_dir, INDEX)
-  with open(f"{index_path}.tmp", "w") as f:
-    json.dump(index, f, indent=1)
-  os.replace(f"{index_path}.tmp", index_path)
+  write_atomic(index_path, json.dumps(index, indent=1))
   return index_path
 
 
@@ -171,8 +170,7 @@ def import_universal(universal_dir: str, workdir: str) -> int:
     node[path[-1]] = value
   tree = _sequences(tree)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump(index["config"], f, indent=2)
+  write_atomic(os.path.join(workdir, CONFIG_FILE), json.dumps(index["config"], indent=2))
   if os.path.exists(os.path.join(universal_dir, TOKENIZER)):
     shutil.copy(os.path.join(universal_dir, TOKENIZER), os.path.join(workdir, TOKENIZER))
   checkpointer = Checkpointer(checkpoint_dir(workdir))

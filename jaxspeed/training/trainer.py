@@ -384,8 +384,6 @@ def _finished_run(config: ml_collections.ConfigDict, workdir: str, latest: int,
   return summary
 
 
-
-
 class SkipWatch:
   """Stops a run after ``limit`` consecutive skipped (non-finite) steps.
 
