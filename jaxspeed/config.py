@@ -54,6 +54,9 @@ class Config(Section):
     fit_parallel: a layout that does not fit the devices drops axes (tensor first) and
       fills data instead of failing; the chosen mesh is printed.
     sample_tokens: length of the text sample printed at the end; 0 to skip.
+    init_params_from: a universal checkpoint or a run directory whose parameters start
+      this run (at step 0, with this config's optimizer: fine-tuning); "" for a random
+      initialization. Read only when the workdir has no checkpoint yet.
   """
 
   seed: int = setting(0)
@@ -71,6 +74,7 @@ class Config(Section):
   fit_parallel: bool = setting(False)
   sample_tokens: int = setting(64, ge=0)
   sample_prompt: str = setting("The ")
+  init_params_from: str = setting("")
   model: ModelConfig = setting(factory=ModelConfig)
   optim: OptimConfig = setting(factory=OptimConfig)
   zero: ZeroConfig = setting(factory=ZeroConfig)

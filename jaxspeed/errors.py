@@ -18,10 +18,11 @@ class FlagError(ValueError):
 
   Attributes:
     flag: the flag's name without dashes, e.g. ``workdir``.
+    message: what is wrong with it.
   """
 
   def __init__(self, flag: str, message: str):
-    self.flag = flag
+    self.flag, self.message = flag, message
     super().__init__(f"--{flag}: {message}")
 
 

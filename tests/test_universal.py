@@ -17,10 +17,13 @@ from jaxspeed.checkpoint import (
     checkpoint_dir,
     export_universal,
     import_universal,
+    load_params,
     save_run_config,
 )
+from jaxspeed.checkpoint.layout import flatten_with_paths, unstack
 from jaxspeed.checkpoint.universal import INDEX, read_universal
-from jaxspeed.errors import FlagError
+from jaxspeed.errors import ConfigError, FlagError
+from jaxspeed.training.trainer import evaluate
 
 
 def _saved_run(config, workdir: str, step: int = 3):
@@ -135,3 +138,58 @@ def test_cli_exports_then_refuses_an_import_for_another_model(tiny_config, tmp_p
   err = refused.stderr.strip()
   assert len(err.splitlines()) == 1 and "model.d_model: saved 32, requested" in err, err
   assert not os.path.exists(tmp_path / "imported")
+
+
+def test_fine_tuning_starts_from_the_parameters_with_another_optimizer_and_layout(tiny_config,
+                                                                                  tmp_path):
+  """``init_params_from``: a universal checkpoint or a run directory; the parameters only."""
+  config = tiny_config
+  config.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64)
+  config.parallel.update(data=8, fsdp=1, tensor=1)
+  run, universal = str(tmp_path / "run"), str(tmp_path / "universal")
+  setup, (pretrained, _) = _saved_run(config, run)
+  with jax.set_mesh(setup.mesh):
+    pretrained_val_loss = evaluate(setup, pretrained.params)
+  export_universal(run, universal)
+
+  # Another optimizer and layout, through the trainer.
+  tuned = config.copy_and_resolve_references()
+  tuned.update(steps=1, eval_every=1, init_params_from=universal)
+  tuned.optim.name = "lamb"
+  tuned.parallel.update(data=4, tensor=2)
+  summary = jaxspeed.train(tuned, str(tmp_path / "tuned"))
+  assert summary["initial_val_loss"] == pytest.approx(pretrained_val_loss, rel=1e-5)
+
+  # A run directory works as well, here into a pipeline whose stacked layers are built
+  # from layer_0 and layer_1; the state starts at step 0 with a fresh optimizer.
+  tuned.update(init_params_from=run, microbatches=2)
+  tuned.parallel.update(stage=2, data=4, tensor=1)
+  setup = jaxspeed.build(tuned)
+  with jax.set_mesh(setup.mesh):
+    params, step = load_params(run, setup.abstract_state().params)
+    state = setup.init_state(params)
+  assert step == 3 and int(state.step) == 0
+  assert "layers" in state.params
+  unstacked = unstack(flatten_with_paths({"params": jax.device_get(state.params)}))
+  expected = flatten_with_paths({"params": jax.device_get(pretrained.params)})
+  assert unstacked.keys() == expected.keys()
+  for path, value in expected.items():
+    np.testing.assert_array_equal(unstacked[path], value, err_msg="/".join(path))
+  assert all(not np.any(x) for x in jax.tree.leaves(state.opt_state[0].mu))
+
+
+def test_fine_tuning_from_another_model_or_nothing_is_one_line(tiny_config, tmp_path):
+  config = tiny_config
+  config.model.update(num_layers=1, num_heads=2, d_model=32, d_ff=64)
+  run = str(tmp_path / "run")
+  _saved_run(config, run)
+  config.model.update(d_model=64, d_ff=128)
+  setup = jaxspeed.build(config)
+  with pytest.raises(ConfigError, match=r"^config\.init_params_from: .*run holds another "
+                     r"model's parameters: .*embed/table") as error:
+    load_params(run, setup.abstract_state().params)
+  assert len(str(error.value).splitlines()) == 1
+  config.init_params_from = str(tmp_path / "nothing")
+  with pytest.raises(ConfigError, match=r"nothing is neither a universal checkpoint"):
+    jaxspeed.train(config, str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new" / "config.json")

@@ -5,7 +5,8 @@
 * ``layout``: the rules that convert layout-dependent state (pipeline stacking,
   1-bit per-worker state) when a checkpoint is restored into another layout;
 * ``universal``: ``export_universal`` / ``import_universal``, one full unsharded
-  array per logical leaf, independent of any layout.
+  array per logical leaf, independent of any layout; ``load_params``, the
+  parameters alone (of either kind of checkpoint) to start a fine-tuning run.
 """
 
 from jaxspeed.checkpoint.layout import LayoutError
@@ -22,18 +23,25 @@ from jaxspeed.checkpoint.run_files import (
     saved_run_config,
     write_atomic,
 )
-from jaxspeed.checkpoint.universal import export_universal, import_universal
+from jaxspeed.checkpoint.universal import (
+    check_params_source,
+    export_universal,
+    import_universal,
+    load_params,
+)
 
 __all__ = [
     "CHECKPOINTS",
     "CONFIG_FILE",
     "Checkpointer",
     "LayoutError",
+    "check_params_source",
     "checkpoint_dir",
     "export_universal",
     "flatten",
     "has_checkpoint",
     "import_universal",
+    "load_params",
     "load_run_config",
     "restore_latest",
     "save_run_config",

@@ -19,6 +19,9 @@ it with another worker count.
 ``import_universal`` writes a run directory holding that state as its newest
 checkpoint; ``jaxspeed.train`` (or ``experiments.generate``) then resumes it
 under any layout of the same model and optimizer, converting on restore.
+``load_params`` takes only the parameters, of a universal checkpoint or of a
+run directory, to start a new run with any optimizer (``init_params_from``):
+fine-tuning.
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from jaxspeed.checkpoint.layout import PARAMS, Path, path_tuple, unstack
+from jaxspeed.checkpoint.layout import (
+    PARAMS,
+    LayoutError,
+    Path,
+    convert,
+    flatten_with_paths,
+    path_tuple,
+    place,
+    unstack,
+)
 from jaxspeed.checkpoint.run_files import (
     CONFIG_FILE,
     Checkpointer,
@@ -39,7 +51,7 @@ from jaxspeed.checkpoint.run_files import (
     has_checkpoint,
     write_atomic,
 )
-from jaxspeed.errors import FlagError
+from jaxspeed.errors import ConfigError, FlagError
 
 FORMAT = "jaxspeed-universal"
 VERSION = 1
@@ -179,6 +191,51 @@ def import_universal(universal_dir: str, workdir: str) -> int:
   finally:
     checkpointer.close()
   return index["step"]
+
+
+def check_params_source(source: str, key: str = "init_params_from") -> None:
+  """Raises ``ConfigError`` naming ``key`` unless ``source`` is a universal checkpoint or a
+  run directory with a checkpoint (``load_params`` reads either)."""
+  if not os.path.exists(os.path.join(source, INDEX)) and not has_checkpoint(source):
+    raise ConfigError(key, f"{source} is neither a universal checkpoint (no {INDEX}) nor a run "
+                      "directory with a checkpoint")
+
+
+def load_params(source: str, target: Any, key: str = "init_params_from") -> tuple[Any, int]:
+  """The parameters of a universal checkpoint or of a run's newest checkpoint, placed as
+  ``target`` wants them, and the step they were saved at.
+
+  Only the parameters are read, so the new run may use any optimizer; pipeline
+  stacking is converted as on a restore (``jaxspeed.checkpoint.layout``).
+
+  Args:
+    source: a universal checkpoint directory (``index.json``) or a run directory.
+    target: the params tree as ShapeDtypeStructs with shardings.
+    key: the config key that named ``source``, for errors.
+
+  Raises:
+    ConfigError: naming ``key``: ``source`` is neither, is damaged, or holds parameters of
+      another model (naming the first leaf that differs).
+  """
+  check_params_source(source, key)
+  try:
+    if os.path.exists(os.path.join(source, INDEX)):
+      index, leaves = read_universal(source)
+      step = index["step"]
+    else:
+      checkpointer = Checkpointer(checkpoint_dir(source))
+      try:
+        step = checkpointer.latest_step()
+        leaves, _ = checkpointer.restore_host(step)
+      finally:
+        checkpointer.close()
+    params = {path: value for path, value in leaves.items() if path[0] == PARAMS}
+    wanted = flatten_with_paths({PARAMS: target})
+    return place(convert(params, wanted), {PARAMS: target})[PARAMS], int(step)
+  except FlagError as e:  # a damaged universal checkpoint, naming its file
+    raise ConfigError(key, e.message) from e
+  except LayoutError as e:
+    raise ConfigError(key, f"{source} holds another model's parameters: {e}") from e
 
 
 def _sequences(node: Any) -> Any:

@@ -97,9 +97,10 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
 
 def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
                  seed: int):
-  def init() -> TrainState:
+  def init(params: Any = None) -> TrainState:
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = nn.meta.unbox(model.init(init_key, _zeros(sample_input))["params"])
+    if params is None:
+      params = nn.meta.unbox(model.init(init_key, _zeros(sample_input))["params"])
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                       tokens=zero, layer_tokens=zero, skipped=zero, rng=dropout_key)
@@ -107,10 +108,14 @@ def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, samp
 
 
 def init_state(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
-               mesh: Mesh, specs: StateSpecs, seed: int) -> TrainState:
-  """Initializes parameters and optimizer state directly in their shardings."""
+               mesh: Mesh, specs: StateSpecs, seed: int, params: Any = None) -> TrainState:
+  """Initializes parameters and optimizer state directly in their shardings.
+
+  With ``params`` (e.g. a pretrained model's), those are the parameters, and the
+  optimizer state is initialized from them.
+  """
   init = _initializer(model, optimizer, sample_input, seed)
-  return jax.jit(init, out_shardings=named(mesh, specs.state))()
+  return jax.jit(init, out_shardings=named(mesh, specs.state))(params)
 
 
 def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,

@@ -26,9 +26,11 @@ from jax.sharding import Mesh
 
 from jaxspeed.checkpoint import (
   Checkpointer,
+  check_params_source,
   checkpoint_dir,
   flatten,
   has_checkpoint,
+  load_params,
   restore_latest,
   save_run_config,
   saved_run_config,
@@ -103,9 +105,10 @@ class Setup:
   train_data: BatchIterator | MaskedLMBatches | SeqlenCurriculum | SampledBatches
   val_data: BatchIterator | MaskedLMBatches
 
-  def init_state(self) -> TrainState:
+  def init_state(self, params: Any = None) -> TrainState:
+    """A fresh state; with ``params`` (placed as ``abstract_state().params``), those."""
     return init_state(self.model, self.optimizer, _model_input(self.config), self.mesh,
-                      self.specs, self.config.seed)
+                      self.specs, self.config.seed, params)
 
   def abstract_state(self) -> TrainState:
     return abstract_state(self.model, self.optimizer, _model_input(self.config), self.mesh,
@@ -318,7 +321,7 @@ RESUMABLE_KEYS = ("steps", "log_every", "eval_every", "eval_batches", "checkpoin
                   "keep_checkpoints", "max_consecutive_skips", "peak_flops", "fit_parallel",
                   "sample_tokens", "sample_prompt", "microbatches", "parallel.", "zero.stage",
                   "sequence_parallel.", "model.remat", "model.attention", "inference.",
-                  "rlhf.")
+                  "rlhf.", "init_params_from")
 
 
 def check_workdir(workdir: str) -> None:
@@ -453,6 +456,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # before anything compiles.
     raise ConfigError("kd.teacher_workdir", f"no checkpoint in "
                       f"{checkpoint_dir(config.kd.teacher_workdir)}")
+  if config.init_params_from and not has_checkpoint(workdir):
+    check_params_source(config.init_params_from)
   checkpointer = Checkpointer(checkpoint_dir(workdir), keep=config.keep_checkpoints)
   try:
     start = checkpointer.latest_step()
@@ -501,7 +506,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
   setup = build(config, workdir)
   directory = checkpoint_dir(workdir)
   with jax.set_mesh(setup.mesh):
-    if start is None:
+    if start is None and config.init_params_from:
+      params, source_step = load_params(config.init_params_from, setup.abstract_state().params)
+      state = setup.init_state(params)
+      if lead:
+        print(f"initialized the parameters from {config.init_params_from} (its step "
+              f"{source_step}); the optimizer starts fresh", flush=True)
+    elif start is None:
       state = setup.init_state()
     else:
       try:
