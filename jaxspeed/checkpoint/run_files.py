@@ -159,12 +159,22 @@ def load_run_config(workdir: str, defaults: ml_collections.ConfigDict
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise ConfigError("workdir", f"{path} not found; train with experiments.train first")
-  config = defaults.copy_and_resolve_references()
   with open(path) as f:
     saved = json.load(f)
   saved.pop("inference", None)
+  return config_from_saved(saved, defaults)
+
+
+def config_from_saved(saved: dict[str, Any], defaults: ml_collections.ConfigDict
+                      ) -> ml_collections.ConfigDict:
+  """A copy of ``defaults`` updated with a saved (nested JSON) config.
+
+  Saved keys that ``defaults`` lacks (a schema change since the run) are ignored.
+  """
+  config = defaults.copy_and_resolve_references()
+  known = flatten(json.loads(config.to_json()))
   config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in flatten(saved).items()})
+                                     for k, v in flatten(saved).items() if k in known})
   return config
 
 

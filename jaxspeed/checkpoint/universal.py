@@ -47,7 +47,7 @@ from jaxspeed.checkpoint.run_files import (
     CONFIG_FILE,
     Checkpointer,
     checkpoint_dir,
-    flatten,
+    config_from_saved,
     has_checkpoint,
     write_atomic,
 )
@@ -284,10 +284,7 @@ def _logical_axes(config: dict[str, Any]) -> dict[Path, tuple[str | None, ...]]:
   from jaxspeed.models import ModelConfig, build_model
   from jaxspeed.moe import MoeConfig
 
-  full = default_config()
-  known = flatten(json.loads(full.to_json()))
-  full.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in flatten(config).items() if k in known})
+  full = config_from_saved(config, default_config())
   model = build_model(full.model.name, ModelConfig.from_config(
       full.model, MoeConfig.from_config(full.moe)), 1, 1)
   tokens = jnp.zeros((1, full.seq_len), jnp.int32)
