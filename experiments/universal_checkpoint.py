@@ -14,17 +14,23 @@ of the restore on B (reading, converting and placing the state). The pairs
 cover every mesh axis, each ZeRO stage, pipeline on/off and another stage
 count, a device-count change, an MoE model under a new expert-parallel
 degree, and the 1-bit optimizers under a new worker count, whose state is
-converted by a rule rather than exactly (``jaxspeed.checkpoint.layout``): for
-those, the runs go on for ``--gap_steps`` steps. Their (a)-(b) difference
-(``onebit_layout_gap``) mixes the rule with the change of optimizer
-trajectory that compressing over P' instead of P workers brings by itself;
-the rule's own cost (``rule_gap``, ``onebit_conversion_gap``) compares (a)
-with (c), a continuation on A from the checkpoint with the rule applied.
+converted by a rule rather than exactly (``jaxspeed.checkpoint.layout``:
+error feedback re-split, or reset when the tensor-parallel degree changes
+too). The 1-bit runs compress from step ``--onebit_freeze_step``, save at
+``--onebit_steps_before`` and go on for ``--gap_steps`` steps. Their (a)-(b)
+difference (``onebit_layout_gap``) mixes the rule with the change of
+optimizer trajectory that compressing over P' instead of P workers brings by
+itself; the rule's own cost compares (a) with (c), a continuation on A from
+the checkpoint with the rule applied: ``rule_gap``, the relative difference
+of the mean loss over the gap steps (signed: negative when (c) is lower),
+and ``rule_max_step_diff``, the largest per-step relative difference.
 
 Summary: ``pairs``; ``max_rel_diff_exact`` (the pairs whose state converts
-exactly; target <= 1e-4); ``onebit_conversion_gap`` (target <= 0.01);
-``onebit_layout_gap``; ``restore_seconds_max``. A process-count change (1 <-> 2 processes) is not in
-the matrix: it needs ``experiments.launch_local``.
+exactly; target <= 1e-4); ``onebit_conversion_gap`` (the largest |rule_gap|
+of the re-split pairs; target <= 0.01); ``onebit_reset_gap`` (the same for
+the pair whose errors reset); ``onebit_layout_gap``; ``restore_seconds_max``.
+A process-count change (1 <-> 2 processes) is not in the matrix: it needs
+``experiments.launch_local`` (``tests/test_multiprocess.py`` covers it).
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ QUICK = flags.DEFINE_bool("quick", False,
 STEPS_BEFORE = flags.DEFINE_integer("steps_before", 10, "Steps on layout A before the save.")
 STEPS_AFTER = flags.DEFINE_integer("steps_after", 5, "Steps compared after the save.")
 GAP_STEPS = flags.DEFINE_integer("gap_steps", 50, "Steps compared for the 1-bit pairs.")
+ONEBIT_FREEZE_STEP = flags.DEFINE_integer(
+    "onebit_freeze_step", 20, "1-bit pairs: warm-up steps before compression starts.")
+ONEBIT_STEPS_BEFORE = flags.DEFINE_integer(
+    "onebit_steps_before", 30, "1-bit pairs: steps on layout A before the save.")
 ONLY = flags.DEFINE_string("only", None, "Run only the pairs whose name contains this.")
 
 
@@ -65,6 +75,14 @@ class Pair:
     """Whether the state converts exactly (the 1-bit per-worker rules do not)."""
     return not self.optimizer.startswith(("onebit", "zero_one"))
 
+  @property
+  def rule(self) -> str:
+    """exact; or, for the 1-bit error feedback, resplit (same tensor-parallel blocks) or
+    reset (``jaxspeed.checkpoint.layout``)."""
+    if self.exact:
+      return "exact"
+    return "resplit" if self.a.get("tensor", 1) == self.b.get("tensor", 1) else "reset"
+
 
 PAIRS = [
     Pair("dp8 -> dp4 tp2", {"data": 8}, {"data": 4, "tensor": 2}),
@@ -79,25 +97,27 @@ PAIRS = [
     Pair("dp8 (8 devices) -> dp4 (4 devices)", {"data": 8}, {"data": 4, "devices": 4}),
     Pair("moe ep4 dp2 -> ep2 dp4", {"expert": 4, "data": 2}, {"expert": 2, "data": 4}, "moe"),
     Pair("moe ep8 zero1 -> dp8 zero3", {"expert": 8, "zero": 1}, {"data": 8, "zero": 3}, "moe"),
-    Pair("1-bit Adam dp8 -> dp4 tp2", {"data": 8}, {"data": 4, "tensor": 2},
+    Pair("1-bit Adam dp8 -> dp4 (4 devices)", {"data": 8}, {"data": 4, "devices": 4},
          optimizer="onebit_adam"),
     Pair("0/1 Adam dp8 -> dp4 (4 devices)", {"data": 8}, {"data": 4, "devices": 4},
          optimizer="zero_one_adam"),
+    Pair("1-bit Adam dp8 -> dp4 tp2", {"data": 8}, {"data": 4, "tensor": 2},
+         optimizer="onebit_adam"),
 ]
-# Quick: one exact pair and the 1-bit pair (tests/test_layout_change.py covers the other rules).
-QUICK_PAIRS = ("pp2 dp4 zero1 -> dp8", "1-bit Adam dp8 -> dp4 tp2")
+# Quick: one exact pair and a 1-bit pair (tests/test_layout_change.py covers the other rules).
+QUICK_PAIRS = ("pp2 dp4 zero1 -> dp8", "1-bit Adam dp8 -> dp4 (4 devices)")
 
 
-def _config(pair: Pair, layout: dict, steps_before: int, quick: bool):
+def _config(pair: Pair, layout: dict, freeze_step: int, quick: bool):
   config = gpt_tiny.get_config()
   config.update(batch_size=16, seq_len=32, sample_tokens=0, fit_parallel=False)
   config.model.update(num_layers=2 if quick else 4, num_heads=2, d_model=32, d_ff=64,
                       max_seq_len=32)
   config.optim.update(name=pair.optimizer, warmup=2, decay=100_000)
   if pair.optimizer == "onebit_adam":  # a low rate: the compression phase starts early
-    config.optim.update(freeze_step=steps_before // 2, learning_rate=1e-4)
+    config.optim.update(freeze_step=freeze_step, learning_rate=1e-4)
   if pair.optimizer == "zero_one_adam":
-    config.optim.update(var_freeze_step=steps_before // 2, learning_rate=1e-4)
+    config.optim.update(var_freeze_step=freeze_step, learning_rate=1e-4)
   if pair.model == "moe":
     config.moe.update(num_experts=8, top_k=1, expert_interval=2, drop_tokens=False)
   config.microbatches = 2 if layout.get("stage", 1) > 1 else 1
@@ -117,19 +137,19 @@ def _train(setup, state, first: int, last: int):
 
 
 def run_pair(pair: Pair, steps_before: int, steps_after: int, directory: str,
-             quick: bool = False) -> dict:
+             quick: bool = False, freeze_step: int = 1) -> dict:
   import jaxspeed
 
   shutil.rmtree(directory, ignore_errors=True)
   devices = lambda layout: jax.devices()[:layout.get("devices", 8)]
-  setup_a = jaxspeed.build(_config(pair, pair.a, steps_before, quick), devices=devices(pair.a))
+  setup_a = jaxspeed.build(_config(pair, pair.a, freeze_step, quick), devices=devices(pair.a))
   checkpointer = Checkpointer(directory)
   with jax.set_mesh(setup_a.mesh):
     _, state = _train(setup_a, setup_a.init_state(), 0, steps_before)
     checkpointer.save(steps_before, state, setup_a.train_data.state)
     checkpointer.close()
     unchanged, _ = _train(setup_a, state, steps_before, steps_before + steps_after)
-  setup = jaxspeed.build(_config(pair, pair.b, steps_before, quick), devices=devices(pair.b))
+  setup = jaxspeed.build(_config(pair, pair.b, freeze_step, quick), devices=devices(pair.b))
   checkpointer = Checkpointer(directory)
   with jax.set_mesh(setup.mesh):
     start = time.perf_counter()
@@ -140,7 +160,7 @@ def run_pair(pair: Pair, steps_before: int, steps_after: int, directory: str,
     setup.train_data.restore(data)
     resumed, _ = _train(setup, state, steps_before, steps_before + steps_after)
   row = {"pair": pair.name, "model": pair.model, "optimizer": pair.optimizer,
-         "exact": pair.exact, "steps_compared": steps_after,
+         "exact": pair.exact, "rule": pair.rule, "steps_compared": steps_after,
          "max_rel_diff": _max_rel_diff(resumed, unchanged), "restore_s": restore_s,
          "loss_unchanged": unchanged[-1], "loss_resumed": resumed[-1]}
   if not pair.exact:
@@ -152,9 +172,10 @@ def run_pair(pair: Pair, steps_before: int, steps_after: int, directory: str,
       state, data = checkpointer.restore(steps_before, setup_a.abstract_state())
       checkpointer.close()
       setup_a.train_data.restore(data)
-      ruled, _ = _train(setup_a, _apply_worker_rule(state), steps_before,
+      ruled, _ = _train(setup_a, _apply_worker_rule(state, pair.rule), steps_before,
                         steps_before + steps_after)
-    row.update(rule_gap=_max_rel_diff(ruled, unchanged), loss_rule=ruled[-1])
+    row.update(rule_gap=float(np.mean(ruled) / np.mean(unchanged) - 1),
+               rule_max_step_diff=_max_rel_diff(ruled, unchanged), loss_rule=ruled[-1])
   return row
 
 
@@ -162,20 +183,24 @@ def _max_rel_diff(losses: list[float], reference: list[float]) -> float:
   return float(np.max(np.abs(np.array(losses) - reference) / np.abs(np.array(reference))))
 
 
-def _apply_worker_rule(state):
-  """The 1-bit worker-count rule on an unchanged layout: error feedback zeroed, per-worker
-  momenta and accumulated updates replaced by their mean (``jaxspeed.checkpoint.layout``)."""
-  def rule(state):
+def _apply_worker_rule(state, rule: str):
+  """The 1-bit worker-count rule on an unchanged layout (``jaxspeed.checkpoint.layout``):
+  worker errors replaced by their mean (``resplit``; the server's are kept, as a re-split
+  into as many chunks keeps them) or all errors zeroed (``reset``); per-worker momenta and
+  accumulated updates replaced by their mean. One device per worker (no tensor blocks)."""
+  def rule_on(state):
     opt = state.opt_state
     mean = lambda x: jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape)
-    changed = {"errors": jax.tree.map(jnp.zeros_like, opt.errors)}
+    errors = (jax.tree.map(jnp.zeros_like, opt.errors) if rule == "reset" else
+              tuple(e._replace(worker=mean(e.worker)) for e in opt.errors))
+    changed = {"errors": errors}
     if hasattr(opt, "accumulated"):  # 0/1 Adam
       changed.update(mu=jax.tree.map(mean, opt.mu),
                      accumulated=jax.tree.map(mean, opt.accumulated))
     return state.replace(opt_state=opt._replace(**changed))
 
   # One program: per-leaf eager collectives in flight at once can hang on CPU.
-  return jax.jit(rule, out_shardings=jax.tree.map(lambda x: x.sharding, state))(state)
+  return jax.jit(rule_on, out_shardings=jax.tree.map(lambda x: x.sharding, state))(state)
 
 
 def main(argv):
@@ -186,24 +211,32 @@ def main(argv):
   quick = QUICK.value
   before, after, gap = (4, 2, 4) if quick else (STEPS_BEFORE.value, STEPS_AFTER.value,
                                                 GAP_STEPS.value)
+  freeze, onebit_before = (2, 4) if quick else (ONEBIT_FREEZE_STEP.value,
+                                                ONEBIT_STEPS_BEFORE.value)
+  if freeze >= onebit_before:
+    raise FlagError("onebit_freeze_step", f"{freeze} must be below --onebit_steps_before="
+                    f"{onebit_before}: the save must fall in the compression phase")
   pairs = [p for p in PAIRS if p.name in QUICK_PAIRS] if quick else PAIRS
   pairs = [p for p in pairs if ONLY.value is None or ONLY.value in p.name]
   if not pairs:
     raise FlagError("only", f"{ONLY.value!r} names no pair; pairs: {[p.name for p in PAIRS]}")
   out = os.path.join(common.OUTPUT_DIR.value, "universal_checkpoint")
-  rows = [run_pair(pair, before, after if pair.exact else gap,
-                   os.path.join(out, f"pair_{i}"), quick) for i, pair in enumerate(pairs)]
+  rows = [run_pair(pair, before, after, os.path.join(out, f"pair_{i}"), quick) if pair.exact
+          else run_pair(pair, onebit_before, gap, os.path.join(out, f"pair_{i}"), quick, freeze)
+          for i, pair in enumerate(pairs)]
   exact = [r["max_rel_diff"] for r in rows if r["exact"]]
-  onebit = [r for r in rows if not r["exact"]]
-  nan = float("nan")
+  gaps = lambda rule: [abs(r["rule_gap"]) for r in rows if r["rule"] == rule]
+  largest = lambda values: max(values) if values else float("nan")
   summary = {"pairs": len(rows),
-             "max_rel_diff_exact": max(exact) if exact else nan,
-             "onebit_conversion_gap": max(r["rule_gap"] for r in onebit) if onebit else nan,
-             "onebit_layout_gap": max(r["max_rel_diff"] for r in onebit) if onebit else nan,
+             "max_rel_diff_exact": largest(exact),
+             "onebit_conversion_gap": largest(gaps("resplit")),
+             "onebit_reset_gap": largest(gaps("reset")),
+             "onebit_layout_gap": largest([r["max_rel_diff"] for r in rows if not r["exact"]]),
              "restore_seconds_max": max(r["restore_s"] for r in rows)}
   common.write_results(
       "universal_checkpoint", summary, rows,
       {"quick": quick, "steps_before": before, "steps_after": after, "gap_steps": gap,
+       "onebit_freeze_step": freeze, "onebit_steps_before": onebit_before,
        "model": "GPT 4 layers, d_model 32, seq 32, batch 16 (MoE: 8 experts every 2nd layer)"},
       header="Train on layout A, save, then continue on A and resume on B from the same "
              "checkpoint: the largest relative loss difference over the compared steps.")

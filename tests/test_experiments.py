@@ -211,6 +211,7 @@ def test_universal_checkpoint_quick(tmp_path):
   summary = payload["summary"]
   assert summary["pairs"] == 2
   assert summary["max_rel_diff_exact"] <= 1e-4  # pipeline off
-  assert summary["onebit_conversion_gap"] <= 0.01  # the rule: error feedback reset
+  assert summary["onebit_conversion_gap"] <= 0.01  # the rule: error feedback re-split
   assert math.isfinite(summary["onebit_layout_gap"])  # 8 -> 4 workers
-  assert {r["pair"] for r in payload["rows"] if not r["exact"]} == {"1-bit Adam dp8 -> dp4 tp2"}
+  assert [(r["pair"], r["rule"]) for r in payload["rows"] if not r["exact"]] == [
+      ("1-bit Adam dp8 -> dp4 (4 devices)", "resplit")]

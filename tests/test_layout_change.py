@@ -87,7 +87,8 @@ def test_expert_moments_follow_their_experts(tiny_config, tmp_path):
 
 
 def test_onebit_adam_resumes_on_half_the_workers(tiny_config, tmp_path):
-  """8 -> 4 workers in the compression phase: error feedback reset; training goes on."""
+  """8 -> 4 workers (and tensor=2) in the compression phase: error feedback reset; training
+  goes on."""
   config = _config(tiny_config, {"data": 8})
   config.model.num_layers = 1
   # A low rate: 1-bit Adam after a 2-step warm-up diverges at the default one.
@@ -98,7 +99,8 @@ def test_onebit_adam_resumes_on_half_the_workers(tiny_config, tmp_path):
 
 
 def test_zero_one_adam_state_on_half_the_workers(tiny_config, tmp_path):
-  """Per-worker momenta [8, ...] -> their mean for each of 4 workers; errors reset."""
+  """Per-worker momenta [8, ...] -> their mean for each of 4 workers; errors reset (the
+  tensor-parallel blocks change)."""
   config = _config(tiny_config, {"data": 8})
   config.optim.update(name="zero_one_adam", var_freeze_step=1)
   setup = jaxspeed.build(config)
@@ -148,10 +150,45 @@ def test_convert_restacks_pipeline_layers_and_their_moments():
                                         (4, 1, 2, 3)))
 
 
-def test_convert_resets_error_feedback_of_another_worker_count():
-  path = ("opt_state", "errors", "0", "worker")
-  out = convert({path: np.ones((8, 16), np.float32)}, {path: np.empty((4, 16), np.float32)})
-  assert np.array_equal(out[path], np.zeros((4, 16)))
+def _errors(workers: int, blocks: int, size: int, worker, server):
+  """Error buffers of ``workers`` x ``blocks`` devices: worker [rows, size], server
+  [rows, size / workers]; row ``w * blocks + t`` filled by ``worker(w, t)``/``server(w, t)``."""
+  rows = [(w, t) for w in range(workers) for t in range(blocks)]
+  chunk = size // workers
+  return {("opt_state", "errors", "0", "worker"):
+          np.stack([np.broadcast_to(np.float32(worker(w, t)), (size,)) for w, t in rows]),
+          ("opt_state", "errors", "0", "server"):
+          np.stack([np.asarray(server(w, t), np.float32).reshape(chunk) for w, t in rows])}
+
+
+def test_convert_resplits_error_feedback_for_another_worker_count():
+  """4 -> 2 workers, 2 tensor-parallel blocks: the pending correction is kept."""
+  chunk = np.arange(3, dtype=np.float32)
+  saved = _errors(4, 2, 12, worker=lambda w, t: 10 * w + t,
+                  server=lambda w, t: 100 * t + 3 * w + chunk)
+  target = {k: np.empty_like(v) for k, v in _errors(2, 2, 16, lambda w, t: 0,
+                                                    lambda w, t: np.zeros(8)).items()}
+  out = convert(saved, target)
+  worker = out[("opt_state", "errors", "0", "worker")]
+  # Each new worker holds the mean of the 4 saved workers' errors for its block (15 + t),
+  # and zeros where the new padding is longer.
+  for w in range(2):
+    for t in range(2):
+      np.testing.assert_array_equal(worker[2 * w + t], [15 + t] * 12 + [0] * 4)
+  server = out[("opt_state", "errors", "0", "server")]
+  # Block t's server vector 100 t + [0 .. 11], cut into 2 chunks of 8 (zero-padded).
+  full = lambda t: np.concatenate([100 * t + np.arange(12), np.zeros(4)])
+  for w in range(2):
+    for t in range(2):
+      np.testing.assert_array_equal(server[2 * w + t], full(t)[8 * w:8 * w + 8])
+
+
+def test_convert_resets_error_feedback_when_the_tensor_blocks_change():
+  saved = _errors(4, 2, 12, lambda w, t: 1, lambda w, t: np.ones(3))
+  target = {k: np.empty_like(v) for k, v in _errors(8, 1, 16, lambda w, t: 0,
+                                                    lambda w, t: np.zeros(2)).items()}
+  out = convert(saved, target)
+  assert all(not np.any(v) for v in out.values())
 
 
 @pytest.mark.parametrize("change,message", [

@@ -19,10 +19,18 @@ degree. Two kinds of leaves do depend on the layout, and are converted here
   data-parallel workers P changes (``jaxspeed.comm.workers``):
 
   - error feedback (``errors``: worker ``[rows, n_pad]`` and server
-    ``[rows, n_pad / P]``) is reset to zero. It holds each worker's residual
-    for its chunk of a partition into P chunks, which has no counterpart under
-    P' workers; dropping it loses one step's compression error, the same
-    reset the 0/1 Adam schedule already does when phase 2 starts;
+    ``[rows, n_pad / P]``, one row per device, data-parallel index major) is
+    re-split so that the correction still pending is kept. The workers'
+    messages are averaged, so their errors enter the next average only as
+    their mean: each of the P' new workers gets the mean of the P saved
+    worker errors (for its tensor-parallel block). The server errors are
+    chunks of one vector, server j holding chunk j of P: they are joined and
+    cut again into P' chunks. Vectors are padded to a multiple that depends
+    on P; the pad positions carry no data and are cut or zero-filled. When
+    the tensor-parallel degree changes too, each device's block of every
+    tensor changes and no row maps onto a new one: the errors are reset to
+    zero, losing one step's compression error (as the 0/1 Adam schedule
+    does when phase 2 starts);
   - per-worker momenta and accumulated updates ``[P, ...]`` (0/1 Adam) are
     averaged over the P workers and the average is given to each of the P'
     new ones. During variance updates the rows are equal, so this is exact;
@@ -153,7 +161,8 @@ def convert(saved: dict[Path, np.ndarray], target: dict[Path, jax.ShapeDtypeStru
     if np.dtype(value.dtype) != np.dtype(want.dtype):
       raise LayoutError(f"{name} is {value.dtype} in the checkpoint, {want.dtype} here")
     if ERRORS in path and path[0] != PARAMS and _workers(path, saved) != _workers(path, target):
-      value = np.zeros(want.shape, want.dtype)
+      value = _resplit_errors(path, value, _workers(path, saved)[0],
+                              _workers(path, target)[0], tuple(want.shape))
     elif value.shape != tuple(want.shape):
       value = _per_worker(name, path, value, tuple(want.shape), target)
     out[path] = value
@@ -171,6 +180,35 @@ def _workers(path: Path, leaves: Mapping[Path, Any]) -> tuple[int | None, ...]:
   worker, server = (leaves.get((*path[:-1], name)) for name in ("worker", "server"))
   paired = worker is not None and server is not None and server.shape[1]
   return (worker.shape[1] // server.shape[1] if paired else None, *leaves[path].shape)
+
+
+def _resplit_errors(path: Path, value: np.ndarray, saved_workers: int | None,
+                    workers: int | None, shape: tuple[int, int]) -> np.ndarray:
+  """Error feedback of ``saved_workers`` workers for ``workers`` (module docstring).
+
+  Rows are devices, data-parallel index major: row ``w * T + t`` is worker w's
+  tensor-parallel block t. With another T (or an unpaired buffer) the errors reset.
+  """
+  rows, size = shape
+  if saved_workers is None or workers is None or (
+      value.shape[0] // saved_workers != rows // workers):
+    return np.zeros(shape, value.dtype)
+  blocks = rows // workers  # T, unchanged
+  if path[-1] == "worker":  # [P*T, n_pad] -> the mean over workers, per block
+    mean = _fit(value.reshape(saved_workers, blocks, -1).mean(axis=0), size)
+    return np.broadcast_to(mean, (workers, blocks, size)).reshape(shape).copy()
+  # server [P*T, n_pad/P]: per block, the P chunks joined, then cut into P' chunks.
+  chunk = value.shape[1]
+  joined = value.reshape(saved_workers, blocks, chunk).transpose(1, 0, 2).reshape(blocks, -1)
+  cut = _fit(joined, workers * size).reshape(blocks, workers, size)
+  return cut.transpose(1, 0, 2).reshape(shape)
+
+
+def _fit(x: np.ndarray, size: int) -> np.ndarray:
+  """``x [..., n]`` cut or zero-padded to ``[..., size]`` (the tail is padding)."""
+  if x.shape[-1] >= size:
+    return x[..., :size]
+  return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
 def _mirrored_param(path: Path, leaves: Mapping[Path, Any]) -> Any:
