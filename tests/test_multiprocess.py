@@ -55,20 +55,26 @@ def _env(devices: int) -> dict[str, str]:
 
 # A stand-in job for the launcher tests: records its pid, then fails if it is
 # process --fail (by exit code 3, or by --signal), else waits until it is
-# stopped. On SIGTERM it prints an error, as a real process whose peer died
-# would; with --ignore_sigterm it ignores it, as one blocked in a collective
-# does. No JAX, so it starts at once.
+# stopped. On SIGTERM or SIGINT, per --on_signal: "error" (the default) prints an
+# error, as a real process whose peer died would; "ignore" ignores it, as one
+# blocked in a collective does; "save" takes --save_s to "save" (writes
+# saved_<i>), then exits 0, as a preempted training process does. No JAX, so it
+# starts at once.
 FAKE_JOB = """
 import os, signal, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
 me = args["process_id"]
-with open(os.path.join(args["workdir"], "pid_" + me), "w") as f:
+def save(*_):
+  time.sleep(float(args.get("save_s", "0.2")))
+  open(os.path.join(args["workdir"], "saved_" + me), "w").close()
+  sys.exit(0)
+handler = {"error": lambda *_: sys.exit("error echoed by process " + me),
+           "ignore": signal.SIG_IGN, "save": save}[args.get("on_signal", "error")]
+for signum in (signal.SIGTERM, signal.SIGINT):
+  signal.signal(signum, handler)
+with open(os.path.join(args["workdir"], "pid_" + me), "w") as f:  # the handlers are in place
   f.write(str(os.getpid()))
 print("devices", args["cpu_devices"], os.environ["XLA_FLAGS"], flush=True)
-if args.get("ignore_sigterm"):
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
-else:
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit("error echoed by process " + me))
 if me == args.get("fail"):
   time.sleep(1.0)  # lets the others start (or not, when the machine is busy)
   print("last words of process " + me, file=sys.stderr, flush=True)
@@ -140,22 +146,59 @@ def test_launcher_keeps_the_signal_of_a_killed_process(tmp_path):
 def test_launcher_kills_hung_processes_at_timeout(tmp_path):
   # The processes ignore SIGTERM, as ones blocked in a collective do: only SIGKILL ends them.
   result = _launch(tmp_path, "--num_processes=2", "--timeout_s=2",
-                   job_flags=["--ignore_sigterm=1"])
+                   job_flags=["--on_signal=ignore"])
   assert result.returncode == 124
   hung = [line for line in result.stderr.splitlines() if "hung" in line]
   assert len(hung) == 1 and "process(es) 0, 1" in hung[0], result.stderr
   assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
 
 
-def test_launcher_stops_processes_when_terminated(tmp_path):
-  launcher = _launch(tmp_path, "--num_processes=2", wait=False)
+def _started(tmp_path, launcher, n: int) -> None:
+  """Returns once the ``n`` processes of ``launcher`` have their signal handlers in place."""
   deadline = time.monotonic() + 60
-  while len(_pids(tmp_path)) < 2 and time.monotonic() < deadline:
+  while len(_pids(tmp_path)) < n and time.monotonic() < deadline and launcher.poll() is None:
     time.sleep(0.1)
+
+
+def _saved(tmp_path) -> list[str]:
+  return sorted(p.name for p in tmp_path.glob("saved_*"))
+
+
+def test_launcher_passes_a_preemption_on_and_exits_0_when_every_process_saves(tmp_path):
+  launcher = _launch(tmp_path, "--num_processes=2", wait=False, job_flags=["--on_signal=save"])
+  _started(tmp_path, launcher, 2)
+  launcher.terminate()
+  _, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 0, stderr
+  assert _saved(tmp_path) == ["saved_0", "saved_1"]  # each process got the signal
+  assert "got SIGTERM; passed it on to every process" in stderr
+  assert "preempted by SIGTERM: every process exited 0" in stderr
+  assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
+
+
+def test_launcher_kills_at_once_on_a_second_signal(tmp_path):
+  # The processes would take 600 s to save: only the launcher's SIGKILL ends them in time.
+  launcher = _launch(tmp_path, "--num_processes=2", wait=False,
+                     job_flags=["--on_signal=save", "--save_s=600"])
+  _started(tmp_path, launcher, 2)
+  launcher.send_signal(signal.SIGINT)  # Ctrl-C, then SIGTERM (two of one kind may merge)
   launcher.terminate()
   _, stderr = launcher.communicate(timeout=60)
   assert launcher.returncode == 128 + signal.SIGTERM, stderr
-  assert "got SIGTERM" in stderr
+  assert "got SIGINT; passed it on" in stderr and "got SIGTERM; killing all processes" in stderr
+  assert _saved(tmp_path) == []
+  assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
+
+
+def test_launcher_kills_processes_that_outlast_the_preemption_grace(tmp_path):
+  launcher = _launch(tmp_path, "--num_processes=2", "--preemption_grace_s=1", wait=False,
+                     job_flags=["--on_signal=save", "--save_s=600"])
+  _started(tmp_path, launcher, 2)
+  launcher.terminate()
+  _, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 128 + signal.SIGTERM, stderr
+  assert "process(es) 0, 1 still running --preemption_grace_s=1 after SIGTERM; killing" in stderr
+  assert "preempted by" not in stderr
   assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
 
 
