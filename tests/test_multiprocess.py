@@ -306,3 +306,49 @@ def test_two_process_runs_with_a_sample_finish(tmp_path):
     assert result.returncode == 0, f"run {run}:\n{result.stderr[-3000:]}"
     assert "\nsample: 'The" in result.stdout, result.stdout[-3000:]
     assert (workdir / "checkpoints" / "1").is_dir()
+
+
+# experiments.train with process 0's checkpoint writes failing, as on a full disk (only
+# process 0 writes the data iterator's JSON item).
+FAILING_SAVE_JOB = """
+import errno, runpy, sys
+if "--process_id=0" in sys.argv:
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  async def full(self, item, directory):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+  json_checkpoint_handler.JsonCheckpointHandler._save_fn = full
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
+def test_a_save_failing_on_one_process_stops_every_process_with_its_error(tmp_path):
+  # Orbax's own report of it on the other process would come at its barrier timeout
+  # (10 minutes), after the next save had hung: here all stop at the next boundary.
+  (tmp_path / "failing_save_job.py").write_text(FAILING_SAVE_JOB)
+  workdir = tmp_path / "run"
+  tiny = ["--config=configs/gpt_tiny.py", "--config.parallel.data=4",
+          "--config.parallel.fsdp=1", "--config.parallel.tensor=1",
+          "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.d_ff=64",
+          "--config.model.num_heads=2", "--config.seq_len=32", "--config.model.max_seq_len=32",
+          "--config.batch_size=8", "--config.sample_tokens=0", "--config.log_every=1",
+          "--config.eval_every=100000", "--config.checkpoint_every=3", "--config.steps=50"]
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.launch_local", "--num_processes=2",
+       "--total_cpu_devices=4", "--module=failing_save_job", f"--timeout_s={TIMEOUT_S}", "--",
+       *tiny, f"--workdir={workdir}"],
+      cwd=REPO, env={**_env(4), "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])},
+      capture_output=True, text=True, timeout=TIMEOUT_S + 30)
+  assert result.returncode == 1, result.stderr[-3000:]
+  error = (f"error: saving a checkpoint in {workdir / 'checkpoints'} failed on process 0 "
+           "(OSError: [Errno 28] No space left on device")
+  for i in range(2):  # process 1's own writes succeeded: it stops with process 0's error
+    lines = (workdir / f"process_{i}.log").read_text().splitlines()
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(error), lines[-5:]
+  # Stopped at the latest before the next save (step 6), which would have waited forever.
+  with open(workdir / "metrics.jsonl") as f:
+    last = max(json.loads(line)["step"] for line in f)
+  assert 3 <= last <= 6
+  assert not (workdir / "checkpoints" / "6").exists()

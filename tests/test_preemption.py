@@ -20,10 +20,11 @@ from jaxspeed.training.preemption import Preemption
 def test_handlers_set_a_flag_and_are_restored():
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   with Preemption() as preemption:
-    assert not preemption.stop_now()
+    assert preemption.at_boundary() == (False, False)
+    assert preemption.at_boundary(save_failed=True) == (False, True)  # one process: at once
     os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: only the flag
     time.sleep(0.01)
-    assert preemption.stop_now() and preemption.signal == signal.SIGINT
+    assert preemption.at_boundary() == (True, False) and preemption.signal == signal.SIGINT
   assert {s: signal.getsignal(s) for s in before} == before
 
 

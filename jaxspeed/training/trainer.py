@@ -61,7 +61,7 @@ from jaxspeed.parallel.devices import fit_config_layout, peak_flops
 from jaxspeed.training.evaluation import validation_bits_per_byte
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
-from jaxspeed.training.preemption import Preemption
+from jaxspeed.training.preemption import Preemption, first_message
 from jaxspeed.training.state import (
   StateSpecs,
   TrainState,
@@ -418,14 +418,38 @@ class SkipWatch:
 
 @contextlib.contextmanager
 def _save_errors(directory: str):
-  """Turns a failed (possibly earlier, asynchronous) checkpoint save into one ``RunError``."""
+  """Turns a failed (possibly earlier, asynchronous) checkpoint save into one ``RunError``.
+
+  With several processes the message names this one: every process stops with it.
+  """
   try:
     yield
   except Exception as e:
     first = (str(e).strip().splitlines() or [""])[0]
-    raise RunError(f"saving a checkpoint in {directory} failed ({type(e).__name__}: {first}); "
-                   "the run stopped. Free space or fix the directory, then rerun to resume "
-                   "from the newest complete checkpoint") from e
+    where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
+    raise RunError(f"saving a checkpoint in {directory} failed{where} ({type(e).__name__}: "
+                   f"{first}); the run stopped. Free space or fix the directory, then rerun to "
+                   "resume from the newest complete checkpoint") from e
+
+
+class SaveFailed(RunError):
+  """A checkpoint save failed on some process; every process raises it at the same step.
+
+  With several processes, orbax's background threads of that save on the other
+  processes wait at a barrier for the failed one until orbax's timeout (10
+  minutes): nothing should wait for them, and a command-line run ends its
+  process without joining them (``experiments.train``).
+  """
+
+
+def _failed_save(checkpointer: Checkpointer, directory: str) -> RunError | None:
+  """The error of a finished asynchronous save that failed (``_save_errors``), else None."""
+  try:
+    with _save_errors(directory):
+      checkpointer.check()
+  except RunError as e:
+    return e
+  return None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -466,6 +490,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"resuming {workdir} with changes: {'; '.join(changes)}", flush=True)
     with Preemption() as preemption:
       summary, sample = _train(config, workdir, checkpointer, start, lead, preemption)
+  except SaveFailed:
+    if jax.process_count() == 1:  # else the wait would last until orbax's barrier timeout
+      with contextlib.suppress(Exception):
+        checkpointer.close()
+    raise
   except BaseException:
     with contextlib.suppress(Exception):  # a pending save's own failure is secondary
       checkpointer.close()
@@ -496,7 +525,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
            ) -> tuple[dict[str, Any], str | None]:
   """The training loop of ``train``: (summary, text sample or None).
 
-  Stops early, saved, at the first step boundary ``preemption`` asks for.
+  Stops early, saved, at the first step boundary ``preemption`` asks for, and with an
+  error at the first one where a process reports a failed asynchronous save.
   """
   setup = build(config, workdir)
   directory = checkpoint_dir(workdir)
@@ -536,6 +566,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
     jax.monitoring.register_event_duration_secs_listener(on_compile)
     loop_start = time.perf_counter()
     preempted_at = None
+    save_error: RunError | None = None  # this process's failed save, until all processes agree
     try:
       for step in range(first_step, config.steps):
         batch = setup.to_device(setup.train_data.next_batch())
@@ -543,16 +574,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         state, metrics = setup.train_step(state, batch, step)
         if previous:  # one step late, so the host does not wait for the step just dispatched
           skips.update(step, int(previous["skipped_steps"]))
-        if jax.process_count() == 1:
-          # A failed background save stops the run at the next step. With several
-          # processes each could see the save end a step apart, and one stopping alone
-          # would leave the others waiting in a collective: they learn it at the next
-          # save instead, which orbax synchronizes.
-          with _save_errors(directory):
-            checkpointer.check()
+        # A failed background save stops the run at the next step boundary. With several
+        # processes each could see the save end a step apart, and one stopping alone would
+        # leave the others waiting in a collective: all stop where they agree it failed,
+        # with the error of the first process whose save failed.
+        save_error = save_error or _failed_save(checkpointer, directory)
         window_tokens += batch["inputs"].size
         done = step + 1
-        stop = preemption.stop_now() and done < config.steps
+        save_now = done % config.checkpoint_every == 0 or done == config.steps
+        agreed = preemption.at_boundary(save_failed=save_error is not None, wait=save_now)
+        if agreed.save_failed:
+          raise SaveFailed(first_message(str(save_error) if save_error else None)) from save_error
+        stop = agreed.preempted and done < config.steps
         writer.advance()
         evaluate_now = done % config.eval_every == 0 or done == config.steps
         if evaluate_now or done % config.log_every == 0:
@@ -571,7 +604,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
             record["val_loss"] = val_losses[-1]
           writer.write(done, record)
           window_start, window_tokens, window_first = time.perf_counter(), 0, False
-        if done % config.checkpoint_every == 0 or done == config.steps or stop:
+        if save_now or stop:
           skips.update(done, int(metrics["skipped_steps"]))
           if done == config.steps:
             skips.check_trained(first_step)
