@@ -3,12 +3,14 @@
 The runs go through the real command line (``experiments.train`` and
 ``experiments.launch_local``) in subprocesses, so this covers
 ``jax.distributed`` initialization, gloo collectives across processes, the
-per-process data loading behind ``make_array_from_process_local_data`` and
-the end of a run (checkpoint, plot, text sample) on every process.
+per-process data loading behind ``make_array_from_process_local_data``, the
+end of a run (checkpoint, plot, text sample) on every process, and a
+one-process run resumed on two processes under another layout.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from conftest import REPO
 from helpers import subprocess_env
 
 STEPS = 5
+MID = 3  # the step of the mid-run checkpoint the layout-changing resume starts from
 TIMEOUT_S = 240
 RUNS = 3
 
@@ -31,11 +34,11 @@ TRAIN_FLAGS = [
     "--config.log_every=1",
     f"--config.eval_every={STEPS}",
     "--config.eval_batches=1",
-    f"--config.checkpoint_every={STEPS}",
+    f"--config.checkpoint_every={MID}",
     "--config.sample_tokens=0",
     "--config.seq_len=32",
     "--config.model.max_seq_len=32",
-    "--config.model.num_layers=1",
+    "--config.model.num_layers=2",  # two pipeline stages in the resume
     "--config.model.d_model=64",
     "--config.model.d_ff=256",
     "--config.parallel.data=2",
@@ -243,34 +246,54 @@ def test_generator_places_parameters_in_one_program():
     assert leaf.sharding == sharding
 
 
-def _losses(workdir) -> list[float]:
+def _losses(workdir, first: int = 1) -> list[float]:
   with open(workdir / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in records] == list(range(first, STEPS + 1))
   return [r["loss"] for r in records]
+
+
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _launch_local(*flags: str) -> list[str]:
+  return [sys.executable, "-m", "experiments.launch_local", "--num_processes=2",
+          "--total_cpu_devices=8", f"--timeout_s={TIMEOUT_S}", "--", *flags]
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("subprocess")
 def test_two_processes_match_one_process(tmp_path):
-  single, multi = tmp_path / "single", tmp_path / "multi"
-  commands = {
-      "single": ([sys.executable, "-m", "experiments.train", *TRAIN_FLAGS,
-                  f"--workdir={single}", "--cpu_devices=8"], _env(8)),
-      "multi": ([sys.executable, "-m", "experiments.launch_local", "--num_processes=2",
-                 "--total_cpu_devices=8", f"--timeout_s={TIMEOUT_S}", "--",
-                 *TRAIN_FLAGS, f"--workdir={multi}"], _env(4)),
-  }
-  # Both runs at once: much of each is single-threaded compilation, so they
+  """Also: the one-process run's step-3 checkpoint resumed on two processes with a pipeline.
+
+  The saved parameters have one subtree per layer, the pipelined ones one stacked
+  ``layers`` subtree: every process converts the state (``jaxspeed.checkpoint.layout``).
+  """
+  single, multi, resumed = tmp_path / "single", tmp_path / "multi", tmp_path / "resumed"
+  # The first two at once: much of each is single-threaded compilation, so they
   # overlap well even on two cores.
-  procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-           for name, (cmd, env) in commands.items()}
-  deadline = time.monotonic() + TIMEOUT_S + 30
+  procs = {
+      "single": _start([sys.executable, "-m", "experiments.train", *TRAIN_FLAGS,
+                        f"--workdir={single}", "--cpu_devices=8"], _env(8)),
+      "multi": _start(_launch_local(*TRAIN_FLAGS, f"--workdir={multi}"), _env(4)),
+  }
+  deadline = time.monotonic() + 2 * TIMEOUT_S
   outputs = {}
   try:
-    for name, proc in procs.items():
-      outputs[name], _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    outputs["single"], _ = procs["single"].communicate(timeout=TIMEOUT_S)
+    assert procs["single"].returncode == 0, f"single run failed:\n{outputs['single'][-3000:]}"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(single / "checkpoints" / str(MID), resumed / "checkpoints" / str(MID))
+    shutil.copy(single / "config.json", resumed)
+    procs["resumed"] = _start(_launch_local(
+        *TRAIN_FLAGS, f"--workdir={resumed}", "--config.parallel.stage=2",
+        "--config.parallel.fsdp=1", "--config.zero.stage=1"),
+        _env(4))
+    for name in ("multi", "resumed"):
+      outputs[name], _ = procs[name].communicate(
+          timeout=max(1.0, deadline - time.monotonic()))
   finally:
     for proc in procs.values():
       if proc.poll() is None:
@@ -282,6 +305,12 @@ def test_two_processes_match_one_process(tmp_path):
   assert (multi / "process_1.log").exists()
 
   np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
+
+  assert f"resumed from step {MID}" in outputs["resumed"]
+  assert "parallel.stage: 1 -> 2" in outputs["resumed"]
+  assert "mesh | data=2 stage=2 tensor=2" in outputs["resumed"]
+  np.testing.assert_allclose(_losses(resumed, first=MID + 1), _losses(single)[MID:],
+                             rtol=1e-4)
 
 
 @pytest.mark.slow
