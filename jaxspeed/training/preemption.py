@@ -18,9 +18,10 @@ only for a step that has already been waited for.
 
 The same all-reduce carries a second flag, "an asynchronous checkpoint save
 failed on this process", for the same reason: a process that stopped alone
-would leave the others waiting. Every process then raises at the same
-boundary, with the error message of the first process whose save failed
-(``first_message``).
+would leave the others waiting. The trainer stops every process at the
+boundary where they agree on it, with the error message of the first process
+whose save failed (``first_message``). Before a save the flags are read at
+once (``wait``): orbax's next save would wait at a barrier for the failed one.
 """
 
 from __future__ import annotations

@@ -584,6 +584,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         save_now = done % config.checkpoint_every == 0 or done == config.steps
         agreed = preemption.at_boundary(save_failed=save_error is not None, wait=save_now)
         if agreed.save_failed:
+          jax.block_until_ready(state)  # only first_message's collective in flight
           raise SaveFailed(first_message(str(save_error) if save_error else None)) from save_error
         stop = agreed.preempted and done < config.steps
         writer.advance()
