@@ -105,6 +105,10 @@ class Checkpointer:
     self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
+  def saving(self) -> bool:
+    """Whether an asynchronous save is still running (on this process, as orbax sees it)."""
+    return self._manager.is_saving_in_progress()
+
   def check(self) -> None:
     """Raises the error of an asynchronous save that failed on this process; never waits."""
     if self._write_errors:

@@ -20,8 +20,10 @@ The same all-reduce carries a second flag, "an asynchronous checkpoint save
 failed on this process", for the same reason: a process that stopped alone
 would leave the others waiting. The trainer stops every process at the
 boundary where they agree on it, with the error message of the first process
-whose save failed (``first_message``). Before a save the flags are read at
-once (``wait``): orbax's next save would wait at a barrier for the failed one.
+whose save failed (``first_message``). Before the next save, and at the end,
+the trainer waits for the pending save through ``any_process`` instead of
+orbax: orbax would wait at a barrier for the failed process until its
+timeout (10 minutes).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NamedTuple
 
@@ -85,34 +88,39 @@ class Preemption:
       return
     self.signal = signal.Signals(signum)
 
-  def at_boundary(self, save_failed: bool = False, wait: bool = False) -> Agreed:
+  def at_boundary(self, save_failed: bool = False) -> Agreed:
     """The flags all processes agree on at this step boundary; call once per boundary on each.
 
     Args:
       save_failed: this process's asynchronous checkpoint save failed.
-      wait: agree on this boundary's flags now (same value on every process), e.g.
-        before a save, which must not start after a failed one: orbax would wait for
-        it at a barrier. Cheap where the host waits for the step anyway.
 
     With one process: this process's flags, at once. With several: the same on
     all of them at the same boundary, one boundary after the first process
-    raised a flag (at once with ``wait``).
+    raised a flag.
     """
-    local = np.array([self.signal is not None, save_failed], np.int32)
+    local = [self.signal is not None, save_failed]
     if jax.process_count() == 1:
-      return Agreed(*(bool(f) for f in local))
-    if self._max is None:
-      self._mesh = Mesh(np.array(jax.devices()), ("all",))
-      self._max = jax.jit(lambda flags: jnp.max(flags, axis=0),
-                          out_shardings=NamedSharding(self._mesh, P()))
+      return Agreed(*local)
     agreed = Agreed(False, False)
     if self._pending is not None:
       agreed = Agreed(*(bool(f) for f in np.asarray(self._pending)))
     if not any(agreed):
-      self._pending = self._max(self._flags(local))
-      if wait:
-        agreed, self._pending = Agreed(*(bool(f) for f in np.asarray(self._pending))), None
+      self._pending = self._all_reduce(local)
     return agreed
+
+  def any_process(self, flags: Sequence[bool]) -> tuple[bool, ...]:
+    """Each flag or-ed over all processes, now (a blocking all-reduce); every process must call."""
+    if jax.process_count() == 1:
+      return tuple(flags)
+    return tuple(bool(f) for f in np.asarray(self._all_reduce(flags)))
+
+  def _all_reduce(self, flags: Sequence[bool]) -> jax.Array:
+    """int32 [flags]: the max of each flag over all processes, launched, not waited for."""
+    if self._max is None:
+      self._mesh = Mesh(np.array(jax.devices()), ("all",))
+      self._max = jax.jit(lambda flags: jnp.max(flags, axis=0),
+                          out_shardings=NamedSharding(self._mesh, P()))
+    return self._max(self._flags(np.array(flags, np.int32)))
 
   def _flags(self, local: np.ndarray) -> jax.Array:
     """int32 [devices, flags]: this process's flags on each of its devices, one array over all."""

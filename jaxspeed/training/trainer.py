@@ -452,6 +452,25 @@ def _failed_save(checkpointer: Checkpointer, directory: str) -> RunError | None:
   return None
 
 
+def _wait_for_saves(checkpointer: Checkpointer, directory: str, preemption: Preemption) -> None:
+  """With several processes: waits until the pending save is done on all, or raises.
+
+  Raises ``SaveFailed`` on every process at once when one's write failed. Orbax
+  alone (its next save, or ``close``) would wait at a barrier for the failed
+  process until its timeout. With one process orbax's own wait reports the error.
+  """
+  if jax.process_count() == 1:
+    return
+  while True:
+    error = _failed_save(checkpointer, directory)
+    failed, saving = preemption.any_process([error is not None, checkpointer.saving()])
+    if failed:
+      raise SaveFailed(first_message(str(error) if error else None)) from error
+    if not saving:
+      return
+    time.sleep(0.05)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per ``config``, resuming from the newest checkpoint in ``workdir``.
 
@@ -581,8 +600,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         save_error = save_error or _failed_save(checkpointer, directory)
         window_tokens += batch["inputs"].size
         done = step + 1
-        save_now = done % config.checkpoint_every == 0 or done == config.steps
-        agreed = preemption.at_boundary(save_failed=save_error is not None, wait=save_now)
+        agreed = preemption.at_boundary(save_failed=save_error is not None)
         if agreed.save_failed:
           jax.block_until_ready(state)  # only first_message's collective in flight
           raise SaveFailed(first_message(str(save_error) if save_error else None)) from save_error
@@ -605,7 +623,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
             record["val_loss"] = val_losses[-1]
           writer.write(done, record)
           window_start, window_tokens, window_first = time.perf_counter(), 0, False
-        if save_now or stop:
+        if done % config.checkpoint_every == 0 or done == config.steps or stop:
           skips.update(done, int(metrics["skipped_steps"]))
           if done == config.steps:
             skips.check_trained(first_step)
@@ -613,12 +631,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
           if not bool(all_finite(state.params)):
             raise RunError(f"stopped at step {done}: the parameters are not finite; no "
                            "checkpoint was written")
+          _wait_for_saves(checkpointer, directory, preemption)
           with _save_errors(directory):
             checkpointer.save(done, state, setup.train_data.state)
         if stop:
           preempted_at = done
           break
       loop_s = time.perf_counter() - loop_start
+      _wait_for_saves(checkpointer, directory, preemption)
       with _save_errors(directory):
         checkpointer.close()
     finally:
