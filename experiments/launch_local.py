@@ -19,6 +19,15 @@ process's last lines, and exits with its code (128 + N for signal N, as shells
 do). When ``--timeout_s`` passes, it says which processes hung, stops them and
 exits 124. Stopping is SIGTERM to each process's group, then SIGKILL after a
 grace period: a process blocked in a collective may never act on SIGTERM.
+
+Preemption: the first SIGTERM or SIGINT to the launcher (a scheduler's notice,
+or Ctrl-C) goes on to every process, as a scheduler would deliver it to each
+host. A training process then saves at its next step boundary and exits 0
+(``jaxspeed.training.preemption``); when all have, the launcher says the job
+was preempted and saved, and exits 0. A process still running
+``--preemption_grace_s`` later is SIGKILLed, and the launcher says so and exits
+128 + the signal; a process that fails instead is reported as above. A second
+signal (or SIGHUP) SIGKILLs every process at once and exits 128 + that signal.
 """
 
 from __future__ import annotations
@@ -45,6 +54,9 @@ TIMEOUT_S = flags.DEFINE_float("timeout_s", 1800.0, "Stop everything after this 
 PORT = flags.DEFINE_integer("port", 0, "Coordinator port; 0 picks a free one.")
 LOGS_DIR = flags.DEFINE_string("logs_dir", None,
                               "Where process_<i>.log go; default the job's --workdir.")
+PREEMPTION_GRACE_S = flags.DEFINE_float(
+    "preemption_grace_s", 120.0, "After SIGTERM/SIGINT to the launcher, how long the processes "
+    "have to save and exit before they are SIGKILLed.", lower_bound=0.0)
 
 # Flags the launcher sets on every process; passing them after `--` is a mistake.
 _OWNED_FLAGS = ("coordinator_address", "num_processes", "process_id", "cpu_devices")
@@ -150,10 +162,13 @@ def _say(message: str) -> None:
   print(f"launch_local: {message}", file=sys.stderr, flush=True)
 
 
-def _exit_on_signal(signum, frame):
-  del frame
-  _say(f"got {signal.Signals(signum).name}; stopping all processes")
-  raise SystemExit(128 + signum)  # unwinds through the `finally` that stops the children
+def kill(procs: list[subprocess.Popen]) -> None:
+  """SIGKILL to each running process's group, at once."""
+  for p in procs:
+    if p.poll() is None:
+      _signal_group(p, signal.SIGKILL)
+  for p in procs:
+    p.wait()
 
 
 class _Echo:
@@ -194,12 +209,15 @@ def main(argv: list[str]) -> None:
   print(f"launch_local: {n} processes x {per_process} CPU devices, coordinator {address}, "
         f"logs in {os.path.join(log_dir, 'process_<i>.log')}", flush=True)
 
+  # (i, returncode) when process i exits, (None, signum) when the launcher gets a signal:
+  # one queue, so events are handled in the order they happened. A SimpleQueue, since a
+  # signal handler may put into it while the main thread waits on it.
+  events: queue.SimpleQueue[tuple[int | None, int]] = queue.SimpleQueue()
   for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(signum, _exit_on_signal)
+    signal.signal(signum, lambda signum, _: events.put((None, signum)))
   procs: list[subprocess.Popen] = []
   echoes: list[_Echo] = []
   quiet = threading.Event()  # set once the survivors' output is only noise
-  exits: queue.Queue[tuple[int, int]] = queue.Queue()
   with contextlib.ExitStack() as logs:
     try:
       for i in range(n):
@@ -216,8 +234,9 @@ def main(argv: list[str]) -> None:
                                process_group=0, preexec_fn=_die_with_parent)
         procs.append(p)
         # One waiter per process, so the first exit is known in the order it happened.
-        threading.Thread(target=lambda i=i, p=p: exits.put((i, p.wait())), daemon=True).start()
-      code = _supervise(procs, exits, log_dir, echoes, quiet, time.monotonic() + TIMEOUT_S.value)
+        threading.Thread(target=lambda i=i, p=p: events.put((i, p.wait())), daemon=True).start()
+      code = _supervise(procs, events, log_dir, echoes, quiet, time.monotonic() + TIMEOUT_S.value)
+      stop(procs)  # first: process 0's output ends only when it does
       for echo in echoes:
         echo.join()
       sys.exit(code)
@@ -225,19 +244,43 @@ def main(argv: list[str]) -> None:
       stop(procs)
 
 
-def _supervise(procs: list[subprocess.Popen], exits: queue.Queue, log_dir: str,
+def _supervise(procs: list[subprocess.Popen], events: queue.SimpleQueue, log_dir: str,
                echoes: list[_Echo], quiet: threading.Event, deadline: float) -> int:
-  """Waits for all processes; on the first failure or at the deadline, the exit status."""
+  """Waits for all processes and handles the launcher's signals; the job's exit status."""
   finished: set[int] = set()
+  preempted: signal.Signals | None = None  # the signal passed on to the processes
   while len(finished) < len(procs):
     try:
-      i, code = exits.get(timeout=max(0.0, deadline - time.monotonic()))
+      i, code = events.get(timeout=max(0.0, deadline - time.monotonic()))
     except queue.Empty:
       quiet.set()
-      hung = ", ".join(str(j) for j in range(len(procs)) if j not in finished)
-      _say(f"hung: process(es) {hung} still running after --timeout_s={TIMEOUT_S.value:g}; "
+      running = ", ".join(str(j) for j in range(len(procs)) if j not in finished)
+      if preempted is not None:
+        _say(f"process(es) {running} still running --preemption_grace_s="
+             f"{PREEMPTION_GRACE_S.value:g} after {preempted.name}; killing them (SIGKILL), "
+             "their last checkpoint may be older")
+        kill(procs)
+        return 128 + preempted
+      _say(f"hung: process(es) {running} still running after --timeout_s={TIMEOUT_S.value:g}; "
            f"stopping them (SIGTERM, then SIGKILL after {_GRACE_S:g} s)")
       return 124  # what coreutils `timeout` returns
+    if i is None:  # the launcher got signal `code`
+      received = signal.Signals(code)
+      if preempted is None and received in (signal.SIGTERM, signal.SIGINT):
+        preempted = received
+        for p in procs:
+          if p.poll() is None:
+            _signal_group(p, received)
+        _say(f"got {received.name}; passed it on to every process, which saves at its next "
+             f"step boundary and exits (SIGKILL after --preemption_grace_s="
+             f"{PREEMPTION_GRACE_S.value:g}; a second signal kills them now)")
+        deadline = time.monotonic() + PREEMPTION_GRACE_S.value
+        continue
+      quiet.set()
+      _say(f"got {received.name}{' again' if received == preempted else ''}; killing all "
+           "processes (SIGKILL)")
+      kill(procs)
+      return 128 + received
     if code == 0:
       finished.add(i)
       continue
@@ -252,6 +295,9 @@ def _supervise(procs: list[subprocess.Popen], exits: queue.Queue, log_dir: str,
       log = os.path.join(log_dir, f"process_{i}.log")
       print(f"--- last lines of {log} ---\n{_tail(log)}", end="", file=sys.stderr, flush=True)
     return exit_status(code)
+  if preempted is not None:
+    _say(f"preempted by {preempted.name}: every process exited 0 after it (a training run "
+         "saved its checkpoint); rerun the same command to resume")
   return 0
 
 

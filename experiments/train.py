@@ -10,6 +10,8 @@ Multi-process (one process per host; see experiments/launch_local.py):
 from __future__ import annotations
 
 import logging as std_logging
+import os
+import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -36,13 +38,23 @@ def main(argv):
   import jax
 
   import jaxspeed
+  from jaxspeed.training.trainer import SaveFailed
 
   if COORDINATOR.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(COORDINATOR.value, num_processes=NUM_PROCESSES.value,
                                process_id=PROCESS_ID.value)
   # Bad input and stopped runs become one line in common.run_app.
-  jaxspeed.train(common.config_value(CONFIG), WORKDIR.value)
+  try:
+    jaxspeed.train(common.config_value(CONFIG), WORKDIR.value)
+  except SaveFailed as e:
+    if jax.process_count() == 1:
+      raise
+    # Orbax's threads of the failed save wait for the others at a barrier until its
+    # timeout; a normal exit would join them.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

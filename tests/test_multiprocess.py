@@ -3,12 +3,14 @@
 The runs go through the real command line (``experiments.train`` and
 ``experiments.launch_local``) in subprocesses, so this covers
 ``jax.distributed`` initialization, gloo collectives across processes, the
-per-process data loading behind ``make_array_from_process_local_data`` and
-the end of a run (checkpoint, plot, text sample) on every process.
+per-process data loading behind ``make_array_from_process_local_data``, the
+end of a run (checkpoint, plot, text sample) on every process, and a
+one-process run resumed on two processes under another layout.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from conftest import REPO
 from helpers import subprocess_env
 
 STEPS = 5
+MID = 3  # the step of the mid-run checkpoint the layout-changing resume starts from
 TIMEOUT_S = 240
 RUNS = 3
 
@@ -31,11 +34,11 @@ TRAIN_FLAGS = [
     "--config.log_every=1",
     f"--config.eval_every={STEPS}",
     "--config.eval_batches=1",
-    f"--config.checkpoint_every={STEPS}",
+    f"--config.checkpoint_every={MID}",
     "--config.sample_tokens=0",
     "--config.seq_len=32",
     "--config.model.max_seq_len=32",
-    "--config.model.num_layers=1",
+    "--config.model.num_layers=2",  # two pipeline stages in the resume
     "--config.model.d_model=64",
     "--config.model.d_ff=256",
     "--config.parallel.data=2",
@@ -55,20 +58,26 @@ def _env(devices: int) -> dict[str, str]:
 
 # A stand-in job for the launcher tests: records its pid, then fails if it is
 # process --fail (by exit code 3, or by --signal), else waits until it is
-# stopped. On SIGTERM it prints an error, as a real process whose peer died
-# would; with --ignore_sigterm it ignores it, as one blocked in a collective
-# does. No JAX, so it starts at once.
+# stopped. On SIGTERM or SIGINT, per --on_signal: "error" (the default) prints an
+# error, as a real process whose peer died would; "ignore" ignores it, as one
+# blocked in a collective does; "save" takes --save_s to "save" (writes
+# saved_<i>), then exits 0, as a preempted training process does. No JAX, so it
+# starts at once.
 FAKE_JOB = """
 import os, signal, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
 me = args["process_id"]
-with open(os.path.join(args["workdir"], "pid_" + me), "w") as f:
+def save(*_):
+  time.sleep(float(args.get("save_s", "0.2")))
+  open(os.path.join(args["workdir"], "saved_" + me), "w").close()
+  sys.exit(0)
+handler = {"error": lambda *_: sys.exit("error echoed by process " + me),
+           "ignore": signal.SIG_IGN, "save": save}[args.get("on_signal", "error")]
+for signum in (signal.SIGTERM, signal.SIGINT):
+  signal.signal(signum, handler)
+with open(os.path.join(args["workdir"], "pid_" + me), "w") as f:  # the handlers are in place
   f.write(str(os.getpid()))
 print("devices", args["cpu_devices"], os.environ["XLA_FLAGS"], flush=True)
-if args.get("ignore_sigterm"):
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
-else:
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit("error echoed by process " + me))
 if me == args.get("fail"):
   time.sleep(1.0)  # lets the others start (or not, when the machine is busy)
   print("last words of process " + me, file=sys.stderr, flush=True)
@@ -140,22 +149,59 @@ def test_launcher_keeps_the_signal_of_a_killed_process(tmp_path):
 def test_launcher_kills_hung_processes_at_timeout(tmp_path):
   # The processes ignore SIGTERM, as ones blocked in a collective do: only SIGKILL ends them.
   result = _launch(tmp_path, "--num_processes=2", "--timeout_s=2",
-                   job_flags=["--ignore_sigterm=1"])
+                   job_flags=["--on_signal=ignore"])
   assert result.returncode == 124
   hung = [line for line in result.stderr.splitlines() if "hung" in line]
   assert len(hung) == 1 and "process(es) 0, 1" in hung[0], result.stderr
   assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
 
 
-def test_launcher_stops_processes_when_terminated(tmp_path):
-  launcher = _launch(tmp_path, "--num_processes=2", wait=False)
+def _started(tmp_path, launcher, n: int) -> None:
+  """Returns once the ``n`` processes of ``launcher`` have their signal handlers in place."""
   deadline = time.monotonic() + 60
-  while len(_pids(tmp_path)) < 2 and time.monotonic() < deadline:
+  while len(_pids(tmp_path)) < n and time.monotonic() < deadline and launcher.poll() is None:
     time.sleep(0.1)
+
+
+def _saved(tmp_path) -> list[str]:
+  return sorted(p.name for p in tmp_path.glob("saved_*"))
+
+
+def test_launcher_passes_a_preemption_on_and_exits_0_when_every_process_saves(tmp_path):
+  launcher = _launch(tmp_path, "--num_processes=2", wait=False, job_flags=["--on_signal=save"])
+  _started(tmp_path, launcher, 2)
+  launcher.terminate()
+  _, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 0, stderr
+  assert _saved(tmp_path) == ["saved_0", "saved_1"]  # each process got the signal
+  assert "got SIGTERM; passed it on to every process" in stderr
+  assert "preempted by SIGTERM: every process exited 0" in stderr
+  assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
+
+
+def test_launcher_kills_at_once_on_a_second_signal(tmp_path):
+  # The processes would take 600 s to save: only the launcher's SIGKILL ends them in time.
+  launcher = _launch(tmp_path, "--num_processes=2", wait=False,
+                     job_flags=["--on_signal=save", "--save_s=600"])
+  _started(tmp_path, launcher, 2)
+  launcher.send_signal(signal.SIGINT)  # Ctrl-C, then SIGTERM (two of one kind may merge)
   launcher.terminate()
   _, stderr = launcher.communicate(timeout=60)
   assert launcher.returncode == 128 + signal.SIGTERM, stderr
-  assert "got SIGTERM" in stderr
+  assert "got SIGINT; passed it on" in stderr and "got SIGTERM; killing all processes" in stderr
+  assert _saved(tmp_path) == []
+  assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
+
+
+def test_launcher_kills_processes_that_outlast_the_preemption_grace(tmp_path):
+  launcher = _launch(tmp_path, "--num_processes=2", "--preemption_grace_s=1", wait=False,
+                     job_flags=["--on_signal=save", "--save_s=600"])
+  _started(tmp_path, launcher, 2)
+  launcher.terminate()
+  _, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 128 + signal.SIGTERM, stderr
+  assert "process(es) 0, 1 still running --preemption_grace_s=1 after SIGTERM; killing" in stderr
+  assert "preempted by" not in stderr
   assert not [pid for pid in _pids(tmp_path) if _alive(pid)]
 
 
@@ -200,34 +246,54 @@ def test_generator_places_parameters_in_one_program():
     assert leaf.sharding == sharding
 
 
-def _losses(workdir) -> list[float]:
+def _losses(workdir, first: int = 1) -> list[float]:
   with open(workdir / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in records] == list(range(first, STEPS + 1))
   return [r["loss"] for r in records]
+
+
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _launch_local(*flags: str) -> list[str]:
+  return [sys.executable, "-m", "experiments.launch_local", "--num_processes=2",
+          "--total_cpu_devices=8", f"--timeout_s={TIMEOUT_S}", "--", *flags]
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("subprocess")
 def test_two_processes_match_one_process(tmp_path):
-  single, multi = tmp_path / "single", tmp_path / "multi"
-  commands = {
-      "single": ([sys.executable, "-m", "experiments.train", *TRAIN_FLAGS,
-                  f"--workdir={single}", "--cpu_devices=8"], _env(8)),
-      "multi": ([sys.executable, "-m", "experiments.launch_local", "--num_processes=2",
-                 "--total_cpu_devices=8", f"--timeout_s={TIMEOUT_S}", "--",
-                 *TRAIN_FLAGS, f"--workdir={multi}"], _env(4)),
-  }
-  # Both runs at once: much of each is single-threaded compilation, so they
+  """Also: the one-process run's step-3 checkpoint resumed on two processes with a pipeline.
+
+  The saved parameters have one subtree per layer, the pipelined ones one stacked
+  ``layers`` subtree: every process converts the state (``jaxspeed.checkpoint.layout``).
+  """
+  single, multi, resumed = tmp_path / "single", tmp_path / "multi", tmp_path / "resumed"
+  # The first two at once: much of each is single-threaded compilation, so they
   # overlap well even on two cores.
-  procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-           for name, (cmd, env) in commands.items()}
-  deadline = time.monotonic() + TIMEOUT_S + 30
+  procs = {
+      "single": _start([sys.executable, "-m", "experiments.train", *TRAIN_FLAGS,
+                        f"--workdir={single}", "--cpu_devices=8"], _env(8)),
+      "multi": _start(_launch_local(*TRAIN_FLAGS, f"--workdir={multi}"), _env(4)),
+  }
+  deadline = time.monotonic() + 2 * TIMEOUT_S
   outputs = {}
   try:
-    for name, proc in procs.items():
-      outputs[name], _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    outputs["single"], _ = procs["single"].communicate(timeout=TIMEOUT_S)
+    assert procs["single"].returncode == 0, f"single run failed:\n{outputs['single'][-3000:]}"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(single / "checkpoints" / str(MID), resumed / "checkpoints" / str(MID))
+    shutil.copy(single / "config.json", resumed)
+    procs["resumed"] = _start(_launch_local(
+        *TRAIN_FLAGS, f"--workdir={resumed}", "--config.parallel.stage=2",
+        "--config.parallel.fsdp=1", "--config.zero.stage=1"),
+        _env(4))
+    for name in ("multi", "resumed"):
+      outputs[name], _ = procs[name].communicate(
+          timeout=max(1.0, deadline - time.monotonic()))
   finally:
     for proc in procs.values():
       if proc.poll() is None:
@@ -239,6 +305,12 @@ def test_two_processes_match_one_process(tmp_path):
   assert (multi / "process_1.log").exists()
 
   np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
+
+  assert f"resumed from step {MID}" in outputs["resumed"]
+  assert "parallel.stage: 1 -> 2" in outputs["resumed"]
+  assert "mesh | data=2 stage=2 tensor=2" in outputs["resumed"]
+  np.testing.assert_allclose(_losses(resumed, first=MID + 1), _losses(single)[MID:],
+                             rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -263,3 +335,51 @@ def test_two_process_runs_with_a_sample_finish(tmp_path):
     assert result.returncode == 0, f"run {run}:\n{result.stderr[-3000:]}"
     assert "\nsample: 'The" in result.stdout, result.stdout[-3000:]
     assert (workdir / "checkpoints" / "1").is_dir()
+
+
+# experiments.train with process 0's checkpoint writes failing, as on a full disk (only
+# process 0 writes the data iterator's JSON item).
+FAILING_SAVE_JOB = """
+import errno, runpy, sys
+if "--process_id=0" in sys.argv:
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  async def full(self, item, directory):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+  json_checkpoint_handler.JsonCheckpointHandler._save_fn = full
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
+@pytest.mark.parametrize("steps", [50, 3], ids=["mid_run", "last_save"])
+def test_a_save_failing_on_one_process_stops_every_process_with_its_error(tmp_path, steps):
+  # Orbax's own report of it on the other process would come at its barrier timeout
+  # (10 minutes), in the next save or at the end of the run (`last_save`, where the
+  # failed save is the last one): here all stop at once.
+  (tmp_path / "failing_save_job.py").write_text(FAILING_SAVE_JOB)
+  workdir = tmp_path / "run"
+  tiny = ["--config=configs/gpt_tiny.py", "--config.parallel.data=4",
+          "--config.parallel.fsdp=1", "--config.parallel.tensor=1",
+          "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.d_ff=64",
+          "--config.model.num_heads=2", "--config.seq_len=32", "--config.model.max_seq_len=32",
+          "--config.batch_size=8", "--config.sample_tokens=0", "--config.log_every=1",
+          "--config.eval_every=100000", "--config.checkpoint_every=3", f"--config.steps={steps}"]
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.launch_local", "--num_processes=2",
+       "--total_cpu_devices=4", "--module=failing_save_job", f"--timeout_s={TIMEOUT_S}", "--",
+       *tiny, f"--workdir={workdir}"],
+      cwd=REPO, env={**_env(4), "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])},
+      capture_output=True, text=True, timeout=TIMEOUT_S + 30)
+  assert result.returncode == 1, result.stderr[-3000:]
+  error = (f"error: saving a checkpoint in {workdir / 'checkpoints'} failed on process 0 "
+           "(OSError: [Errno 28] No space left on device")
+  for i in range(2):  # process 1's own writes succeeded: it stops with process 0's error
+    lines = (workdir / f"process_{i}.log").read_text().splitlines()
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(error), lines[-5:]
+  # Stopped at the latest before the next save (step 6).
+  with open(workdir / "metrics.jsonl") as f:
+    last = max(json.loads(line)["step"] for line in f)
+  assert 3 <= last <= min(steps, 6)
+  assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]

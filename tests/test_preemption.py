@@ -20,10 +20,11 @@ from jaxspeed.training.preemption import Preemption
 def test_handlers_set_a_flag_and_are_restored():
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   with Preemption() as preemption:
-    assert not preemption.stop_now()
+    assert preemption.at_boundary() == (False, False)
+    assert preemption.at_boundary(save_failed=True) == (False, True)  # one process: at once
     os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: only the flag
     time.sleep(0.01)
-    assert preemption.stop_now() and preemption.signal == signal.SIGINT
+    assert preemption.at_boundary() == (True, False) and preemption.signal == signal.SIGINT
   assert {s: signal.getsignal(s) for s in before} == before
 
 
@@ -79,28 +80,34 @@ def _wait_for_training(procs, logs, metrics: str) -> None:
 @pytest.mark.slow
 @pytest.mark.xdist_group("subprocess")
 def test_sigterm_saves_exits_0_and_the_rerun_resumes_identically(tmp_path):
-  args = [*TRAIN, "--cpu_devices=2", "--config.parallel.data=2"]
+  """SIGTERM to ``launch_local`` (one process): it passes the signal on, the run saves, 0."""
+  args = [*TRAIN, "--config.parallel.data=2"]
   env = subprocess_env()
   workdir = str(tmp_path / "preempted")
   log = open(tmp_path / "preempted.log", "w+")  # noqa: SIM115
-  proc = subprocess.Popen([*args, f"--workdir={workdir}", "--config.steps=100000"], cwd=REPO,
-                          env=env, stdout=log, stderr=subprocess.STDOUT)
+  launcher = [sys.executable, "-m", "experiments.launch_local", "--num_processes=1",
+              "--total_cpu_devices=2", "--", *args[3:]]  # args[:3] runs experiments.train
+  proc = subprocess.Popen([*launcher, f"--workdir={workdir}", "--config.steps=100000"],
+                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
   _wait_for_training([proc], [log], os.path.join(workdir, "metrics.jsonl"))
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=60) == 0
+  code = proc.wait(timeout=60)
   log.seek(0)
   output = log.read()
+  assert code == 0, output[-2000:]
   reached = max(_losses(workdir))
   assert (f"preempted: saved step {reached} in {os.path.join(workdir, 'checkpoints')}; rerun "
           "the same command to resume") in output, output[-2000:]
+  assert "launch_local: preempted by SIGTERM: every process exited 0" in output
   assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == reached
   assert not os.path.exists(os.path.join(workdir, "summary.json"))  # not complete
 
   end = reached + 3
   outputs = []
   for directory in (workdir, str(tmp_path / "straight")):
-    result = subprocess.run([*args, f"--workdir={directory}", f"--config.steps={end}"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*args, "--cpu_devices=2", f"--workdir={directory}",
+                             f"--config.steps={end}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     outputs.append(result.stdout)
   assert f"resumed from step {reached}" in outputs[0]

@@ -44,15 +44,54 @@ def has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
+class _Recorded:
+  """An orbax commit future that keeps the error it raises in ``errors``."""
+
+  def __init__(self, inner: Any, errors: list[BaseException]):
+    self._inner, self._errors = inner, errors
+
+  def result(self, timeout: float | None = None) -> Any:
+    try:
+      return self._inner.result(timeout=timeout)
+    except BaseException as e:
+      self._errors.append(e)
+      raise
+
+  def cancel(self) -> Any:
+    return self._inner.cancel()
+
+
+def _recording(handler_type: type, errors: list[BaseException]) -> Any:
+  """A ``handler_type`` whose asynchronous writes keep their errors in ``errors``.
+
+  The instance's ``async_save`` is wrapped, not subclassed: orbax finds a
+  handler's argument types by its exact class.
+  """
+  handler = handler_type()
+  save = handler.async_save
+
+  async def async_save(*args, **kwargs):
+    return [_Recorded(f, errors) for f in await save(*args, **kwargs) or []]
+
+  handler.async_save = async_save
+  return handler
+
+
 class Checkpointer:
   """A train state plus the data iterator's JSON state, per step, under ``directory``."""
 
   def __init__(self, directory: str, keep: int = 3):
+    # This process's failed writes, as soon as orbax's background thread sees them. With
+    # several processes orbax itself reports them only after a barrier the failed process
+    # never reaches, i.e. at its timeout (10 minutes).
+    self._write_errors: list[BaseException] = []
+    self._reported = False  # check() raised one of them
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+        item_handlers={
+            "state": _recording(ocp.StandardCheckpointHandler, self._write_errors),
+            "data": _recording(ocp.JsonCheckpointHandler, self._write_errors)})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -66,8 +105,15 @@ class Checkpointer:
     self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
+  def saving(self) -> bool:
+    """Whether an asynchronous save is still running (on this process, as orbax sees it)."""
+    return self._manager.is_saving_in_progress()
+
   def check(self) -> None:
-    """Raises the error of a finished asynchronous save that failed; never waits for one."""
+    """Raises the error of an asynchronous save that failed on this process; never waits."""
+    if self._write_errors:
+      self._reported = True
+      raise self._write_errors[0]
     if not self._manager.is_saving_in_progress():
       self._manager.wait_until_finished()  # returns at once; re-raises a failed save
 
@@ -110,8 +156,15 @@ class Checkpointer:
     return (step, *self.restore(step, target))
 
   def close(self) -> None:
-    """Waits for pending saves, then releases resources."""
-    self._manager.wait_until_finished()
+    """Waits for pending saves, then releases resources.
+
+    Raises a failed save's error, unless ``check`` already did.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception:
+      if not self._reported:
+        raise
     self._manager.close()
 
 

@@ -63,7 +63,7 @@ from jaxspeed.parallel.devices import fit_config_layout, peak_flops
 from jaxspeed.training.evaluation import validation_bits_per_byte
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
-from jaxspeed.training.preemption import Preemption
+from jaxspeed.training.preemption import Preemption, first_message
 from jaxspeed.training.state import (
   StateSpecs,
   TrainState,
@@ -421,14 +421,57 @@ class SkipWatch:
 
 @contextlib.contextmanager
 def _save_errors(directory: str):
-  """Turns a failed (possibly earlier, asynchronous) checkpoint save into one ``RunError``."""
+  """Turns a failed (possibly earlier, asynchronous) checkpoint save into one ``RunError``.
+
+  With several processes the message names this one: every process stops with it.
+  """
   try:
     yield
   except Exception as e:
     first = (str(e).strip().splitlines() or [""])[0]
-    raise RunError(f"saving a checkpoint in {directory} failed ({type(e).__name__}: {first}); "
-                   "the run stopped. Free space or fix the directory, then rerun to resume "
-                   "from the newest complete checkpoint") from e
+    where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
+    raise RunError(f"saving a checkpoint in {directory} failed{where} ({type(e).__name__}: "
+                   f"{first}); the run stopped. Free space or fix the directory, then rerun to "
+                   "resume from the newest complete checkpoint") from e
+
+
+class SaveFailed(RunError):
+  """A checkpoint save failed on some process; every process raises it at the same step.
+
+  With several processes, orbax's background threads of that save on the other
+  processes wait at a barrier for the failed one until orbax's timeout (10
+  minutes): nothing should wait for them, and a command-line run ends its
+  process without joining them (``experiments.train``).
+  """
+
+
+def _failed_save(checkpointer: Checkpointer, directory: str) -> RunError | None:
+  """The error of a finished asynchronous save that failed (``_save_errors``), else None."""
+  try:
+    with _save_errors(directory):
+      checkpointer.check()
+  except RunError as e:
+    return e
+  return None
+
+
+def _wait_for_saves(checkpointer: Checkpointer, directory: str, preemption: Preemption) -> None:
+  """With several processes: waits until the pending save is done on all, or raises.
+
+  Raises ``SaveFailed`` on every process at once when one's write failed. Orbax
+  alone (its next save, or ``close``) would wait at a barrier for the failed
+  process until its timeout. With one process orbax's own wait reports the error.
+  """
+  if jax.process_count() == 1:
+    return
+  while True:
+    error = _failed_save(checkpointer, directory)
+    failed, saving = preemption.any_process([error is not None, checkpointer.saving()])
+    if failed:
+      raise SaveFailed(first_message(str(error) if error else None)) from error
+    if not saving:
+      return
+    time.sleep(0.05)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -471,6 +514,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"resuming {workdir} with changes: {'; '.join(changes)}", flush=True)
     with Preemption() as preemption:
       summary, sample = _train(config, workdir, checkpointer, start, lead, preemption)
+  except SaveFailed:
+    if jax.process_count() == 1:  # else the wait would last until orbax's barrier timeout
+      with contextlib.suppress(Exception):
+        checkpointer.close()
+    raise
   except BaseException:
     with contextlib.suppress(Exception):  # a pending save's own failure is secondary
       checkpointer.close()
@@ -501,7 +549,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
            ) -> tuple[dict[str, Any], str | None]:
   """The training loop of ``train``: (summary, text sample or None).
 
-  Stops early, saved, at the first step boundary ``preemption`` asks for.
+  Stops early, saved, at the first step boundary ``preemption`` asks for, and with an
+  error at the first one where a process reports a failed asynchronous save.
   """
   setup = build(config, workdir)
   directory = checkpoint_dir(workdir)
@@ -547,6 +596,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
     jax.monitoring.register_event_duration_secs_listener(on_compile)
     loop_start = time.perf_counter()
     preempted_at = None
+    save_error: RunError | None = None  # this process's failed save, until all processes agree
     try:
       for step in range(first_step, config.steps):
         batch = setup.to_device(setup.train_data.next_batch())
@@ -554,16 +604,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         state, metrics = setup.train_step(state, batch, step)
         if previous:  # one step late, so the host does not wait for the step just dispatched
           skips.update(step, int(previous["skipped_steps"]))
-        if jax.process_count() == 1:
-          # A failed background save stops the run at the next step. With several
-          # processes each could see the save end a step apart, and one stopping alone
-          # would leave the others waiting in a collective: they learn it at the next
-          # save instead, which orbax synchronizes.
-          with _save_errors(directory):
-            checkpointer.check()
+        # A failed background save stops the run at the next step boundary. With several
+        # processes each could see the save end a step apart, and one stopping alone would
+        # leave the others waiting in a collective: all stop where they agree it failed,
+        # with the error of the first process whose save failed.
+        save_error = save_error or _failed_save(checkpointer, directory)
         window_tokens += batch["inputs"].size
         done = step + 1
-        stop = preemption.stop_now() and done < config.steps
+        agreed = preemption.at_boundary(save_failed=save_error is not None)
+        if agreed.save_failed:
+          jax.block_until_ready(state)  # only first_message's collective in flight
+          raise SaveFailed(first_message(str(save_error) if save_error else None)) from save_error
+        stop = agreed.preempted and done < config.steps
         writer.advance()
         evaluate_now = done % config.eval_every == 0 or done == config.steps
         if evaluate_now or done % config.log_every == 0:
@@ -590,12 +642,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
           if not bool(all_finite(state.params)):
             raise RunError(f"stopped at step {done}: the parameters are not finite; no "
                            "checkpoint was written")
+          _wait_for_saves(checkpointer, directory, preemption)
           with _save_errors(directory):
             checkpointer.save(done, state, setup.train_data.state)
         if stop:
           preempted_at = done
           break
       loop_s = time.perf_counter() - loop_start
+      _wait_for_saves(checkpointer, directory, preemption)
       with _save_errors(directory):
         checkpointer.close()
     finally:
