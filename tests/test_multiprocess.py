@@ -24,7 +24,9 @@ from helpers import subprocess_env
 STEPS = 5
 MID = 3  # the step of the mid-run checkpoint the layout-changing resume starts from
 TIMEOUT_S = 240
-RUNS = 3
+RUNS = 2  # runs of the 4-layer sample test; the two-process runs of the match test sample too
+
+SAMPLE = ["--config.sample_tokens=4"]
 
 # ZeRO-3 over data x fsdp plus tensor parallelism: parameters, gradients and
 # optimizer state are all sharded across the process boundary.
@@ -35,7 +37,7 @@ TRAIN_FLAGS = [
     f"--config.eval_every={STEPS}",
     "--config.eval_batches=1",
     f"--config.checkpoint_every={MID}",
-    "--config.sample_tokens=0",
+    "--config.sample_tokens=0",  # SAMPLE turns it on
     "--config.seq_len=32",
     "--config.model.max_seq_len=32",
     "--config.model.num_layers=2",  # two pipeline stages in the resume
@@ -277,7 +279,7 @@ def test_two_processes_match_one_process(tmp_path):
   procs = {
       "single": _start([sys.executable, "-m", "experiments.train", *TRAIN_FLAGS,
                         f"--workdir={single}", "--cpu_devices=8"], _env(8)),
-      "multi": _start(_launch_local(*TRAIN_FLAGS, f"--workdir={multi}"), _env(4)),
+      "multi": _start(_launch_local(*TRAIN_FLAGS, f"--workdir={multi}", *SAMPLE), _env(4)),
   }
   deadline = time.monotonic() + 2 * TIMEOUT_S
   outputs = {}
@@ -289,7 +291,7 @@ def test_two_processes_match_one_process(tmp_path):
     shutil.copy(single / "config.json", resumed)
     procs["resumed"] = _start(_launch_local(
         *TRAIN_FLAGS, f"--workdir={resumed}", "--config.parallel.stage=2",
-        "--config.parallel.fsdp=1", "--config.zero.stage=1"),
+        "--config.parallel.fsdp=1", "--config.zero.stage=1", *SAMPLE),
         _env(4))
     for name in ("multi", "resumed"):
       outputs[name], _ = procs[name].communicate(
@@ -302,6 +304,8 @@ def test_two_processes_match_one_process(tmp_path):
   for name, proc in procs.items():
     assert proc.returncode == 0, f"{name} run failed:\n{outputs[name][-3000:]}"
   assert "launch_local: 2 processes x 4 CPU devices" in outputs["multi"]
+  for name in ("multi", "resumed"):  # the end-of-run sample across the process boundary
+    assert "\nsample: 'The" in outputs[name], outputs[name][-3000:]
   assert (multi / "process_1.log").exists()
 
   np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)

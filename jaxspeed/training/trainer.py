@@ -53,13 +53,14 @@ from jaxspeed.data_efficiency.batches import SampledBatches, SeqlenCurriculum
 from jaxspeed.data_efficiency.sources import curriculum_source
 from jaxspeed.errors import ConfigError, FlagError, RunError
 from jaxspeed.inference import Generator, SamplingConfig
-from jaxspeed.models import ModelConfig, build_model
+from jaxspeed.models import GPT, ModelConfig, PipelinedGPT, build_model
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.moe import MoeConfig
 from jaxspeed.moe.mos import Distillation
 from jaxspeed.optimizers import CommunicatingOptimizer
 from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_multiple
 from jaxspeed.parallel.devices import fit_config_layout, peak_flops
+from jaxspeed.parallel.pipeline import unstack_layers
 from jaxspeed.training.evaluation import validation_bits_per_byte
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
@@ -688,8 +689,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
     sample = None
     if config.sample_tokens and config.model.name == "gpt":
       prompt = [int(t) for t in setup.tokenizer.encode(config.sample_prompt)]
-      generator = Generator(setup.model, state.params, cache_len=config.seq_len,
-                            mesh=setup.mesh)
+      model, params = setup.model, state.params
+      if isinstance(model, PipelinedGPT):  # generation runs the plain GPT on the same layers
+        # One program for the whole tree: per-leaf eager ops across processes can hang.
+        model, params = GPT(model.config), jax.jit(unstack_layers)(params)
+      generator = Generator(model, params, cache_len=config.seq_len, mesh=setup.mesh)
       ids = generator.generate([prompt], config.sample_tokens, seed=config.seed,
                                sampling=SamplingConfig(temperature=0.8))[0]
       sample = config.sample_prompt + setup.tokenizer.decode(ids)
