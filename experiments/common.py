@@ -106,13 +106,14 @@ def env_info() -> dict[str, Any]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-  """Rows of equal keys as a markdown table."""
+  """Rows as a markdown table: every key of any row, in order of appearance; "" where a
+  row lacks one."""
   if not rows:
     return ""
-  keys = list(rows[0])
+  keys = list(dict.fromkeys(k for r in rows for k in r))
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-  lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+  lines += ["| " + " | ".join(fmt(r[k]) if k in r else "" for k in keys) + " |" for r in rows]
   return "\n".join(lines)
 
 

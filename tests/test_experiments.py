@@ -215,3 +215,11 @@ def test_universal_checkpoint_quick(tmp_path):
   assert math.isfinite(summary["onebit_layout_gap"])  # 8 -> 4 workers
   assert [(r["pair"], r["rule"]) for r in payload["rows"] if not r["exact"]] == [
       ("1-bit Adam dp8 -> dp4 (4 devices)", "resplit")]
+
+
+def test_markdown_table_lists_every_key_of_any_row():
+  from experiments.common import markdown_table
+
+  table = markdown_table([{"a": 1, "b": 0.5}, {"a": 2, "c": "x"}]).splitlines()
+  assert table[0] == "| a | b | c |"
+  assert table[2:] == ["| 1 | 0.5 |  |", "| 2 |  | x |"]
