@@ -83,12 +83,7 @@ def export_universal(workdir: str, out_dir: str) -> str:
     raise FlagError("universal_dir", f"{out_dir} is not empty; export into a new directory")
   with open(config_path) as f:
     config = json.load(f)
-  checkpointer = Checkpointer(checkpoint_dir(workdir))
-  try:
-    step = checkpointer.latest_step()
-    leaves, data = checkpointer.restore_host(step)
-  finally:
-    checkpointer.close()
+  step, leaves, data = _newest_on_host(workdir)
   leaves = unstack(leaves)
   axes = _logical_axes(config)
   entries = []
@@ -223,12 +218,7 @@ def load_params(source: str, target: Any, key: str = "init_params_from") -> tupl
       index, leaves = read_universal(source)
       step = index["step"]
     else:
-      checkpointer = Checkpointer(checkpoint_dir(source))
-      try:
-        step = checkpointer.latest_step()
-        leaves, _ = checkpointer.restore_host(step)
-      finally:
-        checkpointer.close()
+      step, leaves, _ = _newest_on_host(source)
     params = {path: value for path, value in leaves.items() if path[0] == PARAMS}
     wanted = flatten_with_paths({PARAMS: target})
     return place(convert(params, wanted), {PARAMS: target})[PARAMS], int(step)
@@ -236,6 +226,18 @@ def load_params(source: str, target: Any, key: str = "init_params_from") -> tupl
     raise ConfigError(key, e.message) from e
   except LayoutError as e:
     raise ConfigError(key, f"{source} holds another model's parameters: {e}") from e
+
+
+def _newest_on_host(workdir: str) -> tuple[int, dict[Path, np.ndarray], dict[str, Any]]:
+  """(step, leaves by path as host arrays in the saved layout, data state) of the newest
+  checkpoint of the run in ``workdir``."""
+  checkpointer = Checkpointer(checkpoint_dir(workdir))
+  try:
+    step = checkpointer.latest_step()
+    leaves, data = checkpointer.restore_host(step)
+  finally:
+    checkpointer.close()
+  return step, leaves, data
 
 
 def _sequences(node: Any) -> Any:
