@@ -128,7 +128,7 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
   if host_update and (opt_memory_kind == "device"
                       or isinstance(optimizer, CommunicatingOptimizer)):
     raise ValueError("host_update needs the optimizer state in host memory and an optax "
-                     "optimizer (a communicating one runs collectives in its update)")
+                     "optimizer in HOST_UPDATE_OPTIMIZERS")
   tp = tensor_parallel_specs(model, sample_input)
   shapes = abstract_params(model, sample_input)
   zero = jax.tree.map(lambda s, x: zero_spec(s, x.shape, mesh), tp, shapes,

@@ -615,7 +615,7 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
   exact = kind in optimizer.exact_kinds
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    # The 1-bit family communicates inside its update, so it updates on device.
+    # The 1-bit family updates on device (``HOST_UPDATE_OPTIMIZERS`` says why).
     state = _on_device(state, shardings) if specs.offloaded else state
     rngs = step_rngs(state.rng, state.step)
     model_kwargs = {**dropping.model_kwargs(kept, state.step), "step": state.step}
