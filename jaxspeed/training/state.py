@@ -102,7 +102,8 @@ def tensor_parallel_specs(model: nn.Module, sample_input) -> Any:
 def bytes_per_device(tree) -> dict[str, int]:
   """Bytes one device holds of the arrays of ``tree``: ``{"device": ..., "host": ...}``.
 
-  Read from each array's sharding (its shard shape, and its memory kind: "device",
+  ``tree`` holds arrays or ``ShapeDtypeStruct``s with shardings (``abstract_state``).
+  Read from each leaf's sharding (its shard shape, and its memory kind: "device",
   or "pinned_host" / "unpinned_host" counted as host), not from the compiler's
   memory analysis, which does not count host memory.
   """
