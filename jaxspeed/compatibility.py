@@ -48,6 +48,9 @@ TECHNIQUES: dict[str, Technique] = {
         lambda c, shape, rlhf: c.optim.name in ONEBIT_OPTIMIZERS, "adamw, adam, lamb, sgd"),
     "ZeRO-2/3": Technique("zero.stage", "`zero.stage` >= 2",
                           lambda c, shape, rlhf: c.zero.stage > 1, "0, 1"),
+    "optimizer offload": Technique("zero.offload_optimizer", "`zero.offload_optimizer` = host",
+                                   lambda c, shape, rlhf: c.zero.offload_optimizer != "none",
+                                   "none"),
     "pipeline": Technique("parallel.stage", "`parallel.stage` > 1",
                           lambda c, shape, rlhf: shape["stage"] > 1, "1"),
     "sequence parallelism": Technique("parallel.sequence", "`parallel.sequence` > 1",
@@ -123,6 +126,7 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
     ("RLHF", "expert parallelism"): _RLHF_AXES,
     ("RLHF", "sequence parallelism"): _RLHF_AXES,
     ("RLHF", "1-bit optimizer"): "the RLHF steps use optax optimizers",
+    ("RLHF", "optimizer offload"): "the RLHF steps keep the optimizer state in device memory",
 }
 
 

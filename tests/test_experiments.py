@@ -223,3 +223,20 @@ def test_markdown_table_lists_every_key_of_any_row():
   table = markdown_table([{"a": 1, "b": 0.5}, {"a": 2, "c": "x"}]).splitlines()
   assert table[0] == "| a | b | c |"
   assert table[2:] == ["| 1 | 0.5 |  |", "| 2 |  | x |"]
+
+
+def test_offload_quick(tmp_path):
+  payload = run_experiment("offload", tmp_path)
+  summary, rows = payload["summary"], payload["rows"]
+  assert {(r["zero_stage"], r["offload_optimizer"]) for r in rows} == {
+      (s, o) for s in range(4) for o in ("none", "host")}
+  for row in rows:
+    assert row["device_mib"] <= summary["budget_mib"]
+    assert (row["host_mib"] > 0) == (row["offload_optimizer"] == "host")
+  # AdamW's state is 2 of the 3 float32 copies of the model: on the host it leaves a third
+  # on device where nothing (ZeRO-0) or everything (ZeRO-3) is split, and 4 of 5 bytes per
+  # parameter at ZeRO-1/2 on 8 devices (the rest: layers of whole bytes, norms, embeddings).
+  for stage in (0, 3):
+    assert summary[f"zero{stage}_layers_ratio"] >= 2.5
+  for stage in (1, 2):
+    assert 1 < summary[f"zero{stage}_layers_ratio"] < 2.5

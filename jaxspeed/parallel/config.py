@@ -7,6 +7,8 @@ import dataclasses
 from jaxspeed.schema import Section, setting
 
 ZERO_STAGES = (0, 1, 2, 3)
+# ``zero.offload_optimizer`` -> the memory kind the optimizer state lives in.
+OFFLOAD_MEMORY_KINDS = {"none": "device", "host": "pinned_host"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +28,17 @@ class ParallelConfig(Section):
 @dataclasses.dataclass(frozen=True)
 class ZeroConfig(Section):
   """ZeRO (Rajbhandari et al. 2020): 1 shards optimizer state, 2 also gradients, 3 also
-  parameters, over the data-parallel axes."""
+  parameters, over the data-parallel axes.
+
+  ``offload_optimizer="host"`` is ZeRO-Offload (Ren et al. 2021): each device's slice of
+  the optimizer state lives in pinned host memory and the optimizer update runs on the
+  host; the parameters stay in device memory.
+  """
 
   KEY = "zero"
 
   stage: int = setting(0, choices=ZERO_STAGES)
+  offload_optimizer: str = setting("none", choices=OFFLOAD_MEMORY_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,11 +11,17 @@ G = ``data`` x ``fsdp``:
 
 Tensor parallelism is orthogonal: every spec starts from the tensor-parallel
 placement given by the logical rules.
+
+ZeRO-Offload (Ren et al. 2021) changes only the memory kind of the optimizer
+state: each device's slice (the same PartitionSpecs) lives in its pinned host
+memory (``state_shardings``), and the update runs on the host (``host_update``)
+for the optimizers that can.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax
@@ -50,6 +56,27 @@ class StateSpecs:
   state: TrainState  # a TrainState of PartitionSpecs
   grads: Any  # where gradients are accumulated
   update: Any  # where the optimizer update is computed (the ZeRO split for stage >= 1)
+  opt_memory_kind: str = "device"  # where the optimizer state lives: "device" or "pinned_host"
+  host_update: bool = False  # the optimizer update runs on the host, next to its state
+
+  @property
+  def offloaded(self) -> bool:
+    """Whether the optimizer state lives in host memory (ZeRO-Offload)."""
+    return self.opt_memory_kind != "device"
+
+
+def in_memory(shardings, kind: str):
+  """``shardings`` (a pytree of ``NamedSharding``) with memory kind ``kind``, same specs."""
+  return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
+
+
+def state_shardings(mesh: Mesh, specs: StateSpecs) -> TrainState:
+  """The ``NamedSharding`` of every state leaf: the optimizer state in ``specs.opt_memory_kind``
+  memory, the rest in device memory."""
+  shardings = named(mesh, specs.state)
+  if not specs.offloaded:
+    return shardings
+  return shardings.replace(opt_state=in_memory(shardings.opt_state, specs.opt_memory_kind))
 
 
 def _zeros(sample_input: jax.ShapeDtypeStruct) -> jax.Array:
@@ -72,9 +99,37 @@ def tensor_parallel_specs(model: nn.Module, sample_input) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def bytes_per_device(tree) -> dict[str, int]:
+  """Bytes one device holds of the arrays of ``tree``: ``{"device": ..., "host": ...}``.
+
+  ``tree`` holds arrays or ``ShapeDtypeStruct``s with shardings (``abstract_state``).
+  Read from each leaf's sharding (its shard shape, and its memory kind: "device",
+  or "pinned_host" / "unpinned_host" counted as host), not from the compiler's
+  memory analysis, which does not count host memory.
+  """
+  held = {"device": 0, "host": 0}
+  for leaf in jax.tree.leaves(tree):
+    kind = leaf.sharding.memory_kind or "device"
+    nbytes = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    held["device" if kind == "device" else "host"] += nbytes
+  return held
+
+
 def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | CommunicatingOptimizer,
-                sample_input, mesh: Mesh, zero_stage: int) -> StateSpecs:
-  """Derives every PartitionSpec from abstract shapes (nothing is allocated)."""
+                sample_input, mesh: Mesh, zero_stage: int,
+                opt_memory_kind: str = "device", host_update: bool = False) -> StateSpecs:
+  """Derives every PartitionSpec from abstract shapes (nothing is allocated).
+
+  Args:
+    opt_memory_kind: where the optimizer state lives, "device" or "pinned_host"
+      (ZeRO-Offload; ``jaxspeed.parallel.config.OFFLOAD_MEMORY_KINDS``).
+    host_update: with the state on the host, run the update there too; else it
+      is brought to the device for the update and written back.
+  """
+  if host_update and (opt_memory_kind == "device"
+                      or isinstance(optimizer, CommunicatingOptimizer)):
+    raise ValueError("host_update needs the optimizer state in host memory and an optax "
+                     "optimizer in HOST_UPDATE_OPTIMIZERS")
   tp = tensor_parallel_specs(model, sample_input)
   shapes = abstract_params(model, sample_input)
   zero = jax.tree.map(lambda s, x: zero_spec(s, x.shape, mesh), tp, shapes,
@@ -92,7 +147,8 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
   state = TrainState(step=scalar, params=params, opt_state=opt, tokens=scalar,
                      layer_tokens=scalar, skipped=scalar,
                      rng=P(None))
-  return StateSpecs(state=state, grads=zero if zero_stage >= 2 else tp, update=opt_param_specs)
+  return StateSpecs(state=state, grads=zero if zero_stage >= 2 else tp, update=opt_param_specs,
+                    opt_memory_kind=opt_memory_kind, host_update=host_update)
 
 
 def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
@@ -115,7 +171,7 @@ def init_state(model: nn.Module, optimizer: optax.GradientTransformation, sample
   optimizer state is initialized from them.
   """
   init = _initializer(model, optimizer, sample_input, seed)
-  return jax.jit(init, out_shardings=named(mesh, specs.state))(params)
+  return jax.jit(init, out_shardings=state_shardings(mesh, specs))(params)
 
 
 def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,
@@ -124,4 +180,4 @@ def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, sa
   shapes = jax.eval_shape(_initializer(model, optimizer, sample_input, 0))
   return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                                sharding=sharding),
-                      shapes, named(mesh, specs.state))
+                      shapes, state_shardings(mesh, specs))

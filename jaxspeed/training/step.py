@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh, NamedSharding, use_abstract_mesh
 from jax.sharding import PartitionSpec as P
 
@@ -35,7 +36,7 @@ from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
 from jaxspeed.training.optim import Schedule
-from jaxspeed.training.state import StateSpecs, TrainState
+from jaxspeed.training.state import StateSpecs, TrainState, in_memory, state_shardings
 
 MODEL_KWARGS = ("positions", "token_types", "padding_mask")
 Batch = dict[str, jax.Array]
@@ -422,13 +423,20 @@ all_finite = jax.jit(_all_finite_leaves)
 
 
 def _finish(state: TrainState, params, opt_state, objective, grad_norm, lr, sums,
-            batch: Batch, layer_tokens: int) -> tuple[TrainState, Metrics]:
-  """The non-finite guard, counters and metrics shared by both step builders."""
+            batch: Batch, layer_tokens: int, opt_finite: jax.Array | None = None
+            ) -> tuple[TrainState, Metrics]:
+  """The non-finite guard, counters and metrics shared by both step builders.
+
+  ``opt_finite`` says whether ``opt_state`` is finite when it was checked where it
+  lives (in host memory, ``_host_update``); None to check it here.
+  """
   # A finite loss and gradient can still give a non-finite update (overflow at a huge
   # learning rate, 0/0 in an optimizer): the new parameters and optimizer state must be
   # finite too, or the step is skipped. Checking the new parameters covers the update.
+  if opt_finite is None:
+    opt_finite = _all_finite_leaves(opt_state)
   finite = (jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-            & _all_finite_leaves(params) & _all_finite_leaves(opt_state))
+            & _all_finite_leaves(params) & opt_finite)
   # One branch on the flag, not a select per leaf: XLA copies the cheap chain of per-leaf
   # checks into every select's fusion, and with many small leaves (1-bit LAMB's per-tensor
   # scalars) the program grows with the square of the leaf count (compiling took 15x longer).
@@ -469,7 +477,9 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   clipped by global norm, optimizer update scaled by ``schedule`` of the
   step, tokens or layer-tokens seen (``options.lr_unit``). A step with a
   non-finite loss, gradient or update leaves parameters and optimizer state
-  untouched and counts itself in ``state.skipped``.
+  untouched and counts itself in ``state.skipped``. With the optimizer state
+  offloaded (``specs.offloaded``, ZeRO-Offload), the step reads and writes it in
+  host memory and runs the update there (``specs.host_update``) or on device.
 
   Raises:
     ValueError: for options ``model`` cannot apply (a ``PipelinedGPT`` has its
@@ -507,7 +517,7 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   grad_shardings = named(mesh, specs.grads)
   update_shardings = named(mesh, specs.update)
-  state_shardings = named(mesh, specs.state)
+  shardings = state_shardings(mesh, specs)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rngs = step_rngs(state.rng, state.step)
@@ -521,14 +531,63 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
     grad_norm = optax.tree.norm(grads)
     grads = _clip(grads, grad_norm, grad_clip)
     lr = schedule(_schedule_time(state, lr_unit))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    opt_finite = None
+    if specs.host_update:
+      updates, opt_state, opt_finite = _host_update(optimizer, grads, state.opt_state,
+                                                    state.params, mesh, specs)
+    else:
+      state = _on_device(state, shardings) if specs.offloaded else state
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.lax.with_sharding_constraint(updates, update_shardings)
     params = jax.tree.map(lambda p, u: p + lr * u, state.params, updates)
     return _finish(state, params, opt_state, objective / count, grad_norm, lr, sums, batch,
-                   dropping.layer_tokens(kept, *batch["inputs"].shape))
+                   dropping.layer_tokens(kept, *batch["inputs"].shape), opt_finite)
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=0)
+
+
+def _on_device(state: TrainState, shardings: TrainState) -> TrainState:
+  """``state`` with its host-memory optimizer state brought to device memory, same slices.
+
+  For an offloaded optimizer that updates on device (``StateSpecs.host_update``
+  False): its state lives on the host between steps, and the step's output
+  shardings write the new state back there.
+  """
+  device = in_memory(shardings.opt_state, "device")
+  return state.replace(opt_state=jax.device_put(state.opt_state, device))
+
+
+def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, params, mesh: Mesh,
+                 specs: StateSpecs):
+  """ZeRO-Offload's optimizer step (Ren et al. 2021, §4.1): the update runs on the host.
+
+  Each device moves its own ZeRO slice (``specs.update``) of the gradient, and
+  of the parameters the update reads (AdamW's decoupled decay), to its host
+  memory, where its slice of the optimizer state already is; the update is
+  computed there and comes back to device memory in the same slices. The new
+  optimizer state stays on the host and is checked for non-finite values
+  there, for the step's guard.
+
+  Returns:
+    (updates in device memory, new optimizer state in host memory, whether
+    that state is finite: a device scalar).
+  """
+  update_shardings = named(mesh, specs.update)
+  host = in_memory(update_shardings, specs.opt_memory_kind)
+  grads, params = jax.device_put((grads, params), (host, host))
+
+  def update(grads, opt_state, params):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return updates, opt_state, _all_finite_leaves(opt_state)
+
+  with compute_on("device_host"):
+    updates, opt_state, finite = jax.jit(update)(grads, opt_state, params)
+  # Out of the host computation every result is in host memory; say where each goes.
+  return jax.device_put((updates, opt_state, finite),
+                        (in_memory(update_shardings, "device"),
+                         state_shardings(mesh, specs).opt_state,
+                         NamedSharding(mesh, P(), memory_kind="device")))
 
 
 def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
@@ -549,13 +608,15 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
   """
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   world = math.prod(mesh.shape[a] for a in DATA_AXES)
-  state_shardings = named(mesh, specs.state)
+  shardings = state_shardings(mesh, specs)
   stacked_shardings = named(mesh, jax.tree.map(lambda s: P(DATA_AXES, *s), specs.grads,
                                                is_leaf=lambda x: isinstance(x, P)))
   local_grad_shardings = named(mesh, specs.grads)
   exact = kind in optimizer.exact_kinds
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    # The 1-bit family updates on device (``HOST_UPDATE_OPTIMIZERS`` says why).
+    state = _on_device(state, shardings) if specs.offloaded else state
     rngs = step_rngs(state.rng, state.step)
     model_kwargs = {**dropping.model_kwargs(kept, state.step), "step": state.step}
     per_worker = jax.tree.map(lambda x: x.reshape(world, -1, *x.shape[1:]), batch)
@@ -589,8 +650,8 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
     return _finish(state, params, opt_state, jnp.sum(objectives) / count, grad_norm, lr, sums,
                    batch, dropping.layer_tokens(kept, *batch["inputs"].shape))
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=0)
 
 
 def make_eval_step(model: nn.Module, specs: StateSpecs, mesh: Mesh,

@@ -58,7 +58,9 @@ from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.moe import MoeConfig
 from jaxspeed.moe.mos import Distillation
 from jaxspeed.optimizers import CommunicatingOptimizer
+from jaxspeed.optimizers.config import HOST_UPDATE_OPTIMIZERS
 from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_multiple
+from jaxspeed.parallel.config import OFFLOAD_MEMORY_KINDS
 from jaxspeed.parallel.devices import fit_config_layout, peak_flops
 from jaxspeed.parallel.pipeline import unstack_layers
 from jaxspeed.training.evaluation import validation_bits_per_byte
@@ -70,6 +72,7 @@ from jaxspeed.training.state import (
   TrainState,
   abstract_params,
   abstract_state,
+  bytes_per_device,
   init_state,
   state_specs,
   tensor_parallel_specs,
@@ -223,7 +226,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   if config.optim.lr_unit != "steps" and total >= 2**31:
     raise ConfigError("optim.lr_unit", f"{config.optim.lr_unit} counts up to {total} overflow "
                       "the int32 counter; use 'steps'")
-  specs = state_specs(model, optimizer, _model_input(config), mesh, config.zero.stage)
+  offload = config.zero.offload_optimizer != "none"
+  specs = state_specs(model, optimizer, _model_input(config), mesh, config.zero.stage,
+                      OFFLOAD_MEMORY_KINDS[config.zero.offload_optimizer],
+                      host_update=offload and config.optim.name in HOST_UPDATE_OPTIMIZERS)
   compression = compression_from_config(config.compression, matmul_shapes(
       lambda p, x: model.apply({"params": p}, x), abstract_params(model, _model_input(config)),
       _model_input(config)))
@@ -320,7 +326,7 @@ SUMMARY_FILE = "summary.json"
 # so the checkpoints would not fit it. A trailing dot matches a whole section.
 RESUMABLE_KEYS = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                   "keep_checkpoints", "max_consecutive_skips", "peak_flops", "fit_parallel",
-                  "sample_tokens", "sample_prompt", "microbatches", "parallel.", "zero.stage",
+                  "sample_tokens", "sample_prompt", "microbatches", "parallel.", "zero.",
                   "sequence_parallel.", "model.remat", "model.attention", "inference.",
                   "rlhf.", "init_params_from")
 
@@ -358,7 +364,7 @@ def check_resume_compatible(saved: dict[str, Any], requested: ml_collections.Con
   if refused:
     diffs = "; ".join(f"{k}: saved {saved[k]!r}, requested {wanted[k]!r}" for k in refused)
     raise ConfigError(", ".join(refused), f"differs from the run being resumed ({diffs}). A "
-                      "resume may change only the mesh (parallel.*), zero.stage, steps, "
+                      "resume may change only the mesh (parallel.*), zero.*, steps, "
                       "intervals and reporting; start a new run in another --workdir, or "
                       "delete this one")
   return [f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in changed]
@@ -676,6 +682,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         "train_step_compilations": setup.train_step.compilations,
         "mesh": " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items() if v > 1) or "1 device",
         "zero_stage": config.zero.stage,
+        "offload_optimizer": config.zero.offload_optimizer,
+        **{f"state_{kind}_bytes_per_device": n for kind, n in bytes_per_device(state).items()},
         "checkpoint": os.path.join(directory, str(config.steps)),
     }
     summary["mfu"] = mfu(summary["tokens_per_s"])

@@ -1,0 +1,143 @@
+"""ZeRO-Offload: the optimizer state in host memory computes the run kept in device memory."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_trees_close, train_losses
+
+import jaxspeed
+from jaxspeed.training import read_metrics
+from jaxspeed.training.state import bytes_per_device
+
+CASES = {
+    # name: (optimizer, ZeRO stage, update on the host)
+    "adamw_zero1": ("adamw", 1, True),
+    "adamw_zero3": ("adamw", 3, True),
+    "lamb_zero3": ("lamb", 3, False),
+    "onebit_adam_zero1": ("onebit_adam", 1, False),
+}
+
+
+def _configure(config, optimizer: str, stage: int, offload: str):
+  config.parallel.update(data=2, fsdp=2, tensor=2)
+  config.zero.stage = stage
+  config.zero.offload_optimizer = offload
+  config.optim.name = optimizer
+  config.optim.freeze_step = 2  # 1-bit Adam compresses from the third step
+  config.model.num_layers = 1
+  return config
+
+
+def _shard_bytes(tree) -> int:
+  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if "onebit" in c
+                                               else []) for c in sorted(CASES)])
+def test_offloaded_run_matches_device_run(case, tiny_config):
+  optimizer, stage, host_update = CASES[case]
+  steps = 4
+  expected, _, reference = train_losses(_configure(tiny_config, optimizer, stage, "none"), steps)
+  losses, setup, state = train_losses(_configure(tiny_config, optimizer, stage, "host"), steps)
+
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+  assert_trees_close(state.params, reference.params, rtol=1e-5, atol=1e-7)
+  assert_trees_close(state.opt_state, reference.opt_state, rtol=1e-5, atol=1e-7)
+  # Where each leaf lives: the optimizer state on the host, everything else on device.
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)} == {"pinned_host"}
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(state.replace(opt_state=()))} == {
+      "device"}
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(reference.opt_state)} == {"device"}
+  # Same slices as without offload: only the memory kind changed.
+  for leaf, ref in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(reference.opt_state),
+                       strict=True):
+    assert leaf.sharding.spec == ref.sharding.spec
+  # The accounting counts the optimizer state's bytes per device as host memory.
+  held = bytes_per_device(state)
+  assert held["host"] == _shard_bytes(state.opt_state) > 0
+  assert held == {"device": bytes_per_device(reference)["device"] - held["host"],
+                  "host": held["host"]}
+  assert bytes_per_device(reference)["host"] == 0
+  # The update runs under compute_on("device_host") exactly for the optimizers that can.
+  assert setup.specs.host_update == host_update
+  with jax.set_mesh(setup.mesh):
+    text = setup.train_step.lower(setup.abstract_state(),
+                                  setup.to_device(setup.train_data.batch_at(0))).as_text()
+  assert ('_xla_compute_type = "host"' in text) == host_update
+
+
+def _losses(workdir) -> dict[int, float]:
+  return {int(r["step"]): r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))}
+
+
+def test_resume_moves_the_state_between_device_and_host(tiny_config, tmp_path):
+  """A device-memory checkpoint resumes offloaded (orbax restores into pinned_host
+  shardings), an offloaded one resumes in device memory, and both continue the run."""
+  config = _configure(tiny_config, "adamw", 1, "host")
+  config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 6
+  config.optim.decay = 6  # the schedule must not depend on where the run stops
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  config.steps = 6
+  offloaded = jaxspeed.train(config, straight)
+
+  config.zero.offload_optimizer, config.steps = "none", 2
+  on_device = jaxspeed.train(config, split)
+  config.zero.offload_optimizer, config.steps = "host", 4
+  jaxspeed.train(config, split)
+  config.zero.offload_optimizer, config.steps = "none", 6
+  jaxspeed.train(config, split)
+
+  expected, resumed = _losses(straight), _losses(split)
+  assert sorted(resumed) == list(range(1, 7))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
+                             [expected[s] for s in range(1, 7)], rtol=1e-6)
+  # The summary's accounting: offloading moves bytes from device to host memory.
+  assert offloaded["offload_optimizer"] == "host" and on_device["offload_optimizer"] == "none"
+  assert on_device["state_host_bytes_per_device"] == 0
+  assert offloaded["state_host_bytes_per_device"] > 0
+  assert (offloaded["state_device_bytes_per_device"] + offloaded["state_host_bytes_per_device"]
+          == on_device["state_device_bytes_per_device"])
+
+
+@pytest.mark.parametrize("overrides", [{"offload_optimizer": "cpu"},
+                                       {"offload_optimizer": "nvme"}])
+def test_bad_offload_value_names_the_key(overrides, tiny_config):
+  tiny_config.zero.update(overrides)
+  with pytest.raises(jaxspeed.ConfigError) as info:
+    jaxspeed.build(tiny_config)
+  assert info.value.key == "zero.offload_optimizer"
+  assert "allowed values: none, host" in str(info.value)
+
+
+def test_rlhf_rejects_offload_before_compiling(tiny_config):
+  from jaxspeed.config import validate_rlhf
+
+  tiny_config.zero.offload_optimizer = "host"
+  with pytest.raises(jaxspeed.ConfigError) as info:
+    validate_rlhf(tiny_config, 8)
+  assert info.value.key == "zero.offload_optimizer"
+  assert "allowed: none" in str(info.value)
+
+
+def test_guard_skips_a_step_whose_host_state_is_not_finite(tiny_config, monkeypatch):
+  """The optimizer state checked on the host: a NaN there skips the step (finite update)."""
+  from jaxspeed.training import trainer
+
+  make = trainer.make_optimizer
+
+  def poisoned(*args, **kwargs):
+    nan_state = optax.GradientTransformation(
+        lambda params: jnp.zeros((), jnp.float32),
+        lambda updates, state, params=None: (updates, state + jnp.nan))
+    return optax.chain(make(*args, **kwargs), nan_state)
+
+  monkeypatch.setattr(trainer, "make_optimizer", poisoned)
+  _, setup, state = train_losses(_configure(tiny_config, "adamw", 1, "host"), 2)
+  assert setup.specs.host_update
+  assert int(state.skipped) == 2
+  assert int(state.opt_state[0][0].count) == 0  # AdamW's state kept as it was
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)} == {"pinned_host"}
