@@ -46,8 +46,7 @@ def test_onebit_comm_quick(tmp_path):
 def test_onebit_convergence_quick(tmp_path):
   payload = run_experiment("onebit_convergence", tmp_path)
   rows = {r["optimizer"]: r for r in payload["rows"]}
-  assert set(rows) == {"adamw", "adam", "onebit_adam", "zero_one_adam", "lamb_optax", "lamb",
-                       "onebit_lamb"}
+  assert set(rows) == {"adam", "onebit_adam", "zero_one_adam", "lamb", "onebit_lamb"}
   for row in rows.values():  # every optimizer learns something in 12 steps
     assert row["val_loss"] < row["initial_val_loss"]
   assert os.path.exists(tmp_path / "onebit_convergence.png")
@@ -229,14 +228,11 @@ def test_offload_quick(tmp_path):
   payload = run_experiment("offload", tmp_path)
   summary, rows = payload["summary"], payload["rows"]
   assert {(r["zero_stage"], r["offload_optimizer"]) for r in rows} == {
-      (s, o) for s in range(4) for o in ("none", "host")}
+      (s, o) for s in (0, 3) for o in ("none", "host")}
   for row in rows:
     assert row["device_mib"] <= summary["budget_mib"]
     assert (row["host_mib"] > 0) == (row["offload_optimizer"] == "host")
   # AdamW's state is 2 of the 3 float32 copies of the model: on the host it leaves a third
-  # on device where nothing (ZeRO-0) or everything (ZeRO-3) is split, and 4 of 5 bytes per
-  # parameter at ZeRO-1/2 on 8 devices (the rest: layers of whole bytes, norms, embeddings).
+  # on device where nothing (ZeRO-0) or everything (ZeRO-3) is split.
   for stage in (0, 3):
     assert summary[f"zero{stage}_layers_ratio"] >= 2.5
-  for stage in (1, 2):
-    assert 1 < summary[f"zero{stage}_layers_ratio"] < 2.5
