@@ -208,8 +208,8 @@ def test_moe_quality_quick(tmp_path):
 def test_universal_checkpoint_quick(tmp_path):
   payload = run_experiment("universal_checkpoint", tmp_path)
   summary = payload["summary"]
-  assert summary["pairs"] == 2
-  assert summary["max_rel_diff_exact"] <= 1e-4  # pipeline off
+  assert summary["pairs"] == 1
+  assert math.isnan(summary["max_rel_diff_exact"])  # no exact pair in the quick run
   assert summary["onebit_conversion_gap"] <= 0.01  # the rule: error feedback re-split
   assert math.isfinite(summary["onebit_layout_gap"])  # 8 -> 4 workers
   assert [(r["pair"], r["rule"]) for r in payload["rows"] if not r["exact"]] == [
@@ -228,11 +228,11 @@ def test_offload_quick(tmp_path):
   payload = run_experiment("offload", tmp_path)
   summary, rows = payload["summary"], payload["rows"]
   assert {(r["zero_stage"], r["offload_optimizer"]) for r in rows} == {
-      (s, o) for s in (0, 3) for o in ("none", "host")}
+      (s, o) for s in (0, 1) for o in ("none", "host")}
   for row in rows:
     assert row["device_mib"] <= summary["budget_mib"]
     assert (row["host_mib"] > 0) == (row["offload_optimizer"] == "host")
   # AdamW's state is 2 of the 3 float32 copies of the model: on the host it leaves a third
-  # on device where nothing (ZeRO-0) or everything (ZeRO-3) is split.
-  for stage in (0, 3):
-    assert summary[f"zero{stage}_layers_ratio"] >= 2.5
+  # on device where nothing is split (ZeRO-0); at ZeRO-1 the state was already split 8 ways.
+  assert summary["zero0_layers_ratio"] >= 2.5
+  assert 1 < summary["zero1_layers_ratio"] < 2.5
