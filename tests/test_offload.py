@@ -140,3 +140,62 @@ def test_guard_skips_a_step_whose_host_state_is_not_finite(tiny_config, monkeypa
   assert int(state.skipped) == 2
   assert int(state.opt_state[0][0].count) == 0  # AdamW's state kept as it was
   assert {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)} == {"pinned_host"}
+
+
+def test_master_weights_keep_updates_that_bfloat16_rounds_away():
+  """bfloat16 has 8 significant bits: 1 + 2**-10 rounds to 1, so ten such updates are lost
+  on bfloat16 parameters and kept by the float32 master (1 + 10 * 2**-10 = 1.009765625,
+  whose bfloat16 rounding is 1 + 2**-7 = 1.0078125)."""
+  from jaxspeed.optimizers import apply_updates, round_params, with_master_weights
+
+  optimizer = with_master_weights(optax.sgd(1.0), jnp.bfloat16)
+  params = {"w": jnp.ones(3, jnp.float32)}
+  opt_state = optimizer.init(params)
+  params = round_params(params, opt_state)
+  plain = params
+  for _ in range(10):
+    updates, opt_state = optimizer.update({"w": jnp.full(3, -2.0**-10, jnp.bfloat16)}, opt_state,
+                                          params)
+    params, opt_state = apply_updates(params, updates, opt_state, jnp.float32(1.0))
+    plain, _ = apply_updates(plain, {"w": jnp.full(3, 2.0**-10, jnp.bfloat16)}, None, 1.0)
+  assert params["w"].dtype == jnp.bfloat16 and opt_state.master["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(opt_state.master["w"], np.float32(1.009765625))
+  np.testing.assert_array_equal(params["w"], jnp.bfloat16(1.0078125))
+  np.testing.assert_array_equal(plain["w"], jnp.bfloat16(1.0))
+
+
+def test_bfloat16_parameters_with_master_weights_on_the_host(tiny_config, tmp_path):
+  """ZeRO-Offload's precision setting: bfloat16 parameters on device, the float32 master
+  and the AdamW moments on the host, updated there; same run as all on device."""
+  def configure(offload: str):
+    config = _configure(tiny_config, "adamw", 3, offload)
+    config.model.update(param_dtype="bfloat16", dtype="bfloat16")
+    config.steps, config.eval_every, config.checkpoint_every, config.log_every = 3, 3, 3, 1
+    return config
+
+  expected, _, reference = train_losses(configure("none"), 3)
+  workdir = str(tmp_path / "run")
+  summary = jaxspeed.train(configure("host"), workdir)
+  losses = [r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if "loss" in r]
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+  # Per parameter, the device holds 2 bytes (bfloat16); the host 12 (float32 master and
+  # the two moments, in the same ZeRO-3 slices), besides a few scalars.
+  assert {x.dtype for x in jax.tree.leaves(reference.params)} == {jnp.dtype(jnp.bfloat16)}
+  assert summary["param_dtype"] == "bfloat16"
+  params_bytes = bytes_per_device(reference.params)["device"]
+  assert summary["state_device_bytes_per_device"] - params_bytes < 64
+  assert 0 <= summary["state_host_bytes_per_device"] - 6 * params_bytes < 64
+
+  # Fine-tuning from this run starts from its float32 master, not the rounded parameters.
+  from jaxspeed.checkpoint import load_params
+
+  with jax.set_mesh(reference.step.sharding.mesh):
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32,
+                                                         sharding=x.sharding),
+                          reference.params)
+    params, step = load_params(workdir, target)
+  assert step == 3
+  master = jax.tree.map(np.asarray, reference.opt_state.master)
+  assert_trees_close(params, master, rtol=1e-5, atol=1e-7)

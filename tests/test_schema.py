@@ -150,6 +150,7 @@ COMBINATIONS = [
     ({"moe.num_experts": 2, "model.name": "bert"}, "moe.num_experts"),
     ({"parallel.expert": 2, "moe.num_experts": 2, "optim.name": "onebit_lamb"}, "optim.name"),
     ({"model.name": "bert", "sequence_parallel.pad": True}, "sequence_parallel.pad"),
+    ({"optim.name": "onebit_lamb", "model.param_dtype": "bfloat16"}, "model.param_dtype"),
     ({"model.name": "bert", "data_efficiency.curriculum.enabled": True},
      "data_efficiency.curriculum.enabled"),
 ]

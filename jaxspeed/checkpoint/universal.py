@@ -58,6 +58,7 @@ VERSION = 1
 INDEX = "index.json"
 TOKENIZER = "tokenizer.json"
 WORKERS = "workers"  # the logical name of the 1-bit per-worker axis
+MASTER = ("opt_state", "master")  # float32 master weights (``MasterWeightsState``)
 
 
 def export_universal(workdir: str, out_dir: str) -> str:
@@ -200,7 +201,8 @@ def load_params(source: str, target: Any, key: str = "init_params_from") -> tupl
   """The parameters of a universal checkpoint or of a run's newest checkpoint, placed as
   ``target`` wants them, and the step they were saved at.
 
-  Only the parameters are read, so the new run may use any optimizer; pipeline
+  Only the parameters are read (their float32 master weights, if the run kept
+  some), so the new run may use any optimizer and parameter dtype; pipeline
   stacking is converted as on a restore (``jaxspeed.checkpoint.layout``).
 
   Args:
@@ -219,8 +221,15 @@ def load_params(source: str, target: Any, key: str = "init_params_from") -> tupl
       step = index["step"]
     else:
       step, leaves, _ = _newest_on_host(source)
-    params = {path: value for path, value in leaves.items() if path[0] == PARAMS}
+    # A run with low-precision parameters saved their float32 master too: take that.
+    masters = {(PARAMS, *path[2:]): value for path, value in leaves.items()
+               if path[:2] == MASTER}
+    params = masters or {path: value for path, value in leaves.items() if path[0] == PARAMS}
     wanted = flatten_with_paths({PARAMS: target})
+    dtypes = {np.dtype(leaf.dtype) for leaf in wanted.values()}
+    if len(dtypes) == 1:  # the parameters' storage dtype is the new run's choice
+      (dtype,) = dtypes
+      params = {path: value.astype(dtype) for path, value in params.items()}
     return place(convert(params, wanted), {PARAMS: target})[PARAMS], int(step)
   except FlagError as e:  # a damaged universal checkpoint, naming its file
     raise ConfigError(key, e.message) from e

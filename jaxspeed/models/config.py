@@ -43,7 +43,10 @@ class ModelConfig(Section):
   embed_layernorm: bool = setting(False)  # BLOOM's LayerNorm right after the embedding
   tie_embeddings: bool = setting(True)
   dropout: float = setting(0.0, ge=0, lt=1)
-  dtype: str = setting("float32", choices=DTYPES)  # compute dtype; parameters are float32
+  dtype: str = setting("float32", choices=DTYPES)  # compute dtype
+  # The dtype the train state stores parameters in; below float32 the optimizer keeps a
+  # float32 master copy (``jaxspeed.optimizers.master``).
+  param_dtype: str = setting("float32", choices=DTYPES)
   remat: str = setting("none", choices=REMAT_POLICIES)
   attention: str = setting("xla", choices=ATTENTION_IMPLS)  # a registry, read when checked
   name: str = setting("gpt", choices=MODEL_NAMES)  # the trainer's model; unused by the layers

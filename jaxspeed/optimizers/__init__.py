@@ -1,6 +1,13 @@
-"""Optimizers that own their data-parallel communication: the 1-bit family."""
+"""Optimizers that own their data-parallel communication (the 1-bit family), and float32
+master weights for low-precision parameters."""
 
 from jaxspeed.optimizers.base import CommunicatingOptimizer
+from jaxspeed.optimizers.master import (
+    MasterWeightsState,
+    apply_updates,
+    round_params,
+    with_master_weights,
+)
 from jaxspeed.optimizers.onebit_adam import COMPRESSED, WARMUP, OneBitAdamState, onebit_adam
 from jaxspeed.optimizers.onebit_lamb import OneBitLambState, onebit_lamb
 from jaxspeed.optimizers.zero_one_adam import (
@@ -21,11 +28,15 @@ __all__ = [
     "VARIANCE",
     "WARMUP",
     "CommunicatingOptimizer",
+    "MasterWeightsState",
     "OneBitAdamState",
     "OneBitLambState",
     "ZeroOneAdamState",
+    "apply_updates",
     "onebit_adam",
     "onebit_lamb",
+    "round_params",
+    "with_master_weights",
     "zero_one_adam",
     "zero_one_kinds",
 ]

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxspeed.optimizers.base import CommunicatingOptimizer
+from jaxspeed.optimizers.master import round_params
 from jaxspeed.parallel.rules import compute_rules, logical_to_spec, named, zero_spec
 
 
@@ -158,7 +159,9 @@ def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, samp
     if params is None:
       params = nn.meta.unbox(model.init(init_key, _zeros(sample_input))["params"])
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+    # The optimizer sees the float32 parameters first: a master copy keeps them.
+    opt_state = optimizer.init(params)
+    return TrainState(step=zero, params=round_params(params, opt_state), opt_state=opt_state,
                       tokens=zero, layer_tokens=zero, skipped=zero, rng=dropout_key)
   return init
 

@@ -32,6 +32,7 @@ from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.moe import stats as moe_stats
 from jaxspeed.moe.mos import TEACHER_LOGITS, Distillation, kd_loss_sum
 from jaxspeed.optimizers.base import CommunicatingOptimizer
+from jaxspeed.optimizers.master import MasterWeightsState, apply_updates
 from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
@@ -533,13 +534,13 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
     lr = schedule(_schedule_time(state, lr_unit))
     opt_finite = None
     if specs.host_update:
-      updates, opt_state, opt_finite = _host_update(optimizer, grads, state.opt_state,
-                                                    state.params, mesh, specs)
+      params, opt_state, opt_finite = _host_update(optimizer, grads, state.opt_state,
+                                                   state.params, lr, mesh, specs)
     else:
       state = _on_device(state, shardings) if specs.offloaded else state
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    updates = jax.lax.with_sharding_constraint(updates, update_shardings)
-    params = jax.tree.map(lambda p, u: p + lr * u, state.params, updates)
+      updates = jax.lax.with_sharding_constraint(updates, update_shardings)
+      params, opt_state = apply_updates(state.params, updates, opt_state, lr)
     return _finish(state, params, opt_state, objective / count, grad_norm, lr, sums, batch,
                    dropping.layer_tokens(kept, *batch["inputs"].shape), opt_finite)
 
@@ -558,33 +559,37 @@ def _on_device(state: TrainState, shardings: TrainState) -> TrainState:
   return state.replace(opt_state=jax.device_put(state.opt_state, device))
 
 
-def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, params, mesh: Mesh,
-                 specs: StateSpecs):
+def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, params,
+                 lr: jax.Array, mesh: Mesh, specs: StateSpecs):
   """ZeRO-Offload's optimizer step (Ren et al. 2021, §4.1): the update runs on the host.
 
-  Each device moves its own ZeRO slice (``specs.update``) of the gradient, and
-  of the parameters the update reads (AdamW's decoupled decay), to its host
-  memory, where its slice of the optimizer state already is; the update is
-  computed there and comes back to device memory in the same slices. The new
-  optimizer state stays on the host and is checked for non-finite values
-  there, for the step's guard.
+  Each device moves its own ZeRO slice (``specs.update``) of the gradient to its
+  host memory, where its slice of the optimizer state already is; without
+  master weights the parameters go down too (the update adds to them, and
+  AdamW's decoupled decay reads them). The new parameters, rounded to their
+  dtype on the host (``apply_updates``), come back to device memory in the
+  same slices. The new optimizer state stays on the host and is checked for
+  non-finite values there, for the step's guard.
 
   Returns:
-    (updates in device memory, new optimizer state in host memory, whether
+    (parameters in device memory, new optimizer state in host memory, whether
     that state is finite: a device scalar).
   """
   update_shardings = named(mesh, specs.update)
   host = in_memory(update_shardings, specs.opt_memory_kind)
-  grads, params = jax.device_put((grads, params), (host, host))
+  grads = jax.device_put(grads, host)
+  # With a float32 master on the host, the low-precision parameters are not read.
+  params = None if isinstance(opt_state, MasterWeightsState) else jax.device_put(params, host)
 
-  def update(grads, opt_state, params):
+  def update(grads, opt_state, params, lr):
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return updates, opt_state, _all_finite_leaves(opt_state)
+    params, opt_state = apply_updates(params, updates, opt_state, lr)
+    return params, opt_state, _all_finite_leaves(opt_state)
 
   with compute_on("device_host"):
-    updates, opt_state, finite = jax.jit(update)(grads, opt_state, params)
+    params, opt_state, finite = jax.jit(update)(grads, opt_state, params, lr)
   # Out of the host computation every result is in host memory; say where each goes.
-  return jax.device_put((updates, opt_state, finite),
+  return jax.device_put((params, opt_state, finite),
                         (in_memory(update_shardings, "device"),
                          state_shardings(mesh, specs).opt_state,
                          NamedSharding(mesh, P(), memory_kind="device")))

@@ -54,10 +54,11 @@ from jaxspeed.data_efficiency.sources import curriculum_source
 from jaxspeed.errors import ConfigError, FlagError, RunError
 from jaxspeed.inference import Generator, SamplingConfig
 from jaxspeed.models import GPT, ModelConfig, PipelinedGPT, build_model
+from jaxspeed.models.config import DTYPES
 from jaxspeed.models.random_ltd import kept_length_at as kept_length_at_step
 from jaxspeed.moe import MoeConfig
 from jaxspeed.moe.mos import Distillation
-from jaxspeed.optimizers import CommunicatingOptimizer
+from jaxspeed.optimizers import CommunicatingOptimizer, with_master_weights
 from jaxspeed.optimizers.config import HOST_UPDATE_OPTIMIZERS
 from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_multiple
 from jaxspeed.parallel.config import OFFLOAD_MEMORY_KINDS
@@ -221,6 +222,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   model = build_model(config.model.name, model_config, num_stages, config.microbatches)
   group = WorkerGroup.on_mesh(mesh, tensor_parallel_specs(model, _model_input(config)))
   optimizer = make_optimizer(config.optim, group)
+  if model_config.param_dtype != "float32":  # the compatibility table keeps out the 1-bit family
+    optimizer = with_master_weights(optimizer, DTYPES[model_config.param_dtype])
   dropping = layer_dropping(config)
   total = _schedule_length(config, train_data, dropping)
   if config.optim.lr_unit != "steps" and total >= 2**31:
@@ -563,7 +566,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
   directory = checkpoint_dir(workdir)
   with jax.set_mesh(setup.mesh):
     if start is None and config.init_params_from:
-      params, source_step = load_params(config.init_params_from, setup.abstract_state().params)
+      # In float32: a master copy of low-precision parameters starts from these.
+      target = jax.tree.map(lambda x: x.update(dtype=np.float32), setup.abstract_state().params)
+      params, source_step = load_params(config.init_params_from, target)
       state = setup.init_state(params)
       if lead:
         print(f"initialized the parameters from {config.init_params_from} (its step "
@@ -683,6 +688,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         "mesh": " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items() if v > 1) or "1 device",
         "zero_stage": config.zero.stage,
         "offload_optimizer": config.zero.offload_optimizer,
+        "param_dtype": config.model.param_dtype,
         **{f"state_{kind}_bytes_per_device": n for kind, n in bytes_per_device(state).items()},
         "checkpoint": os.path.join(directory, str(config.steps)),
     }
