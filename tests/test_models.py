@@ -71,7 +71,7 @@ def test_untied_embeddings_add_a_head():
   assert count == TINY.num_params()
 
 
-@pytest.mark.parametrize("remat", ["full", "save_matmul_outputs"])
+@pytest.mark.parametrize("remat", ["full", "save_matmul_outputs", "offload"])
 def test_remat_policies_do_not_change_gradients(remat):
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 64)
   base, checkpointed = GPT(TINY), GPT(ModelConfig(**{**TINY.__dict__, "remat": remat}))
@@ -82,6 +82,24 @@ def test_remat_policies_do_not_change_gradients(remat):
     return jax.grad(loss)(params)
 
   assert_trees_close(grads(checkpointed), grads(base), rtol=1e-5, atol=1e-6)
+
+
+def test_offload_remat_sends_the_saved_matmul_outputs_to_the_host():
+  """``offload`` saves what ``save_matmul_outputs`` saves, in pinned host memory: the
+  program moves each saved output there in the forward pass. (XLA:CPU lowers these
+  in-program transfers as no-ops, so the program is read before lowering.)"""
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 64)
+  params = _init(GPT(TINY), tokens)
+
+  def to_host(remat: str) -> int:
+    model = GPT(ModelConfig(**{**TINY.__dict__, "remat": remat}))
+    loss = lambda p: cross_entropy(model.apply({"params": p}, tokens), tokens)[0]
+    return str(jax.make_jaxpr(jax.grad(loss))(params)).count("devices=(MemorySpace.Host,)")
+
+  # Per layer: the q, k, v and output projections and the first MLP matmul; the second
+  # one's output is only added to the residual stream, whose backward does not read it.
+  assert to_host("offload") == 5 * TINY.num_layers
+  assert to_host("save_matmul_outputs") == 0
 
 
 def test_bfloat16_compute_keeps_float32_params():

@@ -166,7 +166,8 @@ def test_master_weights_keep_updates_that_bfloat16_rounds_away():
 
 def test_bfloat16_parameters_with_master_weights_on_the_host(tiny_config, tmp_path):
   """ZeRO-Offload's precision setting: bfloat16 parameters on device, the float32 master
-  and the AdamW moments on the host, updated there; same run as all on device."""
+  and the AdamW moments on the host, updated there, with activation offload; the same
+  run as all on device."""
   def configure(offload: str):
     config = _configure(tiny_config, "adamw", 3, offload)
     config.model.update(param_dtype="bfloat16", dtype="bfloat16")
@@ -175,7 +176,9 @@ def test_bfloat16_parameters_with_master_weights_on_the_host(tiny_config, tmp_pa
 
   expected, _, reference = train_losses(configure("none"), 3)
   workdir = str(tmp_path / "run")
-  summary = jaxspeed.train(configure("host"), workdir)
+  offloaded = configure("host")
+  offloaded.model.remat = "offload"  # and the matmul outputs saved on the host
+  summary = jaxspeed.train(offloaded, workdir)
   losses = [r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
             if "loss" in r]
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
@@ -197,5 +200,8 @@ def test_bfloat16_parameters_with_master_weights_on_the_host(tiny_config, tmp_pa
                           reference.params)
     params, step = load_params(workdir, target)
   assert step == 3
+  # (The offloaded run recomputes what it does not save: a few roundings differ.)
   master = jax.tree.map(np.asarray, reference.opt_state.master)
-  assert_trees_close(params, master, rtol=1e-5, atol=1e-7)
+  assert_trees_close(params, master, rtol=1e-4, atol=5e-6)
+  kernel = np.asarray(params["layer_0"]["mlp"]["wi"])
+  assert np.any(kernel != kernel.astype(jnp.bfloat16).astype(np.float32))

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # jaxspeed.moe builds on jaxspeed.models
   from jaxspeed.moe.config import MoeConfig
 
 POSITIONS = ("learned", "rope", "alibi")
-REMAT_POLICIES = ("none", "full", "save_matmul_outputs")
+REMAT_POLICIES = ("none", "full", "save_matmul_outputs", "offload")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_NAMES = ("gpt", "bert")
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspeed.models.attention import get_attention, repeat_kv_heads
-from jaxspeed.models.config import ModelConfig
+from jaxspeed.models.config import REMAT_POLICIES, ModelConfig
 from jaxspeed.models.positions import alibi_bias, alibi_slopes, apply_rope
 from jaxspeed.parallel.ulysses import sequence_parallel_size, ulysses_attention
 
@@ -284,7 +284,10 @@ def remat_block(policy: str) -> type[Block]:
 
   ``full`` recomputes the whole layer in the backward pass;
   ``save_matmul_outputs`` keeps the outputs of weight matmuls (not the
-  attention score einsums, which are batched) and recomputes the rest.
+  attention score einsums, which are batched) and recomputes the rest;
+  ``offload`` keeps the same outputs in pinned host memory instead of device
+  memory (activation offload, as ZeRO-Infinity's activation checkpoints on
+  the CPU), to be copied back for the backward pass.
   """
   if policy == "none":
     return Block
@@ -293,7 +296,11 @@ def remat_block(policy: str) -> type[Block]:
   if policy == "save_matmul_outputs":
     return nn.remat(Block, static_argnums=(4,),
                     policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  raise ValueError(f"model.remat={policy!r}; allowed: none, full, save_matmul_outputs")
+  if policy == "offload":
+    return nn.remat(Block, static_argnums=(4,),
+                    policy=jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+                        offload_src="device", offload_dst="pinned_host"))
+  raise ValueError(f"model.remat={policy!r}; allowed: {', '.join(REMAT_POLICIES)}")
 
 
 class Embed(nn.Module):
