@@ -27,7 +27,12 @@ from jaxspeed.inference.config import InferenceConfig
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.moe.config import MoeConfig
 from jaxspeed.moe.mos import KdConfig
-from jaxspeed.optimizers.config import ONEBIT_OPTIMIZERS, OPTIMIZERS, OptimConfig
+from jaxspeed.optimizers.config import (
+    HOST_UPDATE_OPTIMIZERS,
+    ONEBIT_OPTIMIZERS,
+    OPTIMIZERS,
+    OptimConfig,
+)
 from jaxspeed.parallel.config import ParallelConfig, SequenceParallelConfig, ZeroConfig
 from jaxspeed.parallel.mesh import DATA_AXES, resolve_mesh_shape
 from jaxspeed.schema import Section, setting, to_config_dict
@@ -156,6 +161,16 @@ def config_warnings(config: ml_collections.ConfigDict) -> list[str]:
                    f"{section.replace('_', ' ')} never switches on"))
   return [f"config.{key}={value} >= steps={steps}: {why}"
           for key, value, why in late if value >= steps]
+
+
+def _check_offload(config: ml_collections.ConfigDict) -> None:
+  zero = config.zero
+  if zero.offload_speculation and (zero.offload_optimizer == "none"
+                                   or config.optim.name not in HOST_UPDATE_OPTIMIZERS):
+    raise ConfigError("zero.offload_speculation", "speculates the optimizer update on the "
+                      "host: it needs zero.offload_optimizer=host and optim.name in "
+                      f"{', '.join(HOST_UPDATE_OPTIMIZERS)} (got {zero.offload_optimizer!r}, "
+                      f"{config.optim.name!r}); allowed otherwise: False")
 
 
 def _check_model(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
@@ -300,6 +315,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _rlhf_section().from_config(config.rlhf)
   shape = resolve_mesh_shape(config.parallel, num_devices)
   _check_model(config, shape)
+  _check_offload(config)
   check_compatibility(config, shape, rlhf=rlhf)
   _check_sequence_parallel(config, shape)
   _check_data_efficiency(config)

@@ -205,3 +205,62 @@ def test_bfloat16_parameters_with_master_weights_on_the_host(tiny_config, tmp_pa
   assert_trees_close(params, master, rtol=1e-4, atol=5e-6)
   kernel = np.asarray(params["layer_0"]["mlp"]["wi"])
   assert np.any(kernel != kernel.astype(jnp.bfloat16).astype(np.float32))
+
+
+def _run_with_metrics(config, steps: int):
+  setup = jaxspeed.build(config)
+  history = []
+  with jax.set_mesh(setup.mesh):
+    state = setup.init_state()
+    for _ in range(steps):
+      state, metrics = setup.train_step(state, setup.to_device(setup.train_data.next_batch()))
+      history.append(jax.device_get(metrics))
+  return history, state
+
+
+def test_speculative_update_equals_the_validated_one(tiny_config):
+  """SuperOffload's speculation: the host update from the unclipped gradient is kept when
+  clipping does not apply and redone when it does; the run equals the plain one exactly."""
+  config = _configure(tiny_config, "adamw", 1, "host")
+  config.optim.grad_clip = 2.5  # the first step's gradient norm is above, the rest below
+  expected, reference = _run_with_metrics(config, 3)
+  config.zero.offload_speculation = True
+  history, state = _run_with_metrics(config, 3)
+
+  norms = [float(m["grad_norm"]) for m in expected]
+  assert norms[0] > 2.5 > max(norms[1:])
+  assert [int(m["speculation_redone"]) for m in history] == [1, 0, 0]
+  assert [float(m["loss"]) for m in history] == [float(m["loss"]) for m in expected]
+  assert_trees_close(state.params, reference.params, atol=0, rtol=0)
+  assert_trees_close(state.opt_state, reference.opt_state, atol=0, rtol=0)
+
+
+def test_speculative_update_is_rolled_back_when_not_finite(tiny_config, monkeypatch):
+  """A speculative host update that is not finite leaves parameters and optimizer state
+  exactly as they were (the step is counted as skipped)."""
+  from jaxspeed.training import trainer
+
+  make = trainer.make_optimizer
+
+  def poisoned(*args, **kwargs):  # NaN updates from the second step on
+    def update(updates, count, params=None):
+      return jax.tree.map(lambda u: u + jnp.where(count >= 1, jnp.nan, 0.0), updates), count + 1
+    return optax.chain(make(*args, **kwargs), optax.GradientTransformation(
+        lambda params: jnp.zeros((), jnp.int32), update))
+
+  monkeypatch.setattr(trainer, "make_optimizer", poisoned)
+  config = _configure(tiny_config, "adamw", 1, "host")
+  config.zero.offload_speculation = True
+  _, after_one = _run_with_metrics(config, 1)
+  history, state = _run_with_metrics(config, 3)
+  assert [int(m["skipped_steps"]) for m in history] == [0, 1, 2]
+  assert_trees_close(state.params, after_one.params, atol=0, rtol=0)
+  assert_trees_close(state.opt_state, after_one.opt_state, atol=0, rtol=0)
+
+
+def test_speculation_needs_the_update_on_the_host(tiny_config):
+  tiny_config.zero.offload_speculation = True
+  with pytest.raises(jaxspeed.ConfigError) as info:
+    jaxspeed.build(tiny_config)
+  assert info.value.key == "zero.offload_speculation"
+  assert "zero.offload_optimizer=host" in str(info.value)

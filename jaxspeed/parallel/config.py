@@ -32,13 +32,16 @@ class ZeroConfig(Section):
 
   ``offload_optimizer="host"`` is ZeRO-Offload (Ren et al. 2021): each device's slice of
   the optimizer state lives in pinned host memory and the optimizer update runs on the
-  host; the parameters stay in device memory.
+  host; the parameters stay in device memory. ``offload_speculation`` is SuperOffload's
+  speculation-then-validation (Lian et al. 2025): the host update starts before the
+  gradient norm is known and is redone when clipping applies.
   """
 
   KEY = "zero"
 
   stage: int = setting(0, choices=ZERO_STAGES)
   offload_optimizer: str = setting("none", choices=OFFLOAD_MEMORY_KINDS)
+  offload_speculation: bool = setting(False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -313,6 +313,10 @@ class StepOptions:
     layer_dropping: random-LTD and progressive layer dropping.
     dense_interceptor: ``step -> interceptor`` running the weight matmuls of
       the objective's forward compressed (``jaxspeed.compression``).
+    speculate: SuperOffload's speculation-then-validation (Lian et al. 2025) for
+      an update on the host: it starts from the unclipped gradient, before the
+      global norm is known, and is redone from the clipped one in the steps
+      where clipping applies; a non-finite result is rolled back by the guard.
   """
 
   objective: Objective = LanguageModeling()
@@ -322,6 +326,7 @@ class StepOptions:
   deterministic: bool = True
   layer_dropping: LayerDropping = LayerDropping()
   dense_interceptor: DenseInterceptorAt | None = None
+  speculate: bool = False
 
   def __post_init__(self):
     if self.microbatches < 1:
@@ -462,10 +467,13 @@ def _finish(state: TrainState, params, opt_state, objective, grad_norm, lr, sums
   return new_state, metrics
 
 
+_CLIP_EPS = 1e-6
+
+
 def _clip(grads, grad_norm, grad_clip: float):
   if grad_clip <= 0:
     return grads
-  factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
+  factor = jnp.minimum(1.0, grad_clip / (grad_norm + _CLIP_EPS))
   return jax.tree.map(lambda g: g * factor, grads)
 
 
@@ -492,6 +500,8 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
                        "microbatches=1 (the trainer does) instead of accumulating sequentially")
     if options.layer_dropping.enabled:
       raise ValueError("a PipelinedGPT runs no random-LTD or progressive layer dropping")
+  if options.speculate and not specs.host_update:
+    raise ValueError("speculate needs the optimizer update on the host (StateSpecs.host_update)")
   dropping = options.layer_dropping
   run = dict(microbatches=options.microbatches, lr_unit=options.lr_unit,
              grad_clip=options.grad_clip, deterministic=options.deterministic,
@@ -501,7 +511,8 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
     build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind, **run)
     return TrainStep(build, lambda step: (optimizer.kind_at(step),
                                           dropping.kept_length_at(step)), prepare)
-  build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1], **run)
+  build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1],
+                                   speculate=options.speculate, **run)
   return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)), prepare)
 
 
@@ -513,7 +524,7 @@ def _schedule_time(state: TrainState, lr_unit: str) -> jax.Array:
 def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
                 specs: StateSpecs, mesh: Mesh, kept: int | None, *, microbatches: int,
                 lr_unit: str, grad_clip: float, deterministic: bool, dropping: LayerDropping,
-                loss_sum: Callable):
+                loss_sum: Callable, speculate: bool):
   """The step of an optax optimizer: XLA inserts the gradient all-reduce."""
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   grad_shardings = named(mesh, specs.grads)
@@ -530,19 +541,32 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
     grads = jax.tree.map(lambda g: g / count, grads)
     grads = jax.lax.with_sharding_constraint(grads, update_shardings)
     grad_norm = optax.tree.norm(grads)
-    grads = _clip(grads, grad_norm, grad_clip)
+    unclipped, grads = grads, _clip(grads, grad_norm, grad_clip)
     lr = schedule(_schedule_time(state, lr_unit))
-    opt_finite = None
-    if specs.host_update:
-      params, opt_state, opt_finite = _host_update(optimizer, grads, state.opt_state,
-                                                   state.params, lr, mesh, specs)
+    opt_finite, rolled_back = None, jnp.zeros((), jnp.int32)
+    host_update = lambda grads: _host_update(optimizer, grads, state.opt_state, state.params,
+                                             lr, mesh, specs)
+    if speculate:
+      # The update does not wait for the norm; clipping multiplies by exactly 1 when it
+      # does not apply, so the speculative result is the validated one in those steps.
+      clips = (grad_clip > 0) & (grad_norm + _CLIP_EPS > grad_clip)
+      speculative = host_update(unclipped)
+      params, opt_state, opt_finite = jax.lax.cond(clips, lambda: host_update(grads),
+                                                   lambda: speculative)
+      rolled_back = clips.astype(jnp.int32)
+    elif specs.host_update:
+      params, opt_state, opt_finite = host_update(grads)
     else:
       state = _on_device(state, shardings) if specs.offloaded else state
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       updates = jax.lax.with_sharding_constraint(updates, update_shardings)
       params, opt_state = apply_updates(state.params, updates, opt_state, lr)
-    return _finish(state, params, opt_state, objective / count, grad_norm, lr, sums, batch,
-                   dropping.layer_tokens(kept, *batch["inputs"].shape), opt_finite)
+    new_state, metrics = _finish(state, params, opt_state, objective / count, grad_norm, lr,
+                                 sums, batch, dropping.layer_tokens(kept, *batch["inputs"].shape),
+                                 opt_finite)
+    if speculate:
+      metrics["speculation_redone"] = rolled_back
+    return new_state, metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
