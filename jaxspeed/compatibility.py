@@ -51,6 +51,9 @@ TECHNIQUES: dict[str, Technique] = {
     "optimizer offload": Technique("zero.offload_optimizer", "`zero.offload_optimizer` = host",
                                    lambda c, shape, rlhf: c.zero.offload_optimizer != "none",
                                    "none"),
+    "parameter offload": Technique("zero.offload_params", "`zero.offload_params` = host",
+                                   lambda c, shape, rlhf: c.zero.offload_params != "none",
+                                   "none"),
     "low-precision parameters": Technique(
         "model.param_dtype", "`model.param_dtype` = bfloat16",
         lambda c, shape, rlhf: c.model.param_dtype != "float32", "float32"),
@@ -130,6 +133,7 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
     ("RLHF", "sequence parallelism"): _RLHF_AXES,
     ("RLHF", "1-bit optimizer"): "the RLHF steps use optax optimizers",
     ("RLHF", "optimizer offload"): "the RLHF steps keep the optimizer state in device memory",
+    ("RLHF", "parameter offload"): "the RLHF steps keep the parameters in device memory",
     ("RLHF", "low-precision parameters"): "the RLHF steps keep float32 parameters",
     ("1-bit optimizer", "low-precision parameters"): "the 1-bit optimizers update the "
                                                      "parameters themselves, without a float32 "

@@ -227,11 +227,11 @@ def test_markdown_table_lists_every_key_of_any_row():
 def test_offload_quick(tmp_path):
   payload = run_experiment("offload", tmp_path)
   summary, rows = payload["summary"], payload["rows"]
-  assert {(r["zero_stage"], r["param_dtype"], r["offload_optimizer"]) for r in rows} == {
-      (s, p, o) for s in (0, 1) for p in ("float32", "bfloat16") for o in ("none", "host")}
+  assert {(r["zero_stage"], r["param_dtype"], r["offload"]) for r in rows} == {
+      (s, p, o) for s in (0, 1) for p in ("float32", "bfloat16") for o in ("none", "optimizer")}
   for row in rows:
     assert row["device_mib"] <= summary["budget_mib"]
-    assert (row["host_mib"] > 0) == (row["offload_optimizer"] == "host")
+    assert (row["host_mib"] > 0) == (row["offload"] == "optimizer")
   # Per parameter at ZeRO-0: 16 -> 4 device bytes in ZeRO-Offload's precision setting
   # (bfloat16 parameters and gradients stay), 16 -> 8 in float32; the layer count is an
   # integer, so a 4 MiB budget lands near, not on, these ceilings.

@@ -264,3 +264,43 @@ def test_speculation_needs_the_update_on_the_host(tiny_config):
     jaxspeed.build(tiny_config)
   assert info.value.key == "zero.offload_speculation"
   assert "zero.offload_optimizer=host" in str(info.value)
+
+
+def test_parameter_offload_matches_and_resumes_with_a_sample(tiny_config, tmp_path):
+  """ZeRO-Infinity: the blocks' parameters in host memory (with the optimizer state and
+  full remat) train as the run kept on device, checkpoint, resume and sample."""
+  config = _configure(tiny_config, "adamw", 3, "none")
+  config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 4
+  config.optim.decay = 4
+  config.steps = 4
+  jaxspeed.train(config, str(tmp_path / "device"))
+
+  config.zero.update(offload_params="host", offload_optimizer="host")
+  config.model.remat = "full"
+  config.steps = 2
+  jaxspeed.train(config, str(tmp_path / "host"))
+  config.steps, config.sample_tokens = 4, 4
+  summary = jaxspeed.train(config, str(tmp_path / "host"))
+
+  expected, resumed = _losses(tmp_path / "device"), _losses(tmp_path / "host")
+  np.testing.assert_allclose([resumed[s] for s in range(1, 5)],
+                             [expected[s] for s in range(1, 5)], rtol=1e-6)
+  assert summary["offload_params"] == "host" and len(summary["sample"]) > 0
+  # Only the scalars and the parameters outside the blocks (embeddings, final LayerNorm)
+  # stay in device memory.
+  setup = jaxspeed.build(config)
+  state = setup.abstract_state()
+  outside = {k: v for k, v in state.params.items() if not k.startswith("layer_")}
+  assert summary["state_device_bytes_per_device"] == bytes_per_device(
+      state.replace(params=outside, opt_state=()))["device"]
+  kinds = {k: {x.sharding.memory_kind for x in jax.tree.leaves(v)}
+           for k, v in state.params.items()}
+  assert kinds.pop("layer_0") == {"pinned_host"} and set().union(*kinds.values()) == {"device"}
+
+
+def test_parameter_offload_needs_zero3(tiny_config):
+  tiny_config.zero.update(stage=1, offload_params="host")
+  with pytest.raises(jaxspeed.ConfigError) as info:
+    jaxspeed.build(tiny_config)
+  assert info.value.key == "zero.offload_params"
+  assert "needs zero.stage=3" in str(info.value)

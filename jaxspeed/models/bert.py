@@ -54,7 +54,7 @@ class BertEncoder(nn.Module):
     x = LayerNorm(cfg.layernorm_eps, name="ln_embed")(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "seq", "embed"))
-    block = remat_block(cfg.remat)
+    block = remat_block(cfg, self.is_initializing())
 
     def make_layer(i: int, per_row_positions: bool) -> nn.Module:
       return block(cfg, causal=False, pre_ln=False, per_row_positions=per_row_positions,

@@ -54,6 +54,8 @@ class ModelConfig(Section):
   layernorm_eps: float = setting(1e-5, config=False)
   # tanh GELU; BERT checkpoints use the exact (erf) one.
   gelu_approximate: bool = setting(True, config=False)
+  # The blocks' parameters live in host memory (``zero.offload_params``).
+  params_on_host: bool = setting(False, config=False)
   # Mixture of experts in some layers (GPT); None: dense.
   moe: MoeConfig | None = setting(None, config=False)
 

@@ -73,7 +73,7 @@ class GPT(nn.Module):
                   random_ltd_kept: int | None, layer_keep_theta: jax.Array | None) -> jax.Array:
     """The L blocks: x [B, S, d_model] -> [B, S, d_model]; see ``__call__``'s arguments."""
     cfg = self.config
-    block = remat_block(cfg.remat)
+    block = remat_block(cfg, self.is_initializing())
 
     def make_layer(i: int, per_row_positions: bool) -> nn.Module:
       return block(cfg, causal=True, pre_ln=True, per_row_positions=per_row_positions,

@@ -279,8 +279,20 @@ class Block(nn.Module):
     return ln2(x + scaled(mlp(x, deterministic)))
 
 
-def remat_block(policy: str) -> type[Block]:
-  """``Block`` wrapped in activation checkpointing per ``config.model.remat``.
+def _to_device_memory(variables):
+  return jax.device_put(variables, jax.memory.Space.Device)
+
+
+def remat_block(cfg: ModelConfig, initializing: bool = False) -> type[Block]:
+  """``Block`` wrapped per ``cfg.params_on_host`` and ``cfg.remat`` (activation checkpointing).
+
+  With ``params_on_host`` (ZeRO-Infinity's parameter offload, Rajbhandari et
+  al. 2021), the block's parameters live in host memory and the block copies
+  them to device memory where it reads them; under remat the backward pass
+  copies them again instead of keeping them on device, and their gradients
+  go back to host memory (the copy's transpose). Pass the calling module's
+  ``is_initializing()`` as ``initializing``: parameters are created in device
+  memory, and the copy applies only to existing ones.
 
   ``full`` recomputes the whole layer in the backward pass;
   ``save_matmul_outputs`` keeps the outputs of weight matmuls (not the
@@ -289,18 +301,19 @@ def remat_block(policy: str) -> type[Block]:
   memory (activation offload, as ZeRO-Infinity's activation checkpoints on
   the CPU), to be copied back for the backward pass.
   """
-  if policy == "none":
-    return Block
-  if policy == "full":
-    return nn.remat(Block, static_argnums=(4,))
-  if policy == "save_matmul_outputs":
-    return nn.remat(Block, static_argnums=(4,),
-                    policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  if policy == "offload":
-    return nn.remat(Block, static_argnums=(4,),
-                    policy=jax.checkpoint_policies.offload_dot_with_no_batch_dims(
-                        offload_src="device", offload_dst="pinned_host"))
-  raise ValueError(f"model.remat={policy!r}; allowed: {', '.join(REMAT_POLICIES)}")
+  block = Block
+  if cfg.params_on_host and not initializing:
+    block = nn.map_variables(Block, "params", trans_in_fn=_to_device_memory)
+  policies = {"save_matmul_outputs": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+              "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+                  offload_src="device", offload_dst="pinned_host")}
+  if cfg.remat == "none":
+    return block
+  if cfg.remat == "full":
+    return nn.remat(block, static_argnums=(4,))
+  if cfg.remat in policies:
+    return nn.remat(block, static_argnums=(4,), policy=policies[cfg.remat])
+  raise ValueError(f"model.remat={cfg.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
 
 
 class Embed(nn.Module):

@@ -57,7 +57,7 @@ class PipelinedGPT(GPT):
     if random_ltd_kept is not None or layer_keep_theta is not None:
       raise NotImplementedError("random-LTD and layer dropping do not run in a pipeline")
     stacked = self.param(STACKED, lambda rng: None)
-    block = remat_block(self.config.remat)(self.config, causal=True, pre_ln=True)
+    block = remat_block(self.config, self.is_initializing())(self.config, causal=True, pre_ln=True)
     # As numpy: a concrete jax.Array carries the outer mesh in its type, which
     # does not type-check inside the pipeline's shard_map.
     mask = np.asarray(causal_mask(x.shape[1]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxspeed.errors import ConfigError
 from jaxspeed.schema import Section, setting
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -32,7 +33,10 @@ class ZeroConfig(Section):
 
   ``offload_optimizer="host"`` is ZeRO-Offload (Ren et al. 2021): each device's slice of
   the optimizer state lives in pinned host memory and the optimizer update runs on the
-  host; the parameters stay in device memory. ``offload_speculation`` is SuperOffload's
+  host. ``offload_params="host"`` (stage 3 only) is ZeRO-Infinity's parameter offload
+  (Rajbhandari et al. 2021): each device's slice of the blocks' parameters lives in pinned
+  host memory and each block copies its own to the device where it runs.
+  ``offload_speculation`` is SuperOffload's
   speculation-then-validation (Lian et al. 2025): the host update starts before the
   gradient norm is known and is redone when clipping applies.
   """
@@ -41,7 +45,14 @@ class ZeroConfig(Section):
 
   stage: int = setting(0, choices=ZERO_STAGES)
   offload_optimizer: str = setting("none", choices=OFFLOAD_MEMORY_KINDS)
+  offload_params: str = setting("none", choices=OFFLOAD_MEMORY_KINDS)
   offload_speculation: bool = setting(False)
+
+  def check(self) -> None:
+    if self.offload_params != "none" and self.stage != 3:
+      raise ConfigError("zero.offload_params", "needs zero.stage=3 (the parameters split "
+                        f"over the data-parallel devices), got stage {self.stage}; allowed "
+                        "at this stage: none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import flax
@@ -59,11 +60,17 @@ class StateSpecs:
   update: Any  # where the optimizer update is computed (the ZeRO split for stage >= 1)
   opt_memory_kind: str = "device"  # where the optimizer state lives: "device" or "pinned_host"
   host_update: bool = False  # the optimizer update runs on the host, next to its state
+  block_params_memory_kind: str = "device"  # where the blocks' parameters live (ZeRO-Infinity)
 
   @property
   def offloaded(self) -> bool:
     """Whether the optimizer state lives in host memory (ZeRO-Offload)."""
     return self.opt_memory_kind != "device"
+
+  @property
+  def params_offloaded(self) -> bool:
+    """Whether the blocks' parameters live in host memory (ZeRO-Infinity)."""
+    return self.block_params_memory_kind != "device"
 
 
 def in_memory(shardings, kind: str):
@@ -71,13 +78,29 @@ def in_memory(shardings, kind: str):
   return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
 
 
+def is_block(top_level_key: str) -> bool:
+  """Whether a top-level parameter name is a transformer block's (``layer_<i>``)."""
+  return re.fullmatch(r"layer_\d+", top_level_key) is not None
+
+
+def params_in_memory(shardings, kind: str):
+  """Params ``shardings`` with the blocks' parameters in memory ``kind``, the rest as given."""
+  return {name: in_memory(tree, kind) if is_block(name) else tree
+          for name, tree in shardings.items()}
+
+
 def state_shardings(mesh: Mesh, specs: StateSpecs) -> TrainState:
   """The ``NamedSharding`` of every state leaf: the optimizer state in ``specs.opt_memory_kind``
-  memory, the rest in device memory."""
+  memory, the blocks' parameters in ``specs.block_params_memory_kind`` memory, the rest in
+  device memory."""
   shardings = named(mesh, specs.state)
-  if not specs.offloaded:
-    return shardings
-  return shardings.replace(opt_state=in_memory(shardings.opt_state, specs.opt_memory_kind))
+  if specs.offloaded:
+    shardings = shardings.replace(opt_state=in_memory(shardings.opt_state,
+                                                      specs.opt_memory_kind))
+  if specs.params_offloaded:
+    shardings = shardings.replace(params=params_in_memory(shardings.params,
+                                                          specs.block_params_memory_kind))
+  return shardings
 
 
 def _zeros(sample_input: jax.ShapeDtypeStruct) -> jax.Array:
@@ -118,7 +141,8 @@ def bytes_per_device(tree) -> dict[str, int]:
 
 def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | CommunicatingOptimizer,
                 sample_input, mesh: Mesh, zero_stage: int,
-                opt_memory_kind: str = "device", host_update: bool = False) -> StateSpecs:
+                opt_memory_kind: str = "device", host_update: bool = False,
+                block_params_memory_kind: str = "device") -> StateSpecs:
   """Derives every PartitionSpec from abstract shapes (nothing is allocated).
 
   Args:
@@ -126,7 +150,11 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
       (ZeRO-Offload; ``jaxspeed.parallel.config.OFFLOAD_MEMORY_KINDS``).
     host_update: with the state on the host, run the update there too; else it
       is brought to the device for the update and written back.
+    block_params_memory_kind: where the blocks' parameters live; "pinned_host"
+      needs ZeRO-3 and a model built with ``params_on_host``.
   """
+  if block_params_memory_kind != "device" and zero_stage != 3:
+    raise ValueError("parameters live in host memory only at ZeRO stage 3")
   if host_update and (opt_memory_kind == "device"
                       or isinstance(optimizer, CommunicatingOptimizer)):
     raise ValueError("host_update needs the optimizer state in host memory and an optax "
@@ -149,7 +177,8 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
                      layer_tokens=scalar, skipped=scalar,
                      rng=P(None))
   return StateSpecs(state=state, grads=zero if zero_stage >= 2 else tp, update=opt_param_specs,
-                    opt_memory_kind=opt_memory_kind, host_update=host_update)
+                    opt_memory_kind=opt_memory_kind, host_update=host_update,
+                    block_params_memory_kind=block_params_memory_kind)
 
 
 def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,

@@ -37,7 +37,13 @@ from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
 from jaxspeed.training.optim import Schedule
-from jaxspeed.training.state import StateSpecs, TrainState, in_memory, state_shardings
+from jaxspeed.training.state import (
+    StateSpecs,
+    TrainState,
+    in_memory,
+    params_in_memory,
+    state_shardings,
+)
 
 MODEL_KWARGS = ("positions", "token_types", "padding_mask")
 Batch = dict[str, jax.Array]
@@ -527,6 +533,8 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
                 loss_sum: Callable, speculate: bool):
   """The step of an optax optimizer: XLA inserts the gradient all-reduce."""
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  if specs.params_offloaded:  # the blocks' gradients come out in host memory
+    grad_fn = _gradients_on_device(grad_fn)
   grad_shardings = named(mesh, specs.grads)
   update_shardings = named(mesh, specs.update)
   shardings = state_shardings(mesh, specs)
@@ -557,7 +565,7 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
     elif specs.host_update:
       params, opt_state, opt_finite = host_update(grads)
     else:
-      state = _on_device(state, shardings) if specs.offloaded else state
+      state = _on_device(state) if specs.offloaded or specs.params_offloaded else state
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       updates = jax.lax.with_sharding_constraint(updates, update_shardings)
       params, opt_state = apply_updates(state.params, updates, opt_state, lr)
@@ -572,15 +580,22 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
-def _on_device(state: TrainState, shardings: TrainState) -> TrainState:
-  """``state`` with its host-memory optimizer state brought to device memory, same slices.
+def _on_device(state: TrainState) -> TrainState:
+  """``state`` with its host-memory leaves brought to device memory, same slices.
 
   For an offloaded optimizer that updates on device (``StateSpecs.host_update``
-  False): its state lives on the host between steps, and the step's output
-  shardings write the new state back there.
+  False), or offloaded parameters: they live on the host between steps, and the
+  step's output shardings write the new values back there.
   """
-  device = in_memory(shardings.opt_state, "device")
-  return state.replace(opt_state=jax.device_put(state.opt_state, device))
+  return jax.device_put(state, jax.memory.Space.Device)
+
+
+def _gradients_on_device(grad_fn: Callable) -> Callable:
+  """``grad_fn`` (a ``value_and_grad``) with its gradients moved to device memory."""
+  def fn(*args, **kwargs):
+    value, grads = grad_fn(*args, **kwargs)
+    return value, jax.device_put(grads, jax.memory.Space.Device)
+  return fn
 
 
 def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, params,
@@ -613,8 +628,11 @@ def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, para
   with compute_on("device_host"):
     params, opt_state, finite = jax.jit(update)(grads, opt_state, params, lr)
   # Out of the host computation every result is in host memory; say where each goes.
+  params_shardings = in_memory(update_shardings, "device")
+  if specs.params_offloaded:  # ZeRO-3: the update's slices are the parameters' slices
+    params_shardings = params_in_memory(params_shardings, specs.block_params_memory_kind)
   return jax.device_put((params, opt_state, finite),
-                        (in_memory(update_shardings, "device"),
+                        (params_shardings,
                          state_shardings(mesh, specs).opt_state,
                          NamedSharding(mesh, P(), memory_kind="device")))
 
@@ -645,7 +663,7 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     # The 1-bit family updates on device (``HOST_UPDATE_OPTIMIZERS`` says why).
-    state = _on_device(state, shardings) if specs.offloaded else state
+    state = _on_device(state) if specs.offloaded else state
     rngs = step_rngs(state.rng, state.step)
     model_kwargs = {**dropping.model_kwargs(kept, state.step), "step": state.step}
     per_worker = jax.tree.map(lambda x: x.reshape(world, -1, *x.shape[1:]), batch)
@@ -693,4 +711,5 @@ def make_eval_step(model: nn.Module, specs: StateSpecs, mesh: Mesh,
       sums = loss_sum(params, batch, None, True)[1]
     return sums["loss_sum"], sums["tokens"]
 
-  return jax.jit(evaluate, in_shardings=(named(mesh, specs.state.params), batch_sharding(mesh)))
+  return jax.jit(evaluate, in_shardings=(state_shardings(mesh, specs).params,
+                                         batch_sharding(mesh)))

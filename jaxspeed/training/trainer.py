@@ -215,7 +215,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
                                    jax.process_count())
 
   mesh = make_mesh(config.parallel, devices)
-  model_config = ModelConfig.from_config(config.model, MoeConfig.from_config(config.moe))
+  model_config = dataclasses.replace(
+      ModelConfig.from_config(config.model, MoeConfig.from_config(config.moe)),
+      params_on_host=config.zero.offload_params != "none")
   # With a pipeline, config.microbatches are its microbatches (as DeepSpeed's
   # gradient_accumulation_steps in PipelineEngine), not a sequential accumulation.
   num_stages = mesh.shape["stage"]
@@ -232,7 +234,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   offload = config.zero.offload_optimizer != "none"
   specs = state_specs(model, optimizer, _model_input(config), mesh, config.zero.stage,
                       OFFLOAD_MEMORY_KINDS[config.zero.offload_optimizer],
-                      host_update=offload and config.optim.name in HOST_UPDATE_OPTIMIZERS)
+                      host_update=offload and config.optim.name in HOST_UPDATE_OPTIMIZERS,
+                      block_params_memory_kind=OFFLOAD_MEMORY_KINDS[config.zero.offload_params])
   compression = compression_from_config(config.compression, matmul_shapes(
       lambda p, x: model.apply({"params": p}, x), abstract_params(model, _model_input(config)),
       _model_input(config)))
@@ -688,6 +691,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkp
         "mesh": " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items() if v > 1) or "1 device",
         "zero_stage": config.zero.stage,
         "offload_optimizer": config.zero.offload_optimizer,
+        "offload_params": config.zero.offload_params,
         "param_dtype": config.model.param_dtype,
         **{f"state_{kind}_bytes_per_device": n for kind, n in bytes_per_device(state).items()},
         "checkpoint": os.path.join(directory, str(config.steps)),
