@@ -116,6 +116,8 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
     ("pipeline", "weight quantization"): "compression does not run in a pipeline yet",
     ("pipeline", "activation quantization"): "compression does not run in a pipeline yet",
     ("pipeline", "sparse pruning"): "compression does not run in a pipeline yet",
+    ("pipeline", "low-precision parameters"): "low-precision parameters do not run in a "
+                                              "pipeline yet",
     ("BERT", "MoE"): "MoE layers are built into the GPT decoder",
     ("expert parallelism", "1-bit optimizer"): "a 1-bit optimizer compresses whole-model "
                                                "gradients per data-parallel worker",

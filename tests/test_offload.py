@@ -171,6 +171,7 @@ def test_bfloat16_parameters_with_master_weights_on_the_host(tiny_config, tmp_pa
   def configure(offload: str):
     config = _configure(tiny_config, "adamw", 3, offload)
     config.model.update(param_dtype="bfloat16", dtype="bfloat16")
+    config.microbatches = 2  # float32 sums of bfloat16 gradients
     config.steps, config.eval_every, config.checkpoint_every, config.log_every = 3, 3, 3, 1
     return config
 

@@ -406,7 +406,8 @@ def _accumulate(grad_fn, params, batch: Batch, rngs, microbatches: int, determin
     acc, objective_acc, sums_acc = carry
     (objective, sums), g = grad_fn(params, micro, fold_rngs(rngs, index), deterministic,
                                    **model_kwargs)
-    acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), grad_shardings)
+    acc = jax.lax.with_sharding_constraint(
+        jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), grad_shardings)
     return (acc, objective_acc + objective, jax.tree.map(jnp.add, sums_acc, sums)), None
 
   micro_batches = split_microbatches(batch, microbatches)
@@ -414,7 +415,10 @@ def _accumulate(grad_fn, params, batch: Batch, rngs, microbatches: int, determin
   _, sums_shape = jax.eval_shape(lambda: grad_fn(params, first, rngs, deterministic,
                                                  **model_kwargs)[0])
   zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-  zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+  # Summed in float32 whatever the parameters' dtype, and in device memory wherever they live.
+  zeros = jax.lax.with_sharding_constraint(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                   params), grad_shardings)
   (grads, objective, sums), _ = jax.lax.scan(
       accumulate, (zeros, jnp.float32(0), zero_sums), (jnp.arange(microbatches), micro_batches))
   return objective, sums, grads
