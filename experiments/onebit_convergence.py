@@ -23,13 +23,15 @@ within 2% (``*_rel_gap`` = compressed / baseline − 1).
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 from jaxspeed.configs import gpt_tiny
+from jaxspeed.errors import FlagError
 from jaxspeed.training import plot_runs
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 2-layer model, seq 32, 12 steps, "
@@ -41,6 +43,10 @@ LOCAL_STEP_SCALER = flags.DEFINE_integer("local_step_scaler", 30,
                                          "0/1 Adam: steps between local-interval doublings.")
 ADAM_LR = flags.DEFINE_float("adam_lr", 3e-3, "Peak learning rate of the Adam family.")
 LAMB_LR = flags.DEFINE_float("lamb_lr", 2e-2, "Peak learning rate of the LAMB family.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Global batch (sequences), split over "
+                                  "the workers.")
+RUNS = flags.DEFINE_list("runs", [], "Only these runs (labels of the table), e.g. "
+                         "adam,onebit_adam for an ablation; empty: all.")
 GRAD_CLIP = flags.DEFINE_float(
     "grad_clip", 0.0, "Global-norm clipping of every run. Off by default: on compressed steps "
     "the clipping norm is the RMS of the workers' local norms, larger than the averaged "
@@ -58,6 +64,7 @@ def _config(quick: bool, steps: int):
   config.eval_every = max(1, steps // 6)
   config.checkpoint_every = steps
   config.optim.grad_clip = GRAD_CLIP.value
+  config.batch_size = BATCH_SIZE.value
   if quick:
     config.model.update(num_layers=2, d_model=64, d_ff=256)
     config.batch_size, config.seq_len = 16, 32
@@ -81,6 +88,10 @@ def _runs(steps: int, quick: bool) -> dict[str, dict]:
       "lamb": {"name": "onebit_lamb", "freeze_step": steps + 1, **lamb},
       "onebit_lamb": {"name": "onebit_lamb", "freeze_step": freeze, **lamb},
   }
+  if unknown := set(RUNS.value) - set(runs):
+    raise FlagError("runs", f"unknown {sorted(unknown)}; allowed: {', '.join(runs)}")
+  if RUNS.value:
+    return {k: runs[k] for k in RUNS.value}
   return {k: v for k, v in runs.items() if not (quick and k in ("adamw", "lamb_optax"))}
 
 
@@ -100,14 +111,13 @@ def main(argv):
                  "initial_val_loss": summary["initial_val_loss"],
                  "tokens_per_s": summary["tokens_per_s"],
                  "skipped_steps": summary["skipped_steps"]})
-  val = {r["optimizer"]: r["val_loss"] for r in rows}
+  val = collections.defaultdict(lambda: math.nan, {r["optimizer"]: r["val_loss"] for r in rows})
   summary = {
       "onebit_adam_rel_gap": val["onebit_adam"] / val["adam"] - 1,
       "zero_one_adam_rel_gap": val["zero_one_adam"] / val["adam"] - 1,
-      "onebit_adam_rel_gap_vs_adamw": val["onebit_adam"] / val.get("adamw", math.nan) - 1,
+      "onebit_adam_rel_gap_vs_adamw": val["onebit_adam"] / val["adamw"] - 1,
       "onebit_lamb_rel_gap": val["onebit_lamb"] / val["lamb"] - 1,
-      "onebit_lamb_rel_gap_vs_optax_lamb": val["onebit_lamb"] / val.get("lamb_optax",
-                                                                      math.nan) - 1,
+      "onebit_lamb_rel_gap_vs_optax_lamb": val["onebit_lamb"] / val["lamb_optax"] - 1,
       "steps": steps,
       "workers": config.parallel.data if config.parallel.data > 0 else "all",
       "target": "|gap| <= 0.02",
@@ -124,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_app(main)
