@@ -54,6 +54,8 @@ TECHNIQUES: dict[str, Technique] = {
     "parameter offload": Technique("zero.offload_params", "`zero.offload_params` = host",
                                    lambda c, shape, rlhf: c.zero.offload_params != "none",
                                    "none"),
+    "ZeRO++ qwZ": Technique("zero.quantized_weights", "`zero.quantized_weights`",
+                            lambda c, shape, rlhf: c.zero.quantized_weights),
     "low-precision parameters": Technique(
         "model.param_dtype", "`model.param_dtype` = bfloat16",
         lambda c, shape, rlhf: c.model.param_dtype != "float32", "float32"),
@@ -136,6 +138,7 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
     ("RLHF", "1-bit optimizer"): "the RLHF steps use optax optimizers",
     ("RLHF", "optimizer offload"): "the RLHF steps keep the optimizer state in device memory",
     ("RLHF", "parameter offload"): "the RLHF steps keep the parameters in device memory",
+    ("RLHF", "ZeRO++ qwZ"): "the RLHF steps gather the parameters exactly",
     ("RLHF", "low-precision parameters"): "the RLHF steps keep float32 parameters",
     ("1-bit optimizer", "low-precision parameters"): "the 1-bit optimizers update the "
                                                      "parameters themselves, without a float32 "

@@ -36,7 +36,8 @@ class ZeroConfig(Section):
   host. ``offload_params="host"`` (stage 3 only) is ZeRO-Infinity's parameter offload
   (Rajbhandari et al. 2021): each device's slice of the blocks' parameters lives in pinned
   host memory and each block copies its own to the device where it runs.
-  ``offload_speculation`` is SuperOffload's
+  ``quantized_weights`` is ZeRO++'s qwZ (Wang et al. 2023): the ZeRO-3 parameter
+  all-gather moves int8 codes with block scales. ``offload_speculation`` is SuperOffload's
   speculation-then-validation (Lian et al. 2025): the host update starts before the
   gradient norm is known and is redone when clipping applies.
   """
@@ -47,12 +48,20 @@ class ZeroConfig(Section):
   offload_optimizer: str = setting("none", choices=OFFLOAD_MEMORY_KINDS)
   offload_params: str = setting("none", choices=OFFLOAD_MEMORY_KINDS)
   offload_speculation: bool = setting(False)
+  quantized_weights: bool = setting(False)
 
   def check(self) -> None:
     if self.offload_params != "none" and self.stage != 3:
       raise ConfigError("zero.offload_params", "needs zero.stage=3 (the parameters split "
                         f"over the data-parallel devices), got stage {self.stage}; allowed "
                         "at this stage: none")
+    if self.quantized_weights and self.stage != 3:
+      raise ConfigError("zero.quantized_weights", "quantizes ZeRO-3's parameter all-gather: "
+                        f"needs zero.stage=3, got stage {self.stage}; allowed here: False")
+    if self.quantized_weights and self.offload_params != "none":
+      raise ConfigError("zero.quantized_weights", "does not run with zero.offload_params "
+                        "yet (the parameters would be quantized in host memory); allowed "
+                        "with it: False")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,7 @@ from jaxspeed.optimizers.master import MasterWeightsState, apply_updates
 from jaxspeed.parallel.mesh import DATA_AXES
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
+from jaxspeed.parallel.zeropp import qwz_gather
 from jaxspeed.training.optim import Schedule
 from jaxspeed.training.state import (
     StateSpecs,
@@ -319,6 +320,8 @@ class StepOptions:
     layer_dropping: random-LTD and progressive layer dropping.
     dense_interceptor: ``step -> interceptor`` running the weight matmuls of
       the objective's forward compressed (``jaxspeed.compression``).
+    quantized_weights: ZeRO++'s qwZ: ZeRO-3 parameters all-gathered in int8
+      (``jaxspeed.parallel.zeropp``).
     speculate: SuperOffload's speculation-then-validation (Lian et al. 2025) for
       an update on the host: it starts from the unclipped gradient, before the
       global norm is known, and is redone from the clipped one in the steps
@@ -332,6 +335,7 @@ class StepOptions:
   deterministic: bool = True
   layer_dropping: LayerDropping = LayerDropping()
   dense_interceptor: DenseInterceptorAt | None = None
+  quantized_weights: bool = False
   speculate: bool = False
 
   def __post_init__(self):
@@ -521,6 +525,10 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
     build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind, **run)
     return TrainStep(build, lambda step: (optimizer.kind_at(step),
                                           dropping.kept_length_at(step)), prepare)
+  if options.quantized_weights:  # the forward reads the parameters through qwZ's gather
+    loss_sum = run["loss_sum"]
+    run["loss_sum"] = lambda params, *args, **kwargs: loss_sum(
+        qwz_gather(params, specs.state.params, mesh), *args, **kwargs)
   build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1],
                                    speculate=options.speculate, **run)
   return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)), prepare)

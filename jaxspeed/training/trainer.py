@@ -243,7 +243,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       train_objective(config, devices), microbatches=config.microbatches if num_stages == 1 else 1,
       grad_clip=config.optim.grad_clip, lr_unit=config.optim.lr_unit,
       deterministic=config.model.dropout == 0, layer_dropping=dropping,
-      dense_interceptor=compression, speculate=config.zero.offload_speculation)
+      dense_interceptor=compression, quantized_weights=config.zero.quantized_weights,
+      speculate=config.zero.offload_speculation)
   train_step = make_train_step(model, optimizer, make_schedule(config.optim, total), specs, mesh,
                                options)
   eval_step = make_eval_step(model, specs, mesh, compression)
