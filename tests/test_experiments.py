@@ -240,3 +240,10 @@ def test_offload_quick(tmp_path):
   # At ZeRO-1 the state was already split 8 ways: the gain is small.
   assert 1 <= summary["zero1_float32_params_ratio"] < 1.5
   assert 1 < summary["zero1_bfloat16_params_ratio"] < 2
+
+
+def test_zeropp_quick(tmp_path):
+  summary = run_experiment("zeropp", tmp_path)["summary"]
+  # int8 instead of float32, plus the per-slice scales.
+  assert 0.25 < summary["qwz_param_gather_bytes_ratio"] < 0.3
+  assert abs(summary["zeropp_loss_rel_gap"]) < 0.01
