@@ -404,6 +404,7 @@ def test_each_optimizer_trains_on_a_tensor_parallel_zero1_mesh(tiny_config, name
   tiny_config.optim.local_step_scaler = 2
   tiny_config.optim.local_step_clipper = 2
   tiny_config.microbatches = 2 if name == "zero_one_adam" else 1
+  tiny_config.model.num_layers = 1  # still every sharding of a layer; a third less to compile
   losses, setup, _ = train_losses(tiny_config, 10)
   assert losses[-1] < losses[0] - 0.2
   expected = {"onebit_adam": {WARMUP, COMPRESSED}, "onebit_lamb": {WARMUP, COMPRESSED},
