@@ -82,11 +82,11 @@ def main(argv):
   del argv
   common.setup_devices()
   quick = QUICK.value
-  # Quick: six small compilations (compile time grows with the length); one device fits
-  # 128 tokens, eight reach the cap.
-  budget = (5.0 if quick else BUDGET_MIB.value) * 2**20
-  unit = 128 if quick else GRANULARITY.value
-  cap = 1024 if quick else MAX_SEQ.value
+  # Quick: five small compilations (compile time grows with the length); one device fits
+  # 64 tokens (128 need 4.7 MiB), eight reach the cap of 4x that.
+  budget = (4.5 if quick else BUDGET_MIB.value) * 2**20
+  unit = 64 if quick else GRANULARITY.value
+  cap = 256 if quick else MAX_SEQ.value
   rows = []
   single = longest(1, budget, unit, cap, quick, rows)
   parallel = longest(SP, budget, unit, cap, quick, rows)

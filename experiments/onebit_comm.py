@@ -39,7 +39,7 @@ from jaxspeed.configs import gpt_tiny
 from jaxspeed.optimizers import zero_one_kinds
 from jaxspeed.parallel.mesh import DATA_AXES
 
-QUICK = flags.DEFINE_bool("quick", False, "Smoke run: a 2-layer model.")
+QUICK = flags.DEFINE_bool("quick", False, "Smoke run: a 1-layer model.")
 RUN_STEPS = flags.DEFINE_integer("run_steps", 10000, "Steps of the run the totals cover.")
 WARMUP_FRACTION = flags.DEFINE_float("warmup_fraction", 0.15, "1-bit Adam warm-up share.")
 GPU_TFLOPS = flags.DEFINE_float("gpu_tflops", 50.0,
@@ -57,7 +57,7 @@ def _config(quick: bool, name: str):
   config.zero.stage = 0
   config.sample_tokens = 0
   if quick:
-    config.model.update(num_layers=2, d_model=64, d_ff=256)
+    config.model.update(num_layers=1, d_model=64, d_ff=256)
   config.optim.name = name
   return config
 

@@ -61,7 +61,7 @@ from jaxspeed.training import plot_runs
 from jaxspeed.training.trainer import layer_dropping
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 3-layer model, seq 64, kept lengths 16 and "
-                          "32, 30 steps.")
+                          "32, 12 steps.")
 STEPS = flags.DEFINE_integer("steps", 300, "Training steps of both runs.")
 REQUIRE_FRACTION = flags.DEFINE_float(
     "require_fraction", 0.7, "Share of the steps over which the kept length reaches S.")
@@ -131,7 +131,7 @@ def main(argv):
   del argv
   common.setup_devices()
   quick = QUICK.value
-  steps = 30 if quick else STEPS.value
+  steps = 12 if quick else STEPS.value
   configs = {"baseline": _config(quick, steps, ltd=False), "random_ltd": _config(quick, steps,
                                                                                  ltd=True)}
   seq_len = configs["baseline"].seq_len
