@@ -40,6 +40,7 @@ class CommunicatingOptimizer(NamedTuple):
       parameter-shaped optimizer state (ZeRO-1 split or not).
     worker_params: ``(params, state, kind) -> [P, ...] params or None``: each
       worker's own parameters on steps where they differ (local steps).
+    local_kinds: the kinds that communicate nothing (0/1 Adam's local steps).
   """
 
   init: Callable[[Params], Any]
@@ -48,6 +49,7 @@ class CommunicatingOptimizer(NamedTuple):
   exact_kinds: frozenset[str]
   state_specs: Callable[[Any, Any], Any]
   worker_params: Callable[[Params, Any, str], Params | None]
+  local_kinds: frozenset[str] = frozenset()
 
 
 def shared_params(params, state, kind) -> None:

@@ -177,4 +177,4 @@ def zero_one_adam(group: WorkerGroup, var_freeze_step: int, b1: float = 0.9,
                             group.error_feedback_specs(param_specs))
 
   return CommunicatingOptimizer(init, update, kind_at, frozenset({VARIANCE}), state_specs,
-                                worker_params)
+                                worker_params, frozenset({LOCAL}))
