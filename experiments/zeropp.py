@@ -7,9 +7,10 @@ block scales before the all-gather: half the bytes of an fp16 gather (a
 quarter of float32). On 8 devices (``data=2`` x ``fsdp=4``, ZeRO-3) it
 
 * compiles the parameter all-gather of the GPT alone, exact and through
-  ``jaxspeed.parallel.zeropp.qwz_gather``, and reads the bytes each device
-  sends from the compiled HLO (``jaxspeed.comm.hlo``): the parameters' share
-  of ZeRO-3 communication, without the step's other collectives;
+  ``jaxspeed.parallel.zeropp.qwz_gather`` (the embedding stays exact), and
+  reads the bytes each device sends from the compiled HLO
+  (``jaxspeed.comm.hlo``): the parameters' share of ZeRO-3 communication,
+  without the step's other collectives;
 * trains the GPT with exact ZeRO-3 and with ``zero.quantized_weights`` for
   ``--steps`` steps on the same data: ``zeropp_loss_rel_gap`` is the relative
   gap of the final validation loss (target: within 1% after 300 steps).
@@ -90,8 +91,8 @@ def main(argv):
   header = ("ZeRO++ qwZ on 8 devices (data=2 x fsdp=4, ZeRO-3, float32 parameters). Paper: "
             "int8 weights halve an fp16 all-gather, so a quarter of float32 is the ideal "
             "here, plus one float32 scale per slice of the split dimension; 1-D parameters "
-            "(biases, LayerNorm) are gathered exactly. Bytes per device from the compiled "
-            "HLO of the parameter gather alone.")
+            "(biases, LayerNorm) and the tied embedding / LM head are gathered exactly. "
+            "Bytes per device from the compiled HLO of the parameter gather alone.")
   common.write_results("zeropp", summary, rows, _config(quick, True).to_dict(), header)
 
 

@@ -244,5 +244,6 @@ def test_offload_quick(tmp_path):
 
 def test_zeropp_quick(tmp_path):
   summary = run_experiment("zeropp", tmp_path)["summary"]
-  # int8 instead of float32, plus the per-slice scales.
-  assert 0.25 < summary["qwz_param_gather_bytes_ratio"] < 0.3
+  # int8 instead of float32 (0.25), plus the per-slice scales and the exact embedding
+  # (a sizeable share of a 2-layer model).
+  assert 0.25 < summary["qwz_param_gather_bytes_ratio"] < 0.4
