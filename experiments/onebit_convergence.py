@@ -19,7 +19,7 @@ the same steps, batches and learning-rate schedule for every optimizer:
 The ablations of the README change one flag each: ``--cpu_devices=1`` (no
 compression: one worker's 1-bit step is exact, so what is left is the frozen
 variance), ``--warmup_fraction``, ``--batch_size`` (sequences per worker),
-``--local_step_scaler``.
+``--local_step_scaler``, ``--var_update_scaler``.
 
 Paper claims (Tang et al. 2021; Li et al. 2021; Lu et al. 2022): the same
 convergence as the uncompressed optimizer. Target here: final validation loss
@@ -49,6 +49,9 @@ WARMUP_FRACTION = flags.DEFINE_float(
     "which alone costs 1-bit Adam 7.9% (docs/results/onebit_convergence_1worker.md).")
 LOCAL_STEP_SCALER = flags.DEFINE_integer("local_step_scaler", 30,
                                          "0/1 Adam: steps between local-interval doublings.")
+VAR_UPDATE_SCALER = flags.DEFINE_integer(
+    "var_update_scaler", 16, "0/1 Adam: variance steps between doublings of their interval "
+    "(DeepSpeed's default 16); at least the number of steps makes phase 1 exact Adam.")
 ADAM_LR = flags.DEFINE_float("adam_lr", 3e-3, "Peak learning rate of the Adam family.")
 LAMB_LR = flags.DEFINE_float("lamb_lr", 2e-2, "Peak learning rate of the LAMB family.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Global batch (sequences), split over "
@@ -91,7 +94,8 @@ def _runs(steps: int, quick: bool) -> dict[str, dict]:
       "adam": {"name": "onebit_adam", "freeze_step": steps + 1, **adam},
       "onebit_adam": {"name": "onebit_adam", "freeze_step": freeze, **adam},
       "zero_one_adam": {"name": "zero_one_adam", "var_freeze_step": freeze,
-                        "local_step_scaler": LOCAL_STEP_SCALER.value, **adam},
+                        "local_step_scaler": LOCAL_STEP_SCALER.value,
+                        "var_update_scaler": VAR_UPDATE_SCALER.value, **adam},
       "lamb_optax": {"name": "lamb", **lamb},
       "lamb": {"name": "onebit_lamb", "freeze_step": steps + 1, **lamb},
       "onebit_lamb": {"name": "onebit_lamb", "freeze_step": freeze, **lamb},
