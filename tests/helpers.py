@@ -34,20 +34,26 @@ def assert_trees_close(actual, desired, atol: float = 0.0, rtol: float = 1e-7) -
                                err_msg=f"leaf {path}")
 
 
-def train_losses(config, num_steps: int, devices=None):
+def train_metrics(config, num_steps: int, devices=None):
   """Runs ``num_steps`` train steps in-process.
 
   Returns:
-    (per-step losses, the ``Setup``, the final ``TrainState``).
+    (per-step metrics on the host, the ``Setup``, the final ``TrainState``).
   """
   setup = jaxspeed.build(config, devices=devices)
-  losses = []
+  history = []
   with jax.set_mesh(setup.mesh):
     state = setup.init_state()
     for _ in range(num_steps):
       state, metrics = setup.train_step(state, setup.to_device(setup.train_data.next_batch()))
-      losses.append(float(metrics["loss"]))
-  return losses, setup, state
+      history.append(jax.device_get(metrics))
+  return history, setup, state
+
+
+def train_losses(config, num_steps: int, devices=None):
+  """(per-step losses, the ``Setup``, the final ``TrainState``) of ``train_metrics``."""
+  history, setup, state = train_metrics(config, num_steps, devices)
+  return [float(m["loss"]) for m in history], setup, state
 
 
 def subprocess_env() -> dict[str, str]:

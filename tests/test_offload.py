@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, train_losses
+from helpers import assert_trees_close, train_losses, train_metrics
 
 import jaxspeed
 from jaxspeed.training import read_metrics
@@ -208,25 +208,14 @@ def test_bfloat16_parameters_with_master_weights_on_the_host(tiny_config, tmp_pa
   assert np.any(kernel != kernel.astype(jnp.bfloat16).astype(np.float32))
 
 
-def _run_with_metrics(config, steps: int):
-  setup = jaxspeed.build(config)
-  history = []
-  with jax.set_mesh(setup.mesh):
-    state = setup.init_state()
-    for _ in range(steps):
-      state, metrics = setup.train_step(state, setup.to_device(setup.train_data.next_batch()))
-      history.append(jax.device_get(metrics))
-  return history, state
-
-
 def test_speculative_update_equals_the_validated_one(tiny_config):
   """SuperOffload's speculation: the host update from the unclipped gradient is kept when
   clipping does not apply and redone when it does; the run equals the plain one exactly."""
   config = _configure(tiny_config, "adamw", 1, "host")
   config.optim.grad_clip = 2.5  # the first step's gradient norm is above, the rest below
-  expected, reference = _run_with_metrics(config, 3)
+  expected, _, reference = train_metrics(config, 3)
   config.zero.offload_speculation = True
-  history, state = _run_with_metrics(config, 3)
+  history, _, state = train_metrics(config, 3)
 
   norms = [float(m["grad_norm"]) for m in expected]
   assert norms[0] > 2.5 > max(norms[1:])
@@ -252,8 +241,8 @@ def test_speculative_update_is_rolled_back_when_not_finite(tiny_config, monkeypa
   monkeypatch.setattr(trainer, "make_optimizer", poisoned)
   config = _configure(tiny_config, "adamw", 1, "host")
   config.zero.offload_speculation = True
-  _, after_one = _run_with_metrics(config, 1)
-  history, state = _run_with_metrics(config, 3)
+  _, _, after_one = train_metrics(config, 1)
+  history, _, state = train_metrics(config, 3)
   assert [int(m["skipped_steps"]) for m in history] == [0, 1, 2]
   assert_trees_close(state.params, after_one.params, atol=0, rtol=0)
   assert_trees_close(state.opt_state, after_one.opt_state, atol=0, rtol=0)
