@@ -517,6 +517,9 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
       raise ValueError("a PipelinedGPT runs no random-LTD or progressive layer dropping")
   if options.speculate and not specs.host_update:
     raise ValueError("speculate needs the optimizer update on the host (StateSpecs.host_update)")
+  if options.quantized_weights and isinstance(optimizer, CommunicatingOptimizer):
+    raise ValueError("quantized_weights gathers ZeRO-3 parameters, which the 1-bit "
+                     "optimizers do not shard")
   dropping = options.layer_dropping
   run = dict(microbatches=options.microbatches, lr_unit=options.lr_unit,
              grad_clip=options.grad_clip, deterministic=options.deterministic,
