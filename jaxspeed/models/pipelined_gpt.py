@@ -62,10 +62,11 @@ class PipelinedGPT(GPT):
     # does not type-check inside the pipeline's shard_map.
     mask = np.asarray(causal_mask(x.shape[1]))
 
-    def stage(params, h, pos):
-      """One stage's L/p layers on a microbatch h [b, S, d_model]."""
-      layer = lambda h, p: (block.apply({"params": p}, h, pos, mask, deterministic), None)
-      return jax.lax.scan(layer, h, params)[0]
+    def stage(layers, h, pos):
+      """One stage's L/p layers (a list of parameter trees) on a microbatch h [b, S, d_model]."""
+      for params in layers:  # unrolled like the plain GPT's layers (see ``split_layers``)
+        h = block.apply({"params": params}, h, pos, mask, deterministic)
+      return h
 
     # A batch the configured count does not divide (e.g. sampling one row)
     # runs with fewer, larger microbatches: same result, larger bubble.
