@@ -483,7 +483,7 @@ def test_zero_one_adam_local_steps_apply_decoupled_weight_decay_exactly():
 
 
 def test_sketched_norm_estimates_the_norm_of_the_mean():
-  from jaxspeed.comm.norm_sketch import count_sketch, mean_norm_estimate
+  from jaxspeed.comm.norm_sketch import count_sketch, mean_norm_estimate, sketch_size
 
   rng = np.random.default_rng(0)
   stacked = {"a": jnp.asarray(rng.normal(size=(8, 96, 64)) + rng.normal(size=(96, 64)),
@@ -491,11 +491,14 @@ def test_sketched_norm_estimates_the_norm_of_the_mean():
              "b": jnp.asarray(rng.normal(size=(8, 512)), jnp.float32)}
   mean = jax.tree.map(lambda x: x.mean(0), stacked)
   # Linear: the mean of the workers' sketches is the sketch of the mean.
-  sketches = jax.vmap(count_sketch)(stacked)
-  np.testing.assert_allclose(sketches.mean(0), count_sketch(mean), atol=1e-4)
+  sketches = jax.vmap(lambda tree: count_sketch(tree, 4096))(stacked)
+  np.testing.assert_allclose(sketches.mean(0), count_sketch(mean, 4096), atol=1e-4)
   true = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(mean)))
-  # Relative standard deviation at most sqrt(2/4096) = 2.2% of the square: 5% is > 4 sigma.
-  assert abs(float(mean_norm_estimate(stacked)) / true - 1) < 0.05
+  # 96·64 + 512 elements: k = 16 rounded up to 256; the norm's standard deviation is
+  # about 1/sqrt(2·256) = 4.4%, so 15% is > 3 sigma.
+  assert sketch_size(96 * 64 + 512) == 256 and sketch_size(10**7) == 4096
+  assert sketch_size(842_496) == 2048
+  assert abs(float(mean_norm_estimate(stacked)) / true - 1) < 0.15
 
 
 def test_compressed_step_clips_by_the_norm_of_the_averaged_gradient(tiny_config):
@@ -509,4 +512,5 @@ def test_compressed_step_clips_by_the_norm_of_the_averaged_gradient(tiny_config)
     batch = setup.to_device(setup.train_data.batch_at(0))
     norms = {kind: float(setup.train_step.for_kind((kind, None))(setup.init_state(), batch)[1][
         "grad_norm"]) for kind in (WARMUP, COMPRESSED)}
-  assert abs(norms[COMPRESSED] / norms[WARMUP] - 1) < 0.05
+  # The local norms' root-mean-square would be 1.7-2x; the sketch is within a few percent.
+  assert abs(norms[COMPRESSED] / norms[WARMUP] - 1) < 0.15
