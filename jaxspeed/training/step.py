@@ -666,8 +666,8 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
   Gradient norm for clipping and the non-finite guard: on exact kinds, the
   norm of the averaged gradient (as for optax optimizers); on compressed
   kinds, the same norm estimated from a CountSketch of the workers' gradients
-  (``jaxspeed.comm.norm_sketch``: one all-reduce of 4096 floats, about 1%
-  relative error), so every worker clips by the same factor and the norm is the
+  (``jaxspeed.comm.norm_sketch``: one all-reduce of at most 4096 floats, a few
+  percent error), so every worker clips by the same factor and the norm is the
   averaged gradient's, not the larger norms of the noisy local ones; on local
   kinds (no communication), the root-mean-square of the workers' local norms,
   one scalar all-reduce.
