@@ -294,3 +294,20 @@ def test_parameter_offload_needs_zero3(tiny_config):
     jaxspeed.build(tiny_config)
   assert info.value.key == "zero.offload_params"
   assert "needs zero.stage=3" in str(info.value)
+
+
+def test_offload_runs_in_a_pipeline(tiny_config):
+  """The optimizer state on the host with pipeline stages (pp2 x dp2 x tp2, ZeRO-1): the
+  same run as in device memory."""
+  def configure(offload: str):
+    config = _configure(tiny_config, "adamw", 1, offload)
+    config.parallel.update(stage=2, fsdp=1)
+    config.model.num_layers = 2
+    config.microbatches = 2
+    return config
+
+  expected, _, _ = train_losses(configure("none"), 3)
+  losses, setup, state = train_losses(configure("host"), 3)
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+  assert setup.mesh.shape["stage"] == 2 and setup.specs.host_update
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)} == {"pinned_host"}
