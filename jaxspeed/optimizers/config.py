@@ -10,11 +10,11 @@ from jaxspeed.schema import Section, setting
 ONEBIT_OPTIMIZERS = ("onebit_adam", "onebit_lamb", "zero_one_adam")
 OPTIMIZERS = ("adamw", "adam", "lamb", "sgd", *ONEBIT_OPTIMIZERS)
 # With ``zero.offload_optimizer=host``, the optimizers whose update runs on the host
-# (``compute_on("device_host")``). The others keep their state in host memory between steps
-# and update on device: inside a host computation JAX types the operands as host memory but
-# the arrays an update builds itself (optax LAMB's ``safe_norm``, the 1-bit family's
-# compression) as device memory, and refuses to mix the two in one ``jnp.where``.
-HOST_UPDATE_OPTIMIZERS = ("adamw", "adam", "sgd")
+# (``compute_on("device_host")``). The 1-bit family keeps its state in host memory between
+# steps and updates on device: inside a host computation JAX types the operands as host
+# memory but the arrays an update builds itself (the compression's) as device memory, and
+# refuses to mix the two in one ``jnp.where``.
+HOST_UPDATE_OPTIMIZERS = ("adamw", "adam", "lamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 LR_UNITS = ("steps", "tokens", "layer_tokens")
 

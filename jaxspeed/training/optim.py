@@ -64,11 +64,36 @@ def make_optimizer(optim: ml_collections.ConfigDict, group: WorkerGroup | None =
   if optim.name == "adam":
     return optax.adam(1.0, b1=optim.b1, b2=optim.b2, eps=optim.eps)
   if optim.name == "lamb":
-    return optax.lamb(1.0, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                      weight_decay=optim.weight_decay, mask=decay_mask)
+    return lamb(b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
   if optim.name == "sgd":
     return optax.sgd(1.0, momentum=optim.momentum or None)
   raise ValueError(f"optim.name={optim.name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def scale_by_trust_ratio() -> optax.GradientTransformation:
+  """LAMB's layer-wise trust ratio ‖p‖ / ‖u‖ (You et al. 2020, Alg. 2), 1 where either is 0.
+
+  Written out rather than ``optax.scale_by_trust_ratio``: optax's ``safe_norm``
+  builds a ``ones_like`` array, which JAX places in device memory even inside a
+  host computation, so optax's LAMB cannot run under ZeRO-Offload's host update.
+  """
+  def scale(update, param):
+    param_norm = jnp.sqrt(jnp.sum(jnp.square(param)))
+    update_norm = jnp.sqrt(jnp.sum(jnp.square(update)))
+    both = (param_norm > 0) & (update_norm > 0)
+    return update * jnp.where(both, param_norm / jnp.where(both, update_norm, 1.0), 1.0)
+
+  def update_fn(updates, state, params):
+    return jax.tree.map(scale, updates, params), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def lamb(b1: float, b2: float, eps: float, weight_decay: float) -> optax.GradientTransformation:
+  """optax's LAMB at unit learning rate, with ``scale_by_trust_ratio`` (same values)."""
+  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                     optax.add_decayed_weights(weight_decay, decay_mask),
+                     scale_by_trust_ratio(), optax.scale(-1.0))
 
 
 def make_schedule(optim: ml_collections.ConfigDict, total: float) -> Schedule:
