@@ -25,13 +25,13 @@ import os
 
 import jax
 from absl import flags
-from jax.sharding import NamedSharding
 
 import jaxspeed
 from experiments import common
 from jaxspeed.comm.hlo import collectives
 from jaxspeed.configs import gpt_tiny
-from jaxspeed.parallel.zeropp import gathered_spec, qwz_gather
+from jaxspeed.parallel.rules import named
+from jaxspeed.parallel.zeropp import qwz_gather
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: the gather bytes of a 2-layer model, "
                           "no training (tests/test_zeropp.py trains with qwZ).")
@@ -57,10 +57,10 @@ def gather_bytes(config) -> dict[str, float]:
   """Bytes per device of the parameters' ZeRO-3 all-gather: exact and int8 (qwZ)."""
   setup = jaxspeed.build(config)
   params = setup.abstract_state().params
-  specs = setup.specs.state.params
-  gathered = jax.tree.map(lambda s: NamedSharding(setup.mesh, gathered_spec(s)), specs,
-                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  programs = {"exact": lambda p: p, "qwz": lambda p: qwz_gather(p, specs, setup.mesh)}
+  specs, tensor_parallel = setup.specs.state.params, setup.specs.tensor_parallel
+  gathered = named(setup.mesh, tensor_parallel)
+  programs = {"exact": lambda p: p,
+              "qwz": lambda p: qwz_gather(p, specs, tensor_parallel, setup.mesh)}
   out = {}
   with jax.set_mesh(setup.mesh):
     for name, fn in programs.items():

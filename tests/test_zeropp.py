@@ -8,7 +8,7 @@ from helpers import train_losses
 from jax.sharding import PartitionSpec as P
 
 import jaxspeed
-from jaxspeed.parallel.zeropp import gathered_spec, quantize_blocks, split_dim
+from jaxspeed.parallel.zeropp import quantize_blocks, split_dim
 
 
 def test_blocks_are_the_slices_of_the_split_dimension():
@@ -21,10 +21,12 @@ def test_blocks_are_the_slices_of_the_split_dimension():
   np.testing.assert_allclose(codes * scale, x, rtol=1e-6)
 
 
-def test_specs_name_the_zero_split():
-  spec = P(("data", "fsdp"), "tensor")
-  assert split_dim(spec, 2) == 0 and gathered_spec(spec) == P(None, "tensor")
-  assert split_dim(P(None, "tensor"), 2) is None
+def test_the_split_dimension_is_the_one_zero_added_axes_to():
+  assert split_dim(P(("data", "fsdp"), "tensor"), P(None, "tensor"), 2) == 0
+  assert split_dim(P(None, "tensor"), P(None, "tensor"), 2) is None
+  # An expert weight [E, d, f] keeps its expert axis: ``expert`` is a data axis for the
+  # dense weights, but here it came from tensor parallelism, and the gather must keep it.
+  assert split_dim(P("expert", ("data", "fsdp"), "tensor"), P("expert", None, "tensor"), 3) == 1
 
 
 def _configure(config, quantized: bool):

@@ -29,29 +29,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxspeed.compression.quantizers import symmetric_codes, symmetric_scale
-from jaxspeed.parallel.mesh import DATA_AXES
 
 QWZ_BITS = 8
 EXACT_PARAMS = ("embed", "lm_head")  # top-level parameter names gathered exactly
 
 
-def _axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def split_dim(spec: P, ndim: int) -> int | None:
-  """The dimension ``spec`` splits over data axes (ZeRO's split), or None."""
-  entries = list(spec) + [None] * (ndim - len(spec))
-  return next((i for i, e in enumerate(entries) if set(_axes(e)) & set(DATA_AXES)), None)
-
-
-def gathered_spec(spec: P) -> P:
-  """``spec`` without its data axes: the placement after the ZeRO all-gather."""
-  kept = []
-  for entry in spec:
-    axes = tuple(a for a in _axes(entry) if a not in DATA_AXES)
-    kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-  return P(*kept)
+def split_dim(sharded: P, gathered: P, ndim: int) -> int | None:
+  """The dimension ZeRO split: where ``sharded`` (the ZeRO-3 spec) differs from
+  ``gathered`` (the same tensor's tensor-parallel spec), or None."""
+  pad = lambda spec: list(spec) + [None] * (ndim - len(spec))
+  return next((i for i, (s, g) in enumerate(zip(pad(sharded), pad(gathered))) if s != g), None)
 
 
 def quantize_blocks(x: jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:
@@ -91,18 +78,19 @@ def quantized_all_gather(x: jax.Array, sharded: NamedSharding, gathered: NamedSh
   return gather(x)
 
 
-def qwz_gather(params: Any, specs: Any, mesh: Mesh) -> Any:
+def qwz_gather(params: Any, specs: Any, gathered_specs: Any, mesh: Mesh) -> Any:
   """Every ZeRO-split parameter of ``params`` (placed by ``specs``, PartitionSpecs) gathered
-  with ``quantized_all_gather``, except ``EXACT_PARAMS``; the others as they are."""
+  to ``gathered_specs`` (its tensor-parallel specs) with ``quantized_all_gather``, except
+  ``EXACT_PARAMS``; the others as they are."""
 
-  def leaf(x, spec):
-    dim = split_dim(spec, x.ndim)
+  def leaf(x, spec, gathered):
+    dim = split_dim(spec, gathered, x.ndim)
     if dim is None or x.ndim < 2:
       return x
-    return quantized_all_gather(x, NamedSharding(mesh, spec),
-                                NamedSharding(mesh, gathered_spec(spec)), dim)
+    return quantized_all_gather(x, NamedSharding(mesh, spec), NamedSharding(mesh, gathered),
+                                dim)
 
-  quantized = {name: jax.tree.map(leaf, tree, specs[name],
+  quantized = {name: jax.tree.map(leaf, tree, specs[name], gathered_specs[name],
                                   is_leaf=lambda s: isinstance(s, P))
                for name, tree in params.items() if name not in EXACT_PARAMS}
   return {**params, **quantized}

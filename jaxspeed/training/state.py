@@ -58,6 +58,8 @@ class StateSpecs:
   state: TrainState  # a TrainState of PartitionSpecs
   grads: Any  # where gradients are accumulated
   update: Any  # where the optimizer update is computed (the ZeRO split for stage >= 1)
+  # The parameters' tensor-parallel specs, without ZeRO: where a ZeRO-3 all-gather puts them.
+  tensor_parallel: Any = None
   opt_memory_kind: str = "device"  # where the optimizer state lives: "device" or "pinned_host"
   host_update: bool = False  # the optimizer update runs on the host, next to its state
   block_params_memory_kind: str = "device"  # where the blocks' parameters live (ZeRO-Infinity)
@@ -177,6 +179,7 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
                      layer_tokens=scalar, skipped=scalar,
                      rng=P(None))
   return StateSpecs(state=state, grads=zero if zero_stage >= 2 else tp, update=opt_param_specs,
+                    tensor_parallel=tp,
                     opt_memory_kind=opt_memory_kind, host_update=host_update,
                     block_params_memory_kind=block_params_memory_kind)
 

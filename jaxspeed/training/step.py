@@ -532,7 +532,7 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   if options.quantized_weights:  # the forward reads the parameters through qwZ's gather
     loss_sum = run["loss_sum"]
     run["loss_sum"] = lambda params, *args, **kwargs: loss_sum(
-        qwz_gather(params, specs.state.params, mesh), *args, **kwargs)
+        qwz_gather(params, specs.state.params, specs.tensor_parallel, mesh), *args, **kwargs)
   build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1],
                                    speculate=options.speculate, **run)
   return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)), prepare)
