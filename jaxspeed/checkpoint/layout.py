@@ -48,22 +48,18 @@ before placing it; a restore into the saved shapes streams shards as usual.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from jaxspeed.parallel.pipeline import STACKED, layer_name
+from jaxspeed.parallel.pipeline import STACKED, is_layer_name, layer_name
 
 Path = tuple[str, ...]
 
 ERRORS = "errors"  # the 1-bit optimizers' error-feedback field (``Errors``)
 PARAMS = "params"
-_LAYER = re.compile(r"layer_(\d+)$")
-
-
 def path_tuple(key_path) -> Path:
   """A jax key path (dict keys, attributes, indices) as strings, as orbax names them."""
   parts = []
@@ -152,7 +148,7 @@ def convert(saved: dict[Path, np.ndarray], target: dict[Path, jax.ShapeDtypeStru
       value = _stacked(path, want.shape, lead, canonical)
       at = _stack_position(path)
       used.update(k for k in canonical if k[:at] == path[:at] and k[at + 1:] == path[at + 1:]
-                  and _LAYER.match(k[at]))
+                  and is_layer_name(k[at]))
     else:
       value = canonical.get(path)
       used.add(path)

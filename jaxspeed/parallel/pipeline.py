@@ -20,6 +20,7 @@ the same sharding rules as without a pipeline.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,11 @@ def bubble_fraction(num_stages: int, microbatches: int) -> float:
 def layer_name(index: int) -> str:
   """The parameter key of layer ``index`` in the plain (unstacked) GPT."""
   return f"layer_{index}"
+
+
+def is_layer_name(key: str) -> bool:
+  """Whether ``key`` is a ``layer_name``: a transformer block's parameter key."""
+  return re.fullmatch(r"layer_\d+", key) is not None
 
 
 def _stack_leaf(leaves: list, num_stages: int):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import flax
@@ -35,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.optimizers.master import round_params
+from jaxspeed.parallel.pipeline import is_layer_name
 from jaxspeed.parallel.rules import compute_rules, logical_to_spec, named, zero_spec
 
 
@@ -80,14 +80,9 @@ def in_memory(shardings, kind: str):
   return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
 
 
-def is_block(top_level_key: str) -> bool:
-  """Whether a top-level parameter name is a transformer block's (``layer_<i>``)."""
-  return re.fullmatch(r"layer_\d+", top_level_key) is not None
-
-
 def params_in_memory(shardings, kind: str):
   """Params ``shardings`` with the blocks' parameters in memory ``kind``, the rest as given."""
-  return {name: in_memory(tree, kind) if is_block(name) else tree
+  return {name: in_memory(tree, kind) if is_layer_name(name) else tree
           for name, tree in shardings.items()}
 
 

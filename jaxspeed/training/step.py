@@ -567,7 +567,7 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
     grad_norm = optax.tree.norm(grads)
     unclipped, grads = grads, _clip(grads, grad_norm, grad_clip)
     lr = schedule(_schedule_time(state, lr_unit))
-    opt_finite, rolled_back = None, jnp.zeros((), jnp.int32)
+    opt_finite = None
     host_update = lambda grads: _host_update(optimizer, grads, state.opt_state, state.params,
                                              lr, mesh, specs)
     if speculate:
@@ -577,7 +577,6 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
       speculative = host_update(unclipped)
       params, opt_state, opt_finite = jax.lax.cond(clips, lambda: host_update(grads),
                                                    lambda: speculative)
-      rolled_back = clips.astype(jnp.int32)
     elif specs.host_update:
       params, opt_state, opt_finite = host_update(grads)
     else:
@@ -589,7 +588,7 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
                                  sums, batch, dropping.layer_tokens(kept, *batch["inputs"].shape),
                                  opt_finite)
     if speculate:
-      metrics["speculation_redone"] = rolled_back
+      metrics["speculation_redone"] = clips.astype(jnp.int32)
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
