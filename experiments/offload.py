@@ -41,18 +41,17 @@ host-update times of a 13B-parameter model (the paper's single-V100 model).
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from jax.sharding import NamedSharding
 
 import jaxspeed
 from experiments import common
 from jaxspeed.configs import gpt_tiny
+from jaxspeed.parallel.rules import named
 from jaxspeed.training.state import bytes_per_device
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: smaller budget, ZeRO-0 and ZeRO-1 only "
@@ -77,10 +76,10 @@ def footprint(stage: int, precision: str, offload: str, num_layers: int) -> dict
   setup = jaxspeed.build(config)
   state = setup.abstract_state()
   held = bytes_per_device(state)
-  grads = jax.tree.map(lambda p, spec: math.prod(
-      NamedSharding(setup.mesh, spec).shard_shape(p.shape)) * p.dtype.itemsize,
-      state.params, setup.specs.grads)
-  held["device"] += sum(jax.tree.leaves(grads))
+  grads = jax.tree.map(lambda p, sharding: jax.ShapeDtypeStruct(p.shape, p.dtype,
+                                                                 sharding=sharding),
+                       state.params, named(setup.mesh, setup.specs.grads))
+  held["device"] += bytes_per_device(grads)["device"]
   held["params"] = sum(x.size for x in jax.tree.leaves(state.params))
   return held
 
