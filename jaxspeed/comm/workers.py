@@ -25,17 +25,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxspeed.comm.onebit_allreduce import ErrorFeedback, compressed_allreduce, padded_size
-from jaxspeed.parallel.mesh import DATA_AXES
+from jaxspeed.parallel.mesh import DATA_AXES, spec_axes
 
 SIMULATED_AXIS = "workers"
 
 Errors = tuple[ErrorFeedback, ...]
 
-
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +63,7 @@ class WorkerGroup:
     if self.mesh is None:
       return tuple(shape)
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    return tuple(size // math.prod(self.mesh.shape[a] for a in _axes(e))
+    return tuple(size // math.prod(self.mesh.shape[a] for a in spec_axes(e))
                  for size, e in zip(shape, entries))
 
   def _local_sizes(self, params) -> list[int]:

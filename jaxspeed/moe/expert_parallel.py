@@ -27,22 +27,18 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
+from jaxspeed.parallel.mesh import spec_axes
 
 
 def _rules() -> dict:
   return dict(nn.get_logical_axis_rules())
 
 
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
 
 def expert_parallel_size() -> int:
   """Devices the ``experts`` axis is split over in the current mesh and rules (1 if none)."""
   mesh = jax.sharding.get_abstract_mesh()
-  axes = _axes(_rules().get("experts"))
+  axes = spec_axes(_rules().get("experts"))
   if mesh.empty or not axes:
     return 1
   size = 1
@@ -54,9 +50,9 @@ def expert_parallel_size() -> int:
 def _specs() -> tuple[tuple[str, ...], tuple[str, ...], P, ExpertWeights]:
   """(expert axes, hidden axes, spec of [B, ...] rows, specs of the expert weights)."""
   rules = _rules()
-  expert_axis = _axes(rules["experts"])
-  hidden = _axes(rules.get("mlp"))
-  rows = P(_axes(rules.get("batch")) or None)
+  expert_axis = spec_axes(rules["experts"])
+  hidden = spec_axes(rules.get("mlp"))
+  rows = P(spec_axes(rules.get("batch")) or None)
   weight_specs = ExpertWeights(P(expert_axis, None, hidden or None), P(expert_axis, hidden or None),
                                P(expert_axis, hidden or None, None), P(expert_axis, None))
   return expert_axis, hidden, rows, weight_specs

@@ -28,6 +28,13 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "stage", "expert", "sequence", "te
 DATA_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one ``PartitionSpec`` entry: None, an axis name or a tuple of them."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def use_cpu_devices(n: int) -> None:
   """Makes the CPU backend expose ``n`` virtual devices.
 

@@ -30,7 +30,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxspeed.parallel.mesh import DATA_AXES
+from jaxspeed.parallel.mesh import DATA_AXES, spec_axes
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -78,10 +78,7 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules | None = No
 
 
 def _mesh_size(mesh: Mesh, axes) -> int:
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in spec_axes(axes))
 
 
 def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
@@ -99,7 +96,7 @@ def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   entries = list(spec) + [None] * (len(shape) - len(spec))
   # An axis the tensor already uses (``expert`` for expert weights) is not part
   # of its ZeRO group: the tensor is replicated only over the other data axes.
-  used = {a for e in entries if e is not None for a in ((e,) if isinstance(e, str) else e)}
+  used = {a for e in entries for a in spec_axes(e)}
   group = tuple(a for a in DATA_AXES if mesh.shape[a] > 1 and a not in used)
   if not group:
     return spec
@@ -109,9 +106,7 @@ def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   if not candidates:
     return spec
   dim = max(candidates, key=lambda i: local[i])
-  current = entries[dim]
-  current = () if current is None else ((current,) if isinstance(current, str) else current)
-  entries[dim] = group + tuple(current)
+  entries[dim] = group + spec_axes(entries[dim])
   return P(*entries)
 
 

@@ -22,19 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxspeed.parallel.mesh import spec_axes
+
 SEQUENCE_AXIS = "sequence"
 
 
 def sequence_parallel_size() -> int:
   """Ulysses' degree P: the ``sequence`` axis of the mesh in context, if the
   logical rules in context split ``seq`` over it; else 1 (e.g. at init)."""
-  if SEQUENCE_AXIS not in _axes(nn.logical_to_mesh_axes(("seq",))[0]):
+  if SEQUENCE_AXIS not in spec_axes(nn.logical_to_mesh_axes(("seq",))[0]):
     return 1
   return jax.sharding.get_abstract_mesh().shape.get(SEQUENCE_AXIS, 1)
 
-
-def _axes(entry) -> tuple[str, ...]:
-  return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
 def _side_spec(x: jax.Array, batch, heads) -> P:
@@ -70,7 +69,7 @@ def ulysses_attention(attend, q: jax.Array, k: jax.Array, v: jax.Array, *,
   q_spec = nn.logical_to_mesh_axes(("batch", "seq", "heads", "kv"))
   kv_spec = nn.logical_to_mesh_axes(("batch", "seq", "kv_heads", "kv"))
   batch = q_spec[0]
-  heads_after = (*_axes(q_spec[2]), SEQUENCE_AXIS)
+  heads_after = (*spec_axes(q_spec[2]), SEQUENCE_AXIS)
 
   operands = {"q": q, "k": k, "v": v}
   specs = {"q": q_spec, "k": kv_spec, "v": kv_spec}
