@@ -15,8 +15,11 @@ and each offload mode (``none``, ``optimizer``, and at ZeRO-3
 ``optimizer+params``: the blocks' parameters on the host too, ZeRO-Infinity),
 it builds the train state of a GPT and counts the bytes one device holds: the
 state's leaves from their shardings and memory kinds (``bytes_per_device``),
-plus one gradient copy in the parameter dtype, split as ZeRO splits gradients
-(the step holds every gradient in device memory before the update). The
+plus the gradients in the parameter dtype. Without offload the step holds
+every gradient in device memory before the update (split as ZeRO splits
+gradients). With the update on the host, gradients stream to the host block
+by block as the backward pass makes them (``StateSpecs.stream_gradients``), so
+the device holds one block's gradient and the embeddings' at a time. The
 footprint grows linearly with the layer count, so two depths give
 bytes(L) = a + b·L, and the deepest model that fits ``--budget_mib`` of device
 memory follows; it is checked by building that depth and the next one. Not
@@ -24,11 +27,13 @@ counted, the same in every mode: activations, and under ZeRO-3 the gathered
 parameters of the block being computed.
 
 Per parameter, without splitting (ZeRO-0), that is 4 + 8 + 4 = 16 bytes
-against 4 + 4 in float32 (a ceiling of 2x), and 2 + 4 + 8 + 2 = 16 against
-2 + 2 in ZeRO-Offload's setting (a ceiling of 4x): ``max_params_ratio_*`` are
-the parameter-count ratios of the deepest models. XLA:CPU's
-``memory_analysis`` cannot measure this, since it counts arguments in pinned
-host memory as device memory (and reports every ``host_*`` size as 0).
+against 4 in float32 (a ceiling of 4x), and 2 + 4 + 8 + 2 = 16 against 2 in
+ZeRO-Offload's setting (a ceiling of 8x): ``max_params_ratio_*`` are the
+parameter-count ratios of the deepest models. That the blocks' gradients
+leave device memory inside the backward pass is checked on the program
+(``tests/test_offload.py``); XLA:CPU's ``memory_analysis`` cannot measure it,
+since it counts arguments in pinned host memory as device memory (and reports
+every ``host_*`` size as 0).
 
 Equality (full run only; the tests cover each option in fewer steps): 10 steps
 of each offload option against the same run without it, on data=2 x fsdp=2 x
@@ -51,8 +56,9 @@ from absl import flags
 import jaxspeed
 from experiments import common
 from jaxspeed.configs import gpt_tiny
+from jaxspeed.parallel.pipeline import is_layer_name
 from jaxspeed.parallel.rules import named
-from jaxspeed.training.state import bytes_per_device
+from jaxspeed.training.state import bytes_per_device, state_shardings
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: smaller budget, ZeRO-0 and ZeRO-1 only "
                           "(the shallow models).")
@@ -67,7 +73,7 @@ OFFLOADS = {"none": {},
 
 def footprint(stage: int, precision: str, offload: str, num_layers: int) -> dict[str, int]:
   """Bytes one device holds: ``{"device": ..., "host": ..., "params": ...}``, the train
-  state plus one gradient copy."""
+  state plus the gradients the step holds there."""
   config = gpt_tiny.get_config()
   config.fit_parallel = False
   config.parallel.update({"data": 1, "fsdp": 1, "tensor": 1, **LAYOUTS[stage]})
@@ -76,10 +82,27 @@ def footprint(stage: int, precision: str, offload: str, num_layers: int) -> dict
   setup = jaxspeed.build(config)
   state = setup.abstract_state()
   held = bytes_per_device(state)
-  grads = jax.tree.map(lambda p, sharding: jax.ShapeDtypeStruct(p.shape, p.dtype,
-                                                                 sharding=sharding),
-                       state.params, named(setup.mesh, setup.specs.grads))
-  held["device"] += bytes_per_device(grads)["device"]
+  specs = setup.specs
+  # Streamed gradients keep the parameters' slices (the host view's); the others ZeRO's.
+  grad_shardings = (state_shardings(setup.mesh, specs).params if specs.stream_gradients
+                    else named(setup.mesh, specs.grads))
+  grads = {name: bytes_per_device(jax.tree.map(
+               lambda p, sharding: jax.ShapeDtypeStruct(p.shape, p.dtype,
+                                                        sharding=sharding.with_memory_kind(
+                                                            "device")), tree, shardings))["device"]
+           for (name, tree), shardings in zip(state.params.items(), grad_shardings.values(),
+                                              strict=True)}
+  if specs.stream_gradients:
+    # Each block's gradient leaves device memory when the backward pass finishes the
+    # block: at most one block's gradient is there at a time, with the embeddings' and
+    # final norm's (made at the start and the end of the backward pass). All of it
+    # reaches the host.
+    blocks = [size for name, size in grads.items() if is_layer_name(name)]
+    held["device"] += sum(grads.values()) - sum(blocks) + max(blocks)
+    # The host also holds the view of the parameters the gradients are taken against.
+    held["host"] += sum(grads.values()) + bytes_per_device(state.params)["device"]
+  else:
+    held["device"] += sum(grads.values())
   held["params"] = sum(x.size for x in jax.tree.leaves(state.params))
   return held
 
@@ -221,13 +244,14 @@ def main(argv):
     summary.update(host_share())
   header = ("Paper (ZeRO-Offload): 10x larger models on one GPU, the fp32 master weights and "
             "Adam moments (12 of 16 bytes per parameter) on the host. Here: the deepest GPT "
-            "(d_model 128) whose per-device train state plus one gradient copy fits the "
+            "(d_model 128) whose per-device train state plus its gradients fit the "
             "budget, counted from the arrays' shardings and memory kinds, on 8 devices. "
-            "Ceilings without splitting (ZeRO-0): 4x in ZeRO-Offload's precision setting "
-            "(bfloat16 parameters and gradients on the device, 16 -> 4 bytes per parameter), "
-            "2x in float32 (16 -> 8). The gradients stay on the device for the whole backward "
-            "pass here; ZeRO-Offload streams them to the host bucket by bucket, which is where "
-            "the rest of the paper's 10x comes from (with activation checkpointing). "
+            "With the update on the host, gradients stream to the host block by block as the "
+            "backward pass makes them, so the device holds one block's gradient (and the "
+            "embeddings') at a time. Ceilings without splitting (ZeRO-0): 8x in "
+            "ZeRO-Offload's precision setting (bfloat16 parameters on the device, 16 -> 2 "
+            "bytes per parameter), 4x in float32 (16 -> 4); the embeddings and their "
+            "gradient keep a model of this width below them. "
             "optimizer+params (ZeRO-3) also keeps the blocks' parameters on the host "
             "(ZeRO-Infinity). Equality rows: each offload option against the same run "
             "without it, 10 steps. projection_* keys are arithmetic, not measurements: "

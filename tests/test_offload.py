@@ -313,6 +313,34 @@ def test_offload_runs_in_a_pipeline(tiny_config):
   assert {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)} == {"pinned_host"}
 
 
+def _host_copies_inside_backward(setup) -> int:
+  """Copies to host memory the step's program makes between its first and last matmul."""
+  step = setup.train_step.for_kind(setup.train_step.kind_at(0))
+  with jax.set_mesh(setup.mesh):
+    lines = str(jax.make_jaxpr(step)(setup.abstract_state(),
+                                     setup.to_device(setup.train_data.batch_at(0)))).splitlines()
+  matmuls = [i for i, line in enumerate(lines) if "dot_general[" in line]
+  return sum(matmuls[0] < i < matmuls[-1] for i, line in enumerate(lines)
+             if "= device_put[" in line and "<host>" in line)
+
+
+def test_gradients_stream_to_the_host_during_the_backward_pass(tiny_config):
+  """ZeRO-Offload's gradient streaming: with the update on the host, each block's gradient
+  is copied to host memory as soon as the backward pass has it. With two layers the
+  second layer's gradient goes out before the first layer's backward matmuls; nothing
+  does without offload, or for the 1-bit family, which updates on device. (Read from the
+  program: XLA:CPU lowers in-program memory copies as no-ops.)"""
+  config = _configure(tiny_config, "adamw", 1, "host")
+  config.model.num_layers = 2
+  setup = jaxspeed.build(config)
+  assert setup.specs.stream_gradients
+  assert _host_copies_inside_backward(setup) == 1
+  config.optim.name = "onebit_adam"
+  assert _host_copies_inside_backward(jaxspeed.build(config)) == 0
+  config.update_from_flattened_dict({"optim.name": "adamw", "zero.offload_optimizer": "none"})
+  assert _host_copies_inside_backward(jaxspeed.build(config)) == 0
+
+
 def test_lamb_equals_optax_lamb():
   """The LAMB that can update on the host computes optax's LAMB."""
   from jaxspeed.training.optim import decay_mask, lamb

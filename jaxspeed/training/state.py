@@ -63,6 +63,9 @@ class StateSpecs:
   opt_memory_kind: str = "device"  # where the optimizer state lives: "device" or "pinned_host"
   host_update: bool = False  # the optimizer update runs on the host, next to its state
   block_params_memory_kind: str = "device"  # where the blocks' parameters live (ZeRO-Infinity)
+  # Gradients leave device memory block by block, to be scaled, clipped and used on the
+  # host (ZeRO-Offload's gradient streaming; needs host_update).
+  stream_gradients: bool = False
 
   @property
   def offloaded(self) -> bool:
@@ -139,7 +142,8 @@ def bytes_per_device(tree) -> dict[str, int]:
 def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | CommunicatingOptimizer,
                 sample_input, mesh: Mesh, zero_stage: int,
                 opt_memory_kind: str = "device", host_update: bool = False,
-                block_params_memory_kind: str = "device") -> StateSpecs:
+                block_params_memory_kind: str = "device",
+                stream_gradients: bool = False) -> StateSpecs:
   """Derives every PartitionSpec from abstract shapes (nothing is allocated).
 
   Args:
@@ -149,6 +153,9 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
       is brought to the device for the update and written back.
     block_params_memory_kind: where the blocks' parameters live; "pinned_host"
       needs ZeRO-3 and a model built with ``params_on_host``.
+    stream_gradients: move each block's gradient to host memory as the backward
+      pass produces it; needs ``host_update`` and a model built with
+      ``params_on_host``.
   """
   if block_params_memory_kind != "device" and zero_stage != 3:
     raise ValueError("parameters live in host memory only at ZeRO stage 3")
@@ -156,6 +163,8 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
                       or isinstance(optimizer, CommunicatingOptimizer)):
     raise ValueError("host_update needs the optimizer state in host memory and an optax "
                      "optimizer in HOST_UPDATE_OPTIMIZERS")
+  if stream_gradients and not (host_update and getattr(model.config, "params_on_host", False)):
+    raise ValueError("stream_gradients needs host_update and a model built with params_on_host")
   tp = tensor_parallel_specs(model, sample_input)
   shapes = abstract_params(model, sample_input)
   zero = jax.tree.map(lambda s, x: zero_spec(s, x.shape, mesh), tp, shapes,
@@ -176,7 +185,8 @@ def state_specs(model: nn.Module, optimizer: optax.GradientTransformation | Comm
   return StateSpecs(state=state, grads=zero if zero_stage >= 2 else tp, update=opt_param_specs,
                     tensor_parallel=tp,
                     opt_memory_kind=opt_memory_kind, host_update=host_update,
-                    block_params_memory_kind=block_params_memory_kind)
+                    block_params_memory_kind=block_params_memory_kind,
+                    stream_gradients=stream_gradients)
 
 
 def _initializer(model: nn.Module, optimizer: optax.GradientTransformation, sample_input,

@@ -400,33 +400,54 @@ class TrainStep:
 
 
 def _accumulate(grad_fn, params, batch: Batch, rngs, microbatches: int, deterministic: bool,
-                grad_shardings, model_kwargs):
-  """(objective, sums, summed gradients) over ``microbatches`` slices of ``batch``."""
+                grad_shardings, model_kwargs, on_host: bool = False):
+  """(objective, sums, summed gradients) over ``microbatches`` slices of ``batch``.
+
+  With ``on_host``, ``grad_fn``'s gradients come out in host memory (``grad_shardings``
+  say where) and are summed there, as ZeRO-Offload accumulates on the CPU.
+  """
   if microbatches == 1:
     (objective, sums), grads = grad_fn(params, batch, rngs, deterministic, **model_kwargs)
     return objective, sums, jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+  def add(acc, g):
+    return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g)
+
+  def zeros():  # summed in float32 whatever the parameters' dtype
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                        params)
+
+  if on_host:
+    add, zeros = (_on_host(f, grad_shardings) for f in (add, zeros))
+  else:
+    constrained = lambda f: lambda *args: jax.lax.with_sharding_constraint(f(*args),
+                                                                          grad_shardings)
+    add, zeros = constrained(add), constrained(zeros)
 
   def accumulate(carry, xs):
     index, micro = xs
     acc, objective_acc, sums_acc = carry
     (objective, sums), g = grad_fn(params, micro, fold_rngs(rngs, index), deterministic,
                                    **model_kwargs)
-    acc = jax.lax.with_sharding_constraint(
-        jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), grad_shardings)
-    return (acc, objective_acc + objective, jax.tree.map(jnp.add, sums_acc, sums)), None
+    return (add(acc, g), objective_acc + objective, jax.tree.map(jnp.add, sums_acc, sums)), None
 
   micro_batches = split_microbatches(batch, microbatches)
   first = jax.tree.map(lambda x: x[0], micro_batches)
   _, sums_shape = jax.eval_shape(lambda: grad_fn(params, first, rngs, deterministic,
                                                  **model_kwargs)[0])
   zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-  # Summed in float32 whatever the parameters' dtype, and in device memory wherever they live.
-  zeros = jax.lax.with_sharding_constraint(
-      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
-                   params), grad_shardings)
   (grads, objective, sums), _ = jax.lax.scan(
-      accumulate, (zeros, jnp.float32(0), zero_sums), (jnp.arange(microbatches), micro_batches))
+      accumulate, (zeros(), jnp.float32(0), zero_sums), (jnp.arange(microbatches), micro_batches))
   return objective, sums, grads
+
+
+def _on_host(fn: Callable, out_shardings) -> Callable:
+  """``fn`` computed on the host (``compute_on``), its results in ``out_shardings``."""
+  def run(*args):
+    with compute_on("device_host"):
+      result = jax.jit(fn)(*args)
+    return jax.device_put(result, out_shardings)  # say where the results live
+  return run
 
 
 def _all_finite_leaves(tree) -> jax.Array:
@@ -485,10 +506,17 @@ def _finish(state: TrainState, params, opt_state, objective, grad_norm, lr, sums
 _CLIP_EPS = 1e-6
 
 
+def _clip_factor(grad_norm: jax.Array, grad_clip: float) -> jax.Array:
+  """The factor global-norm clipping multiplies the gradients by: 1 when it does not apply."""
+  if grad_clip <= 0:
+    return jnp.float32(1.0)
+  return jnp.minimum(1.0, grad_clip / (grad_norm + _CLIP_EPS))
+
+
 def _clip(grads, grad_norm, grad_clip: float):
   if grad_clip <= 0:
     return grads
-  factor = jnp.minimum(1.0, grad_clip / (grad_norm + _CLIP_EPS))
+  factor = _clip_factor(grad_norm, grad_clip)
   return jax.tree.map(lambda g: g * factor, grads)
 
 
@@ -534,7 +562,8 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
     run["loss_sum"] = lambda params, *args, **kwargs: loss_sum(
         qwz_gather(params, specs.state.params, specs.tensor_parallel, mesh), *args, **kwargs)
   build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1],
-                                   speculate=options.speculate, **run)
+                                   speculate=options.speculate,
+                                   stream_gradients=specs.stream_gradients, **run)
   return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)), prepare)
 
 
@@ -546,28 +575,46 @@ def _schedule_time(state: TrainState, lr_unit: str) -> jax.Array:
 def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
                 specs: StateSpecs, mesh: Mesh, kept: int | None, *, microbatches: int,
                 lr_unit: str, grad_clip: float, deterministic: bool, dropping: LayerDropping,
-                loss_sum: Callable, speculate: bool):
-  """The step of an optax optimizer: XLA inserts the gradient all-reduce."""
-  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
-  if specs.params_offloaded:  # the blocks' gradients come out in host memory
-    grad_fn = _gradients_on_device(grad_fn)
+                loss_sum: Callable, speculate: bool, stream_gradients: bool):
+  """The step of an optax optimizer: XLA inserts the gradient all-reduce.
+
+  With ``stream_gradients`` (an update on the host), each block's gradient goes
+  to host memory as the backward pass produces it (``_gradients_streamed_to_host``)
+  and the scaling, global norm, clipping and update all run there: device memory
+  never holds the whole gradient.
+  """
+  shardings = state_shardings(mesh, specs)
   grad_shardings = named(mesh, specs.grads)
   update_shardings = named(mesh, specs.update)
-  shardings = state_shardings(mesh, specs)
+  if stream_gradients:
+    grad_fn = _gradients_streamed_to_host(loss_sum, shardings.params, specs.opt_memory_kind)
+    grad_shardings = in_memory(shardings.params, specs.opt_memory_kind)
+  else:
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    if specs.params_offloaded:  # the blocks' gradients come out in host memory
+      grad_fn = _gradients_on_device(grad_fn)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rngs = step_rngs(state.rng, state.step)
     model_kwargs = {**dropping.model_kwargs(kept, state.step), "step": state.step}
     with nn.logical_axis_rules(compute_rules()), use_abstract_mesh(mesh.abstract_mesh):
       objective, sums, grads = _accumulate(grad_fn, state.params, batch, rngs, microbatches,
-                                             deterministic, grad_shardings, model_kwargs)
+                                             deterministic, grad_shardings, model_kwargs,
+                                             on_host=stream_gradients)
     count = sums["tokens"]
-    grads = jax.tree.map(lambda g: g / count, grads)
-    grads = jax.lax.with_sharding_constraint(grads, update_shardings)
-    grad_norm = optax.tree.norm(grads)
-    unclipped, grads = grads, _clip(grads, grad_norm, grad_clip)
+    if stream_gradients:
+      grads, grad_norm = _scaled_on_host(grads, count, mesh, specs)
+    else:
+      grads = jax.tree.map(lambda g: g / count, grads)
+      grads = jax.lax.with_sharding_constraint(grads, update_shardings)
+      grad_norm = optax.tree.norm(grads)
     lr = schedule(_schedule_time(state, lr_unit))
     opt_finite = None
+    unclipped = grads
+    if stream_gradients:
+      grads = _clipped_on_host(grads, grad_norm, grad_clip, mesh, specs)
+    else:
+      grads = _clip(grads, grad_norm, grad_clip)
     host_update = lambda grads: _host_update(optimizer, grads, state.opt_state, state.params,
                                              lr, mesh, specs)
     if speculate:
@@ -613,17 +660,75 @@ def _gradients_on_device(grad_fn: Callable) -> Callable:
   return fn
 
 
+def _gradients_streamed_to_host(loss_sum: LossSum, params_shardings, host_kind: str) -> Callable:
+  """ZeRO-Offload's gradient streaming (Ren et al. 2021, §4.1): a ``value_and_grad`` of
+  ``loss_sum`` whose gradients leave device memory block by block.
+
+  The gradient is taken with respect to a host-memory view of the parameters
+  (same slices). The blocks copy their parameters to device memory where they
+  read them (a model built with ``params_on_host``), so the transpose of that
+  copy puts each block's gradient in host memory as soon as the backward pass
+  has it; the other parameters (embeddings, final norm) are copied once, at
+  the top. The price is one extra device-to-host copy of the low-precision
+  parameters per step; XLA schedules all copies.
+  """
+  host = in_memory(params_shardings, host_kind)
+  fetched = params_in_memory(in_memory(params_shardings, "device"), host_kind)
+
+  def objective(host_params, *args, **kwargs):
+    return loss_sum(jax.device_put(host_params, fetched), *args, **kwargs)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def fn(params, *args, **kwargs):
+    return grad_fn(jax.device_put(params, host), *args, **kwargs)
+  return fn
+
+
+def _scaled_on_host(grads, count: jax.Array, mesh: Mesh, specs: StateSpecs):
+  """Host-memory gradient sums divided by the token ``count`` and moved to the update's
+  slices (``specs.update``), on the host; returns them and their global norm (a device
+  scalar)."""
+  host = specs.opt_memory_kind
+  scalar = NamedSharding(mesh, P())
+  grads = jax.device_put(grads, in_memory(named(mesh, specs.update), host))
+  count = jax.device_put(count, scalar.with_memory_kind(host))
+
+  def scale(grads, count):
+    grads = jax.tree.map(lambda g: g / count, grads)
+    return grads, jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+
+  with compute_on("device_host"):
+    grads, norm = jax.jit(scale)(grads, count)
+  return grads, jax.device_put(norm, scalar.with_memory_kind("device"))
+
+
+def _clipped_on_host(grads, grad_norm: jax.Array, grad_clip: float, mesh: Mesh,
+                     specs: StateSpecs):
+  """Host-memory ``grads`` clipped by global norm (``_clip``), on the host."""
+  if grad_clip <= 0:
+    return grads
+  factor = jax.device_put(_clip_factor(grad_norm, grad_clip),
+                          NamedSharding(mesh, P(), memory_kind=specs.opt_memory_kind))
+  # Where clipping does not apply the gradient passes through untouched, bit for bit
+  # (XLA may fold the factor into the host computation that divided by the token count).
+  clip = lambda grads, factor: jax.tree.map(lambda g: jnp.where(factor < 1, g * factor, g),
+                                            grads)
+  return _on_host(clip, in_memory(named(mesh, specs.update), specs.opt_memory_kind))(
+      grads, factor)
+
+
 def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, params,
                  lr: jax.Array, mesh: Mesh, specs: StateSpecs):
   """ZeRO-Offload's optimizer step (Ren et al. 2021, §4.1): the update runs on the host.
 
-  Each device moves its own ZeRO slice (``specs.update``) of the gradient to its
-  host memory, where its slice of the optimizer state already is; without
-  master weights the parameters go down too (the update adds to them, and
-  AdamW's decoupled decay reads them). The new parameters, rounded to their
-  dtype on the host (``apply_updates``), come back to device memory in the
-  same slices. The new optimizer state stays on the host and is checked for
-  non-finite values there, for the step's guard.
+  Each device's own ZeRO slice (``specs.update``) of the gradient is in its host
+  memory (streamed there, or moved now), where its slice of the optimizer
+  state already is; without master weights the parameters go down too (the
+  update adds to them, and AdamW's decoupled decay reads them). The new
+  parameters, rounded to their dtype on the host (``apply_updates``), come
+  back to device memory in the same slices. The new optimizer state stays on
+  the host and is checked for non-finite values there, for the step's guard.
 
   Returns:
     (parameters in device memory, new optimizer state in host memory, whether
@@ -632,6 +737,8 @@ def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, para
   update_shardings = named(mesh, specs.update)
   host = in_memory(update_shardings, specs.opt_memory_kind)
   grads = jax.device_put(grads, host)
+  scalar = NamedSharding(mesh, P())
+  lr = jax.device_put(lr, scalar.with_memory_kind(specs.opt_memory_kind))
   # With a float32 master on the host, the low-precision parameters are not read.
   params = None if isinstance(opt_state, MasterWeightsState) else jax.device_put(params, host)
 
@@ -649,7 +756,7 @@ def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, para
   return jax.device_put((params, opt_state, finite),
                         (params_shardings,
                          state_shardings(mesh, specs).opt_state,
-                         NamedSharding(mesh, P(), memory_kind="device")))
+                         scalar.with_memory_kind("device")))
 
 
 def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,

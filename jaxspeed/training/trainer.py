@@ -215,12 +215,17 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
                                    jax.process_count())
 
   mesh = make_mesh(config.parallel, devices)
+  num_stages = mesh.shape["stage"]
+  offload = config.zero.offload_optimizer != "none"
+  host_update = offload and config.optim.name in HOST_UPDATE_OPTIMIZERS
+  # ZeRO-Offload streams gradients to the host as the backward pass makes them; a
+  # pipeline's stages hand theirs over at the end of the schedule instead.
+  stream_gradients = host_update and num_stages == 1
   model_config = dataclasses.replace(
       ModelConfig.from_config(config.model, MoeConfig.from_config(config.moe)),
-      params_on_host=config.zero.offload_params != "none")
+      params_on_host=config.zero.offload_params != "none" or stream_gradients)
   # With a pipeline, config.microbatches are its microbatches (as DeepSpeed's
   # gradient_accumulation_steps in PipelineEngine), not a sequential accumulation.
-  num_stages = mesh.shape["stage"]
   model = build_model(config.model.name, model_config, num_stages, config.microbatches)
   group = WorkerGroup.on_mesh(mesh, tensor_parallel_specs(model, _model_input(config)))
   optimizer = make_optimizer(config.optim, group)
@@ -231,11 +236,11 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   if config.optim.lr_unit != "steps" and total >= 2**31:
     raise ConfigError("optim.lr_unit", f"{config.optim.lr_unit} counts up to {total} overflow "
                       "the int32 counter; use 'steps'")
-  offload = config.zero.offload_optimizer != "none"
   specs = state_specs(model, optimizer, _model_input(config), mesh, config.zero.stage,
                       OFFLOAD_MEMORY_KINDS[config.zero.offload_optimizer],
-                      host_update=offload and config.optim.name in HOST_UPDATE_OPTIMIZERS,
-                      block_params_memory_kind=OFFLOAD_MEMORY_KINDS[config.zero.offload_params])
+                      host_update=host_update,
+                      block_params_memory_kind=OFFLOAD_MEMORY_KINDS[config.zero.offload_params],
+                      stream_gradients=stream_gradients)
   compression = compression_from_config(config.compression, matmul_shapes(
       lambda p, x: model.apply({"params": p}, x), abstract_params(model, _model_input(config)),
       _model_input(config)))
