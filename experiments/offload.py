@@ -22,14 +22,19 @@ by block as the backward pass makes them (``StateSpecs.stream_gradients``), so
 the device holds one block's gradient and the embeddings' at a time. The
 footprint grows linearly with the layer count, so two depths give
 bytes(L) = a + b·L, and the deepest model that fits ``--budget_mib`` of device
-memory follows; it is checked by building that depth and the next one. Not
-counted, the same in every mode: activations, and under ZeRO-3 the gathered
-parameters of the block being computed.
+memory follows; it is checked by building that depth and the next one. Every
+mode checkpoints activations (``model.remat=full``), and their one
+[B/N, S, d_model] block input per layer is counted: with the parameters on the
+host too, they are what grows with depth. Not counted, the same at every
+depth: the activations of the one block being recomputed, and under ZeRO-3
+its gathered parameters.
 
-Per parameter, without splitting (ZeRO-0), that is 4 + 8 + 4 = 16 bytes
-against 4 in float32 (a ceiling of 4x), and 2 + 4 + 8 + 2 = 16 against 2 in
-ZeRO-Offload's setting (a ceiling of 8x): ``max_params_ratio_*`` are the
-parameter-count ratios of the deepest models. That the blocks' gradients
+Per block parameter, without splitting (ZeRO-0), that is 4 + 8 + 4 = 16 bytes
+against 4 in float32 (4x), and 2 + 4 + 8 + 2 = 16 against 2 in ZeRO-Offload's
+setting (8x): ``max_params_ratio_*`` are the parameter-count ratios of the
+deepest models. The embeddings (whose gradient stays on the device), the
+activation checkpoints and whole layer counts move them off these figures, in
+either direction. That the blocks' gradients
 leave device memory inside the backward pass is checked on the program
 (``tests/test_offload.py``); XLA:CPU's ``memory_analysis`` cannot measure it,
 since it counts arguments in pinned host memory as device memory (and reports
@@ -78,10 +83,15 @@ def footprint(stage: int, precision: str, offload: str, num_layers: int) -> dict
   config.fit_parallel = False
   config.parallel.update({"data": 1, "fsdp": 1, "tensor": 1, **LAYOUTS[stage]})
   config.zero.update(stage=stage, **OFFLOADS[offload])
-  config.model.update(num_layers=num_layers, param_dtype=precision, dtype=precision)
+  config.model.update(num_layers=num_layers, param_dtype=precision, dtype=precision,
+                      remat="full")
   setup = jaxspeed.build(config)
   state = setup.abstract_state()
   held = bytes_per_device(state)
+  # Activation checkpoints: each block's input [B / N, S, d_model] in the compute dtype.
+  rows = config.batch_size // setup.mesh.size
+  held["device"] += num_layers * rows * config.seq_len * config.model.d_model * (
+      jnp.dtype(precision).itemsize)
   specs = setup.specs
   # Streamed gradients keep the parameters' slices (the host view's); the others ZeRO's.
   grad_shardings = (state_shardings(setup.mesh, specs).params if specs.stream_gradients
@@ -244,14 +254,16 @@ def main(argv):
     summary.update(host_share())
   header = ("Paper (ZeRO-Offload): 10x larger models on one GPU, the fp32 master weights and "
             "Adam moments (12 of 16 bytes per parameter) on the host. Here: the deepest GPT "
-            "(d_model 128) whose per-device train state plus its gradients fit the "
-            "budget, counted from the arrays' shardings and memory kinds, on 8 devices. "
+            "(d_model 128) whose per-device train state, gradients and activation "
+            "checkpoints (full remat) fit the budget, counted from the arrays' shardings "
+            "and memory kinds, on 8 devices. "
             "With the update on the host, gradients stream to the host block by block as the "
             "backward pass makes them, so the device holds one block's gradient (and the "
-            "embeddings') at a time. Ceilings without splitting (ZeRO-0): 8x in "
-            "ZeRO-Offload's precision setting (bfloat16 parameters on the device, 16 -> 2 "
-            "bytes per parameter), 4x in float32 (16 -> 4); the embeddings and their "
-            "gradient keep a model of this width below them. "
+            "embeddings') at a time. Per block parameter without splitting (ZeRO-0): "
+            "16 -> 2 bytes in ZeRO-Offload's precision setting (bfloat16 parameters on the "
+            "device; 8x), 16 -> 4 in float32 (4x); the embeddings (whose gradient stays on "
+            "the device), the activation checkpoints and whole layer counts move the "
+            "measured ratios off these figures, in either direction. "
             "optimizer+params (ZeRO-3) also keeps the blocks' parameters on the host "
             "(ZeRO-Infinity). Equality rows: each offload option against the same run "
             "without it, 10 steps. projection_* keys are arithmetic, not measurements: "

@@ -56,6 +56,12 @@ TECHNIQUES: dict[str, Technique] = {
                                    "none"),
     "ZeRO++ qwZ": Technique("zero.quantized_weights", "`zero.quantized_weights`",
                             lambda c, shape, rlhf: c.zero.quantized_weights),
+    "ZeRO++ hpZ": Technique("zero.hpz_partition_size", "`zero.hpz_partition_size` > 1",
+                            lambda c, shape, rlhf: c.zero.hpz_partition_size > 1, "1"),
+    "ZeRO++ qgZ": Technique("zero.quantized_gradients", "`zero.quantized_gradients`",
+                            lambda c, shape, rlhf: c.zero.quantized_gradients),
+    "explicit reduce-scatter": Technique("zero.reduce_scatter", "`zero.reduce_scatter`",
+                                         lambda c, shape, rlhf: c.zero.reduce_scatter),
     "low-precision parameters": Technique(
         "model.param_dtype", "`model.param_dtype` = bfloat16",
         lambda c, shape, rlhf: c.model.param_dtype != "float32", "float32"),
@@ -97,6 +103,11 @@ TECHNIQUES: dict[str, Technique] = {
     "RLHF": Technique("", "`experiments.rlhf` steps", lambda c, shape, rlhf: rlhf),
 }
 
+# The explicit reduce-scatter, qwZ and hpZ compute each gradient per data-parallel device.
+_PER_DEVICE_EXPERTS = ("the experts' all-to-all runs over a data axis, which the per-device "
+                       "gradient computation makes manual")
+_PER_DEVICE_OFFLOAD = ("with the update on the host, gradients stream to host memory block by "
+                       "block instead of being reduced per device")
 _RLHF_AXES = "the RLHF steps train on the data / fsdp / tensor axes (ZeRO and tensor parallelism)"
 
 COMPATIBILITY: dict[tuple[str, str], str] = {
@@ -140,6 +151,24 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
     ("RLHF", "parameter offload"): "the RLHF steps keep the parameters in device memory",
     ("RLHF", "ZeRO++ qwZ"): "the RLHF steps gather the parameters exactly",
     ("RLHF", "low-precision parameters"): "the RLHF steps keep float32 parameters",
+    ("RLHF", "explicit reduce-scatter"): "the RLHF losses normalize over the whole batch, "
+                                         "not per device",
+    ("RLHF", "ZeRO++ hpZ"): "the RLHF steps gather the parameters exactly",
+    ("RLHF", "ZeRO++ qgZ"): "the RLHF steps reduce the gradients exactly",
+    ("expert parallelism", "ZeRO++ qgZ"): _PER_DEVICE_EXPERTS,
+    ("optimizer offload", "ZeRO++ qgZ"): _PER_DEVICE_OFFLOAD,
+    ("parameter offload", "ZeRO++ qgZ"): "the per-device gradient computation reads the "
+                                         "parameters in device memory",
+    ("expert parallelism", "explicit reduce-scatter"): _PER_DEVICE_EXPERTS,
+    ("expert parallelism", "ZeRO++ qwZ"): _PER_DEVICE_EXPERTS,
+    ("expert parallelism", "ZeRO++ hpZ"): _PER_DEVICE_EXPERTS,
+    ("optimizer offload", "explicit reduce-scatter"): _PER_DEVICE_OFFLOAD,
+    ("optimizer offload", "ZeRO++ qwZ"): _PER_DEVICE_OFFLOAD,
+    ("optimizer offload", "ZeRO++ hpZ"): _PER_DEVICE_OFFLOAD,
+    ("parameter offload", "explicit reduce-scatter"): "the per-device gradient computation "
+                                                      "reads the parameters in device memory",
+    ("parameter offload", "ZeRO++ hpZ"): "the per-device gradient computation reads the "
+                                         "parameters in device memory",
     ("1-bit optimizer", "low-precision parameters"): "the 1-bit optimizers update the "
                                                      "parameters themselves, without a float32 "
                                                      "master copy",

@@ -18,6 +18,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 OPS = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
@@ -25,18 +27,33 @@ OPS = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-p
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.+?)\s+(?P<op>" + "|".join(OPS) + r")\(")
 _ARRAY = re.compile(r"\b(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
-_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
-_IOTA_GROUPS = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=")
+_EXPLICIT_GROUPS = re.compile(
+    r"(?:replica_groups|source_target_pairs)=\{(?P<groups>(?:\{[\d,]*\},?)+)\}")
+_IOTA_GROUPS = re.compile(
+    r"replica_groups=\[(?P<shape>[\d,]+)\]<=\[(?P<dims>[\d,]+)\](?:T\((?P<perm>[\d,]+)\))?")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<used>[^}]*)\}")
+
+Groups = tuple[tuple[int, ...], ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-  """One collective instruction of a compiled program."""
+  """One collective instruction of a compiled program.
+
+  Attributes:
+    op: one of ``OPS``.
+    result_bytes: bytes of its result on one device.
+    groups: the device groups that communicate (device ids of the program; a
+      collective-permute's source-target pairs).
+  """
 
   op: str
   result_bytes: int
-  group_size: int
+  groups: Groups
+
+  @property
+  def group_size(self) -> int:
+    return 2 if self.op == "collective-permute" else len(self.groups[0])
 
   @property
   def sent_bytes(self) -> float:
@@ -57,19 +74,32 @@ class Collective:
     """Scalar bookkeeping (losses, norms, counts) rather than a payload."""
     return self.result_bytes <= 64
 
+  def crosses(self, devices_per_node: int) -> bool:
+    """Whether a group spans devices of two nodes (ids ``n·devices_per_node`` onward)."""
+    return any(len({d // devices_per_node for d in group}) > 1 for group in self.groups)
 
-def _group_size(line: str, num_devices: int) -> int:
+
+def replica_groups(line: str, num_devices: int) -> Groups:
+  """The device groups of one collective instruction, in any of XLA's three notations
+  (explicit lists, an iota with an optional transpose, a named mesh); all devices when
+  it has none."""
   if match := _EXPLICIT_GROUPS.search(line):
-    return len([d for d in match["first"].split(",") if d])
+    return tuple(tuple(int(d) for d in g.split(",") if d)
+                 for g in re.findall(r"\{([\d,]*)\}", match["groups"]))
   if match := _IOTA_GROUPS.search(line):
-    return int(match["dims"].split(",")[-1])
+    ids = np.arange(num_devices).reshape([int(d) for d in match["dims"].split(",")])
+    if match["perm"]:
+      ids = ids.transpose([int(d) for d in match["perm"].split(",")])
+    return tuple(map(tuple, ids.reshape([int(d) for d in match["shape"].split(",")]).tolist()))
   if match := _MESH_GROUPS.search(line):
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", match["axes"]))
-    used = re.findall(r"'(\w+)'", match["used"])
-    return math.prod(int(sizes[a]) for a in used)
-  if "collective-permute" in line:
-    return 2
-  return num_devices  # no groups: every device
+    axes = re.findall(r"'(\w+)'=(\d+)", match["axes"])
+    used = set(re.findall(r"'(\w+)'", match["used"]))
+    ids = np.arange(num_devices).reshape([int(size) for _, size in axes])
+    order = [i for i, (a, _) in enumerate(axes) if a not in used] + [
+        i for i, (a, _) in enumerate(axes) if a in used]
+    size = math.prod(int(n) for a, n in axes if a in used)
+    return tuple(map(tuple, ids.transpose(order).reshape(-1, size).tolist()))
+  return (tuple(range(num_devices)),)
 
 
 def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
@@ -81,7 +111,7 @@ def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
       continue
     result = sum(DTYPE_BYTES[a["dtype"]] * math.prod(int(d) for d in a["dims"].split(",") if d)
                  for a in _ARRAY.finditer(match["type"]))
-    found.append(Collective(match["op"], result, _group_size(line, num_devices)))
+    found.append(Collective(match["op"], result, replica_groups(line, num_devices)))
   return found
 
 

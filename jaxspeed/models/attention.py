@@ -111,16 +111,16 @@ def _block(x, q0: int, q1: int, k0: int, k1: int):
   return x[..., rows, cols]
 
 
-def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
+def causal_mask(q_len: int, kv_len: int | None = None) -> np.ndarray:
   """[1, 1, S, T] boolean mask: query i sees keys j <= i (queries end-aligned).
 
-  Built at trace time (a concrete array even inside ``jax.jit``), so that
-  ``dot_product_attention`` can skip the key blocks it masks out entirely.
+  A numpy array, concrete at trace time (inside ``jax.jit`` and ``jax.shard_map``
+  too), so that ``dot_product_attention`` can skip the key blocks it masks out
+  entirely.
   """
   kv_len = q_len if kv_len is None else kv_len
-  with jax.ensure_compile_time_eval():
-    q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-    return (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
+  q_pos = np.arange(q_len)[:, None] + (kv_len - q_len)
+  return (np.arange(kv_len)[None, :] <= q_pos)[None, None]
 
 
 def repeat_kv_heads(x: jax.Array, num_heads: int) -> jax.Array:

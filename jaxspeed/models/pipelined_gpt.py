@@ -17,7 +17,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxspeed.models.attention import causal_mask
 from jaxspeed.models.gpt import GPT
@@ -58,9 +57,7 @@ class PipelinedGPT(GPT):
       raise NotImplementedError("random-LTD and layer dropping do not run in a pipeline")
     stacked = self.param(STACKED, lambda rng: None)
     block = remat_block(self.config, self.is_initializing())(self.config, causal=True, pre_ln=True)
-    # As numpy: a concrete jax.Array carries the outer mesh in its type, which
-    # does not type-check inside the pipeline's shard_map.
-    mask = np.asarray(causal_mask(x.shape[1]))
+    mask = causal_mask(x.shape[1])
 
     def stage(layers, h, pos):
       """One stage's L/p layers (a list of parameter trees) on a microbatch h [b, S, d_model]."""

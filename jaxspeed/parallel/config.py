@@ -37,9 +37,16 @@ class ZeroConfig(Section):
   (Rajbhandari et al. 2021): each device's slice of the blocks' parameters lives in pinned
   host memory and each block copies its own to the device where it runs.
   ``quantized_weights`` is ZeRO++'s qwZ (Wang et al. 2023): the ZeRO-3 parameter
-  all-gather moves int8 codes with block scales. ``offload_speculation`` is SuperOffload's
+  all-gather moves int8 codes with block scales. ``hpz_partition_size`` is ZeRO++'s hpZ
+  (DeepSpeed's ``zero_hpz_partition_size``): the devices of a node, which must be the
+  ``fsdp`` axis (``data`` runs across nodes); the blocks then gather their parameters
+  from a secondary copy split over those devices only. ``quantized_gradients`` is ZeRO++'s
+  qgZ: the gradient reduce-scatter that crosses nodes moves int4 codes.
+  ``offload_speculation`` is SuperOffload's
   speculation-then-validation (Lian et al. 2025): the host update starts before the
-  gradient norm is known and is redone when clipping applies.
+  gradient norm is known and is redone when clipping applies. ``reduce_scatter`` reduces
+  ZeRO-2/3's gradients with an explicit reduce-scatter over the data axes (each device
+  sends (N-1)/N of a gradient) instead of the all-reduce and slice XLA:CPU compiles.
   """
 
   KEY = "zero"
@@ -49,6 +56,9 @@ class ZeroConfig(Section):
   offload_params: str = setting("none", choices=OFFLOAD_MEMORY_KINDS)
   offload_speculation: bool = setting(False)
   quantized_weights: bool = setting(False)
+  hpz_partition_size: int = setting(1, ge=1)
+  quantized_gradients: bool = setting(False)
+  reduce_scatter: bool = setting(False)
 
   def check(self) -> None:
     if self.offload_params != "none" and self.stage != 3:
@@ -58,6 +68,17 @@ class ZeroConfig(Section):
     if self.quantized_weights and self.stage != 3:
       raise ConfigError("zero.quantized_weights", "quantizes ZeRO-3's parameter all-gather: "
                         f"needs zero.stage=3, got stage {self.stage}; allowed here: False")
+    if self.hpz_partition_size > 1 and self.stage != 3:
+      raise ConfigError("zero.hpz_partition_size", "splits ZeRO-3's parameters a second "
+                        f"time: needs zero.stage=3, got stage {self.stage}; allowed here: 1")
+    if self.quantized_gradients and self.stage != 3:
+      raise ConfigError("zero.quantized_gradients", "quantizes ZeRO-3's gradient "
+                        f"reduce-scatter: needs zero.stage=3, got stage {self.stage}; allowed "
+                        "here: False")
+    if self.reduce_scatter and self.stage < 2:
+      raise ConfigError("zero.reduce_scatter", "reduces gradients onto ZeRO's gradient "
+                        f"slices: needs zero.stage >= 2, got stage {self.stage}; allowed "
+                        "here: False")
     if self.quantized_weights and self.offload_params != "none":
       raise ConfigError("zero.quantized_weights", "does not run with zero.offload_params "
                         "yet (the parameters would be quantized in host memory); allowed "

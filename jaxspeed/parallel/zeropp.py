@@ -1,37 +1,66 @@
-"""ZeRO++'s quantized weight all-gather, qwZ (Wang et al. 2023, arXiv 2306.10209, §3.1).
+"""ZeRO++ (Wang et al. 2023, arXiv 2306.10209): qwZ (§3.1), hpZ (§3.2) and qgZ (§3.3),
+and the explicit ZeRO-3 gather they change.
 
-Under ZeRO-3 every device holds a slice of each parameter, split along one
-dimension over the data axes (``jaxspeed.parallel.rules.zero_spec``), and the
-step all-gathers the slices where the parameter is used. qwZ quantizes each
-slice to int8 before the all-gather and dequantizes after, so the gather moves
-1 byte per element (plus the scales) instead of 4 (float32) or 2 (bf16).
+These functions run on one device's slices, inside a ``jax.shard_map`` manual
+over the data axes (the step's per-device gradient computation,
+``jaxspeed.training.step``). Under ZeRO-3 every device holds a slice of each
+parameter, split along one dimension over the data axes
+(``jaxspeed.parallel.rules.zero_spec``); ``gather_params`` all-gathers the
+slices over exactly those axes, and the gradient, its transpose, is a
+reduce-scatter onto the slices, summed in float32.
 
-The scales are per block: one per index of the split dimension, over all the
-other dimensions. Each block then lies on one device, so quantizing needs no
-communication, and a block holds the other dimensions' elements (hundreds to a
-few thousand here; DeepSpeed keeps its groups under 8k elements). The gather
-is a straight-through estimator: its gradient is the gradient of the gathered
-weight, reduced onto the slices as for an exact gather. One-dimensional
+qwZ, the quantized weight all-gather: each slice is quantized to int8 before
+the gather and dequantized after, so the gather moves 1 byte per element (plus
+the scales) instead of 4 (float32) or 2 (bf16). The scales are per block: one
+per index of the split dimension, over all the other dimensions. Each block
+then lies on one device, so quantizing needs no communication, and a block
+holds the other dimensions' elements (hundreds to a few thousand here;
+DeepSpeed keeps its groups under 8k elements). The gather is a straight-
+through estimator: its gradient is the exact gather's. One-dimensional
 parameters (biases, LayerNorm) are gathered exactly: their scales would cost
 as much as their values. So are the token embedding and LM head
 (``EXACT_PARAMS``): the logits are read straight off them, and quantizing them
 moved the loss most (``experiments.zeropp``: 300 steps of ``gpt_tiny`` end 2.6%
 above exact ZeRO-3 with them quantized, 0.82% without).
+
+hpZ, hierarchical weight partitioning: the mesh's ``fsdp`` axis lies inside a
+node and ``data`` across nodes (``CROSS_NODE_AXES``). ZeRO-3 splits each
+parameter over both, so its gather crosses nodes with every byte. hpZ gathers
+in two levels: over ``data`` first, into a secondary copy split over ``fsdp``
+only (1/fsdp of the parameter per device instead of 1/(data·fsdp)), then
+inside the node. Its transpose reduces the gradient the same way round: inside
+the node first, then across nodes with 1/fsdp of the bytes.
+
+qgZ, the quantized gradient reduce-scatter: a reduce-scatter that crosses nodes
+(the only one, or with hpZ the second level) becomes one all-to-all of int4
+codes (packed two per byte, one float32 scale per ``QGZ_GROUP`` elements), each
+device summing the chunks it receives in float32 (``quantized_reduce_scatter``):
+about 1/8 of the float32 bytes. The paper quantizes the intra-node level too;
+here it stays exact, where bandwidth is plentiful. No error feedback: each
+step's rounding error is lost, as in the paper.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxspeed.compression.integer import pack_int4
 from jaxspeed.compression.quantizers import symmetric_codes, symmetric_scale
+from jaxspeed.parallel.mesh import spec_axes
+from pallas_kernels.quant_matmul import unpack_int4
 
 QWZ_BITS = 8
+QGZ_BITS = 4
+QGZ_GROUP = 256  # elements per qgZ scale
 EXACT_PARAMS = ("embed", "lm_head")  # top-level parameter names gathered exactly
+CROSS_NODE_AXES = ("data",)  # the mesh axes between nodes; ``fsdp`` lies inside one
 
 
 def split_dim(sharded: P, gathered: P, ndim: int) -> int | None:
@@ -53,44 +82,120 @@ def quantize_blocks(x: jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:
   return symmetric_codes(x.astype(jnp.float32), scale, QWZ_BITS).astype(jnp.int8), scale
 
 
-def quantized_all_gather(x: jax.Array, sharded: NamedSharding, gathered: NamedSharding,
-                         dim: int) -> jax.Array:
-  """``x`` (placed as ``sharded``, split along ``dim``) all-gathered to ``gathered`` in int8,
-  dequantized to ``x``'s dtype; the gradient passes straight through to the slices."""
+def quantized_reduce_scatter(x: jax.Array, dim: int, axes: tuple[str, ...]) -> jax.Array:
+  """``psum_scatter(x, axes, scatter_dimension=dim, tiled=True)`` in float32, exchanged
+  as int4 codes with one scale per ``QGZ_GROUP`` elements (qgZ).
 
-  @jax.custom_vjp
-  def gather(x):
-    codes, scale = quantize_blocks(jax.lax.with_sharding_constraint(x, sharded), dim)
-    # Pinned on both sides, the reshard (the all-gather) must move the int8 codes: with
-    # only the gathered side pinned, the partitioner may gather the float32 values.
-    codes = jax.lax.with_sharding_constraint(codes, sharded)
-    codes = jax.lax.with_sharding_constraint(codes, gathered)
-    scale = jax.lax.with_sharding_constraint(scale, NamedSharding(gathered.mesh, P()))
-    return (codes.astype(jnp.float32) * scale).astype(x.dtype)
+  The chunks of ``dim`` (one per device of ``axes``, major to minor) are quantized
+  here, exchanged with one all-to-all, and summed where they arrive.
+  """
+  n = math.prod(jax.lax.axis_size(a) for a in axes)
+  moved = jnp.moveaxis(x.astype(jnp.float32), dim, 0)
+  chunk_shape = (moved.shape[0] // n, *moved.shape[1:])
+  chunks = moved.reshape(n, -1)  # [n, m]
+  m = chunks.shape[1]
+  padded = -(-m // QGZ_GROUP) * QGZ_GROUP
+  groups = jnp.pad(chunks, ((0, 0), (0, padded - m))).reshape(n, padded // QGZ_GROUP,
+                                                                 QGZ_GROUP)
+  scale = symmetric_scale(jnp.max(jnp.abs(groups), axis=2, keepdims=True), QGZ_BITS)
+  codes = symmetric_codes(groups, scale, QGZ_BITS).astype(jnp.int8).reshape(n, padded)
+  packed = pack_int4(codes.T)  # [padded / 2, n]: chunk j is column j
+  exchange = lambda a: jax.lax.all_to_all(a, axes, split_axis=1, concat_axis=1, tiled=True)
+  packed, scale = exchange(packed), exchange(scale[:, :, 0].T)  # column j: from device j
+  received = unpack_int4(packed).astype(jnp.float32).reshape(padded // QGZ_GROUP, QGZ_GROUP, n)
+  summed = jnp.sum(received * scale[:, None, :], axis=2).reshape(padded)[:m]
+  return jnp.moveaxis(summed.reshape(chunk_shape), 0, dim)
 
-  def forward(x):
-    return gather(x), None
 
-  def backward(_, grad):
-    return (jax.lax.with_sharding_constraint(grad, sharded),)
+def _reduce_scatter(grad: jax.Array, dim: int, axes: tuple[str, ...],
+                    quantized: bool) -> jax.Array:
+  """The gradient's reduce-scatter onto the slices, in float32 (XLA:CPU also fails to
+  compile a bfloat16 one); with qgZ (``quantized``) if it crosses nodes."""
+  if quantized and any(a in CROSS_NODE_AXES for a in axes):
+    summed = quantized_reduce_scatter(grad, dim, axes)
+  else:
+    summed = jax.lax.psum_scatter(grad.astype(jnp.promote_types(grad.dtype, jnp.float32)),
+                                  axes, scatter_dimension=dim, tiled=True)
+  return summed.astype(grad.dtype)
 
-  gather.defvjp(forward, backward)
-  return gather(x)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def all_gather_slices(local: jax.Array, dim: int, axes: tuple[str, ...], quantized: bool,
+                      quantized_grad: bool = False) -> jax.Array:
+  """The slices of ``axes`` concatenated along ``dim`` (in int8 with block scales if
+  ``quantized``); the gradient is reduce-scattered back onto the slices (``_reduce_scatter``,
+  with qgZ if ``quantized_grad``)."""
+  if not quantized:
+    return jax.lax.all_gather(local, axes, axis=dim, tiled=True)
+  codes, scale = quantize_blocks(local, dim)
+  codes, scale = (jax.lax.all_gather(a, axes, axis=dim, tiled=True) for a in (codes, scale))
+  return (codes.astype(jnp.float32) * scale).astype(local.dtype)
 
 
-def qwz_gather(params: Any, specs: Any, gathered_specs: Any, mesh: Mesh) -> Any:
-  """Every ZeRO-split parameter of ``params`` (placed by ``specs``, PartitionSpecs) gathered
-  to ``gathered_specs`` (its tensor-parallel specs) with ``quantized_all_gather``, except
-  ``EXACT_PARAMS``; the others as they are."""
+def _gather_forward(local, dim, axes, quantized, quantized_grad):
+  return all_gather_slices(local, dim, axes, quantized, quantized_grad), None
 
-  def leaf(x, spec, gathered):
-    dim = split_dim(spec, gathered, x.ndim)
-    if dim is None or x.ndim < 2:
-      return x
-    return quantized_all_gather(x, NamedSharding(mesh, spec), NamedSharding(mesh, gathered),
-                                dim)
 
-  quantized = {name: jax.tree.map(leaf, tree, specs[name], gathered_specs[name],
-                                  is_leaf=lambda s: isinstance(s, P))
-               for name, tree in params.items() if name not in EXACT_PARAMS}
-  return {**params, **quantized}
+def _gather_backward(dim, axes, quantized, quantized_grad, _, grad):
+  del quantized  # straight through: the exact gather's gradient
+  # The gathered value has the slices' dtype, so the gradient does.
+  return (_reduce_scatter(grad, dim, axes, quantized_grad),)
+
+
+all_gather_slices.defvjp(_gather_forward, _gather_backward)
+
+
+def _reorder_blocks(x: jax.Array, dim: int, order: tuple[str, ...], target: tuple[str, ...],
+                    sizes: Mapping[str, int]) -> jax.Array:
+  """``x`` whose ``dim`` holds one block per device of ``order`` (major to minor),
+  rearranged into the block order of ``target`` (the same axes)."""
+  if order == target:
+    return x
+  blocks = [sizes[a] for a in order]
+  shape = x.shape
+  x = x.reshape(*shape[:dim], *blocks, shape[dim] // math.prod(blocks), *shape[dim + 1:])
+  perm = [order.index(a) for a in target]
+  x = jnp.moveaxis(x, [dim + p for p in perm], list(range(dim, dim + len(perm))))
+  return x.reshape(shape)
+
+
+def gather_param(local: jax.Array, dim: int, axes: tuple[str, ...], sizes: Mapping[str, int],
+                 *, quantized: bool = False, hierarchical: bool = False,
+                 quantized_grad: bool = False) -> jax.Array:
+  """One parameter's ZeRO-3 slices (split along ``dim`` over ``axes``, major to minor)
+  gathered whole: in one all-gather, or with ``hierarchical`` (hpZ) across nodes into the
+  secondary copy first and then inside the node. qwZ (``quantized``) quantizes the
+  gather that crosses nodes: the only one, or the first; qgZ (``quantized_grad``) the
+  gradient's reduce-scatter that crosses nodes.
+  """
+  cross = tuple(a for a in axes if a in CROSS_NODE_AXES)
+  node = tuple(a for a in axes if a not in CROSS_NODE_AXES)
+  if not (hierarchical and cross and node):
+    return all_gather_slices(local, dim, axes, quantized, quantized_grad)
+  secondary = all_gather_slices(local, dim, cross, quantized, quantized_grad)
+  full = all_gather_slices(secondary, dim, node, False)
+  return _reorder_blocks(full, dim, node + cross, axes, sizes)
+
+
+def gather_params(params: Any, specs: Any, gathered_specs: Any, mesh_sizes: Mapping[str, int],
+                  manual_axes: tuple[str, ...], *, quantized: bool = False,
+                  hierarchical: bool = False, quantized_grad: bool = False) -> Any:
+  """Every ZeRO-3 split parameter of ``params`` (local slices, placed by ``specs``)
+  gathered over its ``manual_axes`` to ``gathered_specs`` (its tensor-parallel specs);
+  qwZ (``quantized``) spares ``EXACT_PARAMS`` and one-dimensional parameters, qgZ
+  (``quantized_grad``) one-dimensional ones."""
+
+  def leaf(name):
+    def gather(x, spec, gathered):
+      dim = split_dim(spec, gathered, x.ndim)
+      if dim is None:
+        return x
+      axes = tuple(a for a in spec_axes(spec[dim]) if a in manual_axes)
+      int8 = quantized and name not in EXACT_PARAMS and x.ndim >= 2
+      return gather_param(x, dim, axes, mesh_sizes, quantized=int8, hierarchical=hierarchical,
+                          quantized_grad=quantized_grad and x.ndim >= 2)
+    return gather
+
+  return {name: jax.tree.map(leaf(name), tree, specs[name], gathered_specs[name],
+                             is_leaf=lambda s: isinstance(s, P))
+          for name, tree in params.items()}

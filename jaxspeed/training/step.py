@@ -34,10 +34,10 @@ from jaxspeed.moe import stats as moe_stats
 from jaxspeed.moe.mos import TEACHER_LOGITS, Distillation, kd_loss_sum
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.optimizers.master import MasterWeightsState, apply_updates
-from jaxspeed.parallel.mesh import DATA_AXES
+from jaxspeed.parallel.mesh import DATA_AXES, spec_axes
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
-from jaxspeed.parallel.zeropp import qwz_gather
+from jaxspeed.parallel.zeropp import gather_params
 from jaxspeed.training.optim import Schedule
 from jaxspeed.training.state import (
     StateSpecs,
@@ -323,10 +323,17 @@ class StepOptions:
       the objective's forward compressed (``jaxspeed.compression``).
     quantized_weights: ZeRO++'s qwZ: ZeRO-3 parameters all-gathered in int8
       (``jaxspeed.parallel.zeropp``).
+    hierarchical_partition: ZeRO++'s hpZ: ZeRO-3 parameters gathered across nodes into a
+      secondary copy split inside the node, then inside the node (``jaxspeed.parallel.zeropp``).
+    quantized_gradients: ZeRO++'s qgZ: the ZeRO-3 gradient reduce-scatter that crosses
+      nodes exchanges int4 codes.
     speculate: SuperOffload's speculation-then-validation (Lian et al. 2025) for
       an update on the host: it starts from the unclipped gradient, before the
       global norm is known, and is redone from the clipped one in the steps
       where clipping applies; a non-finite result is rolled back by the guard.
+    reduce_scatter: reduce the gradients onto ZeRO-2/3's slices with an explicit
+      reduce-scatter over the data axes (``_per_device_value_and_grad``; qwZ and hpZ
+      imply it).
   """
 
   objective: Objective = LanguageModeling()
@@ -337,7 +344,10 @@ class StepOptions:
   layer_dropping: LayerDropping = LayerDropping()
   dense_interceptor: DenseInterceptorAt | None = None
   quantized_weights: bool = False
+  hierarchical_partition: bool = False
+  quantized_gradients: bool = False
   speculate: bool = False
+  reduce_scatter: bool = False
 
   def __post_init__(self):
     if self.microbatches < 1:
@@ -347,6 +357,14 @@ class StepOptions:
     if self.layer_dropping.enabled and not self.objective.passes_model_kwargs:
       raise ValueError(f"layer_dropping (random-LTD / PLD) needs an objective that passes its "
                        f"arguments to the model; {type(self.objective).__name__} does not")
+
+  @property
+  def per_device(self) -> StepOptions | None:
+    """These options, if the gradient is computed per data-parallel device (an explicit
+    reduce-scatter, or ZeRO++'s gathers), else None."""
+    explicit = (self.reduce_scatter or self.quantized_weights or self.hierarchical_partition
+                or self.quantized_gradients)
+    return self if explicit else None
 
   def loss_sum(self, model: nn.Module) -> LossSum:
     """The objective's ``LossSum`` of ``model``, under the dense interceptor."""
@@ -545,8 +563,8 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
       raise ValueError("a PipelinedGPT runs no random-LTD or progressive layer dropping")
   if options.speculate and not specs.host_update:
     raise ValueError("speculate needs the optimizer update on the host (StateSpecs.host_update)")
-  if options.quantized_weights and isinstance(optimizer, CommunicatingOptimizer):
-    raise ValueError("quantized_weights gathers ZeRO-3 parameters, which the 1-bit "
+  if options.per_device is not None and isinstance(optimizer, CommunicatingOptimizer):
+    raise ValueError("reduce_scatter and ZeRO++ reduce ZeRO-2/3 gradients, which the 1-bit "
                      "optimizers do not shard")
   dropping = options.layer_dropping
   run = dict(microbatches=options.microbatches, lr_unit=options.lr_unit,
@@ -557,13 +575,10 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
     build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind, **run)
     return TrainStep(build, lambda step: (optimizer.kind_at(step),
                                           dropping.kept_length_at(step)), prepare)
-  if options.quantized_weights:  # the forward reads the parameters through qwZ's gather
-    loss_sum = run["loss_sum"]
-    run["loss_sum"] = lambda params, *args, **kwargs: loss_sum(
-        qwz_gather(params, specs.state.params, specs.tensor_parallel, mesh), *args, **kwargs)
   build = lambda kind: _optax_step(optimizer, schedule, specs, mesh, kind[1],
                                    speculate=options.speculate,
-                                   stream_gradients=specs.stream_gradients, **run)
+                                   stream_gradients=specs.stream_gradients,
+                                   per_device=options.per_device, **run)
   return TrainStep(build, lambda step: (ALLREDUCE, dropping.kept_length_at(step)), prepare)
 
 
@@ -575,7 +590,8 @@ def _schedule_time(state: TrainState, lr_unit: str) -> jax.Array:
 def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
                 specs: StateSpecs, mesh: Mesh, kept: int | None, *, microbatches: int,
                 lr_unit: str, grad_clip: float, deterministic: bool, dropping: LayerDropping,
-                loss_sum: Callable, speculate: bool, stream_gradients: bool):
+                loss_sum: Callable, speculate: bool, stream_gradients: bool,
+                per_device: StepOptions | None):
   """The step of an optax optimizer: XLA inserts the gradient all-reduce.
 
   With ``stream_gradients`` (an update on the host), each block's gradient goes
@@ -593,6 +609,8 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
     if specs.params_offloaded:  # the blocks' gradients come out in host memory
       grad_fn = _gradients_on_device(grad_fn)
+    if per_device is not None:
+      grad_fn = _per_device_value_and_grad(loss_sum, mesh, specs, per_device)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rngs = step_rngs(state.rng, state.step)
@@ -682,6 +700,64 @@ def _gradients_streamed_to_host(loss_sum: LossSum, params_shardings, host_kind: 
 
   def fn(params, *args, **kwargs):
     return grad_fn(jax.device_put(params, host), *args, **kwargs)
+  return fn
+
+
+def _per_device_value_and_grad(loss_sum: LossSum, mesh: Mesh, specs: StateSpecs,
+                               options: StepOptions) -> Callable:
+  """A ``value_and_grad`` of ``loss_sum`` run on each data-parallel device's rows (a
+  ``jax.shard_map`` manual over the data axes; tensor and sequence axes stay with the
+  compiler), with the ZeRO collectives written out.
+
+  ZeRO-2 (Rajbhandari et al. 2020, §5.2): each gradient is reduce-scattered onto its
+  slice, so a device sends (N−1)/N of a gradient where an all-reduce sends 2(N−1)/N
+  (what XLA:CPU compiles a gradient constrained to ZeRO's slices to: an all-reduce and a
+  slice). ZeRO-3: the parameters arrive as slices and are all-gathered on entry
+  (``jaxspeed.parallel.zeropp.gather_params``: with ZeRO++'s qwZ in int8, with hpZ in two
+  levels), and the gather's transpose reduce-scatters their gradients. Reductions run in
+  float32; a leaf too small to split is all-reduced. Per-device keys are folded with the
+  device's index, as ``fold_rngs`` does for workers.
+
+  Returns:
+    ``(params, batch, rngs, deterministic, **model_kwargs) -> ((objective, sums), grads)``,
+    the gradients placed by ``specs.grads``.
+  """
+  axes = tuple(a for a in DATA_AXES if mesh.shape[a] > 1)
+  is_spec = lambda x: isinstance(x, P)
+  manual = lambda spec: P(*(tuple(a for a in spec_axes(e) if a in axes) or None for e in spec))
+  params_in = jax.tree.map(manual, specs.state.params, is_leaf=is_spec)
+  grads_out = jax.tree.map(manual, specs.grads, is_leaf=is_spec)
+
+  def objective(params, *args, **kwargs):
+    params = gather_params(params, specs.state.params, specs.tensor_parallel, dict(mesh.shape),
+                           axes, quantized=options.quantized_weights,
+                           hierarchical=options.hierarchical_partition,
+                           quantized_grad=options.quantized_gradients)
+    return loss_sum(params, *args, **kwargs)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def reduce(grad: jax.Array, arrived: P, spec: P) -> jax.Array:
+    if any(arrived):  # a ZeRO-3 slice: its gather's transpose reduced it
+      return grad
+    grad = grad.astype(jnp.promote_types(grad.dtype, jnp.float32))
+    for dim, entry in enumerate(spec):
+      if entry is not None:
+        grad = jax.lax.psum_scatter(grad, entry, scatter_dimension=dim, tiled=True)
+    rest = tuple(a for a in axes if a not in {a for e in spec for a in spec_axes(e)})
+    return jax.lax.psum(grad, rest) if rest else grad
+
+  def fn(params, batch: Batch, rngs, deterministic: bool, **model_kwargs):
+    def local(params, batch, rngs):
+      rngs = fold_rngs(rngs, jax.lax.axis_index(axes))
+      with nn.logical_axis_rules(compute_rules(batch_axes=None)):
+        (objective, sums), grads = grad_fn(params, batch, rngs, deterministic, **model_kwargs)
+      grads = jax.tree.map(reduce, grads, params_in, grads_out, is_leaf=is_spec)
+      return jax.lax.psum((objective, sums), axes), grads
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(params_in, P(axes), P()),
+                         out_specs=(P(), grads_out), axis_names=frozenset(axes),
+                         check_vma=False)(params, batch, rngs)
   return fn
 
 

@@ -216,6 +216,11 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
 
   mesh = make_mesh(config.parallel, devices)
   num_stages = mesh.shape["stage"]
+  hpz = config.zero.hpz_partition_size
+  if hpz > 1 and hpz != mesh.shape["fsdp"]:
+    raise ConfigError("zero.hpz_partition_size", f"{hpz} must be the devices of a node, the "
+                      f"fsdp axis ({mesh.shape['fsdp']} here; data runs across nodes); "
+                      f"allowed: 1, {mesh.shape['fsdp']}")
   offload = config.zero.offload_optimizer != "none"
   host_update = offload and config.optim.name in HOST_UPDATE_OPTIMIZERS
   # ZeRO-Offload streams gradients to the host as the backward pass makes them; a
@@ -249,7 +254,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       grad_clip=config.optim.grad_clip, lr_unit=config.optim.lr_unit,
       deterministic=config.model.dropout == 0, layer_dropping=dropping,
       dense_interceptor=compression, quantized_weights=config.zero.quantized_weights,
-      speculate=config.zero.offload_speculation)
+      hierarchical_partition=hpz > 1, quantized_gradients=config.zero.quantized_gradients,
+      speculate=config.zero.offload_speculation, reduce_scatter=config.zero.reduce_scatter)
   train_step = make_train_step(model, optimizer, make_schedule(config.optim, total), specs, mesh,
                                options)
   eval_step = make_eval_step(model, specs, mesh, compression)
