@@ -152,7 +152,8 @@ def main(argv):
       summary[f"{name}_loss_rel_gap"] = losses[name] / losses["zero3"] - 1
     summary.update(steps=STEPS.value, target_loss_rel_gap=0.01)
   header = ("ZeRO++ on 8 devices as two nodes of four (data=2 across nodes x fsdp=4 inside, "
-            "ZeRO-3, float32 parameters; the 2-layer model for the bytes). Bytes each device "
+            "ZeRO-3, float32 parameters; gpt_tiny, 2 layers in --quick and in the zero2/zero3 "
+            "rows). Bytes each device "
             "sends per train step, from the compiled HLO; a collective whose device groups "
             "span both nodes counts as cross-node. zero3: the compiler's gathers and "
             "gradient all-reduce; the other variants compute each gradient per device with "

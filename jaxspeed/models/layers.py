@@ -283,8 +283,28 @@ def _to_device_memory(variables):
   return jax.device_put(variables, jax.memory.Space.Device)
 
 
+# params -> params: what each block reads instead of the parameters it is given, while
+# `fetching_block_params` is active (ZeRO-3's per-block gather in the per-device step).
+BlockParamsFetch = Callable[[dict], dict]
+_BLOCK_PARAMS_FETCH: contextvars.ContextVar[BlockParamsFetch | None] = contextvars.ContextVar(
+    "block_params_fetch", default=None)
+
+
+@contextlib.contextmanager
+def fetching_block_params(fetch: BlockParamsFetch | None) -> Iterator[None]:
+  """Each block traced inside reads its parameters through ``fetch``: inside the block's
+  remat, so the backward pass fetches them again (None: no-op). Read while tracing, as
+  ``intercept_dense`` is."""
+  token = _BLOCK_PARAMS_FETCH.set(fetch)
+  try:
+    yield
+  finally:
+    _BLOCK_PARAMS_FETCH.reset(token)
+
+
 def remat_block(cfg: ModelConfig, initializing: bool = False) -> type[Block]:
-  """``Block`` wrapped per ``cfg.params_on_host`` and ``cfg.remat`` (activation checkpointing).
+  """``Block`` wrapped per ``cfg.params_on_host``, ``fetching_block_params`` and ``cfg.remat``
+  (activation checkpointing).
 
   With ``params_on_host`` (ZeRO-Infinity's parameter offload, Rajbhandari et
   al. 2021), the block's parameters live in host memory and the block copies
@@ -302,8 +322,12 @@ def remat_block(cfg: ModelConfig, initializing: bool = False) -> type[Block]:
   the CPU), to be copied back for the backward pass.
   """
   block = Block
+  fetch = _BLOCK_PARAMS_FETCH.get()
   if cfg.params_on_host and not initializing:
     block = nn.map_variables(Block, "params", trans_in_fn=_to_device_memory)
+  elif fetch is not None and not initializing:
+    block = nn.map_variables(Block, "params",
+                             trans_in_fn=lambda v: {**v, "params": fetch(v["params"])})
   policies = {"save_matmul_outputs": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
               "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
                   offload_src="device", offload_dst="pinned_host")}

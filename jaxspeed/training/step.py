@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxspeed.comm.norm_sketch import mean_norm_estimate
 from jaxspeed.models.layer_drop import pld_theta
-from jaxspeed.models.layers import DenseInterceptor, intercept_dense
+from jaxspeed.models.layers import DenseInterceptor, fetching_block_params, intercept_dense
 from jaxspeed.models.pipelined_gpt import PipelinedGPT
 from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.moe import stats as moe_stats
@@ -35,9 +35,10 @@ from jaxspeed.moe.mos import TEACHER_LOGITS, Distillation, kd_loss_sum
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.optimizers.master import MasterWeightsState, apply_updates
 from jaxspeed.parallel.mesh import DATA_AXES, spec_axes
+from jaxspeed.parallel.pipeline import is_layer_name
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
-from jaxspeed.parallel.zeropp import gather_params
+from jaxspeed.parallel.zeropp import Zero3Gather
 from jaxspeed.training.optim import Schedule
 from jaxspeed.training.state import (
     StateSpecs,
@@ -712,9 +713,11 @@ def _per_device_value_and_grad(loss_sum: LossSum, mesh: Mesh, specs: StateSpecs,
   ZeRO-2 (Rajbhandari et al. 2020, §5.2): each gradient is reduce-scattered onto its
   slice, so a device sends (N−1)/N of a gradient where an all-reduce sends 2(N−1)/N
   (what XLA:CPU compiles a gradient constrained to ZeRO's slices to: an all-reduce and a
-  slice). ZeRO-3: the parameters arrive as slices and are all-gathered on entry
-  (``jaxspeed.parallel.zeropp.gather_params``: with ZeRO++'s qwZ in int8, with hpZ in two
-  levels), and the gather's transpose reduce-scatters their gradients. Reductions run in
+  slice). ZeRO-3: the parameters arrive as slices and are all-gathered explicitly, the
+  embeddings on entry and each block's where the block runs (``fetching_block_params``;
+  ``jaxspeed.parallel.zeropp.Zero3Gather``: with ZeRO++'s qwZ in int8, with hpZ in two
+  levels, the cross-node one on entry), and the gathers' transposes reduce-scatter their
+  gradients. Reductions run in
   float32; a leaf too small to split is all-reduced. Per-device keys are folded with the
   device's index, as ``fold_rngs`` does for workers.
 
@@ -728,12 +731,22 @@ def _per_device_value_and_grad(loss_sum: LossSum, mesh: Mesh, specs: StateSpecs,
   params_in = jax.tree.map(manual, specs.state.params, is_leaf=is_spec)
   grads_out = jax.tree.map(manual, specs.grads, is_leaf=is_spec)
 
+  gather = Zero3Gather(dict(mesh.shape), axes, quantized=options.quantized_weights,
+                       hierarchical=options.hierarchical_partition,
+                       quantized_grad=options.quantized_gradients)
+
   def objective(params, *args, **kwargs):
-    params = gather_params(params, specs.state.params, specs.tensor_parallel, dict(mesh.shape),
-                           axes, quantized=options.quantized_weights,
-                           hierarchical=options.hierarchical_partition,
-                           quantized_grad=options.quantized_gradients)
-    return loss_sum(params, *args, **kwargs)
+    # The blocks' parameters are gathered where each block runs (ZeRO-3: one block's at a
+    # time, again in the backward pass under remat), after hpZ's cross-node level here.
+    blocks = [name for name in params if is_layer_name(name)]
+    pick = lambda tree, names: {name: tree[name] for name in names}
+    split = lambda names: (pick(params, names), pick(specs.state.params, names),
+                           pick(specs.tensor_parallel, names))
+    secondary = gather.tree(*split(blocks), level="cross_node")
+    params = {**gather.tree(*split([n for n in params if n not in blocks])), **secondary}
+    fetch = _block_gather(gather, secondary, *split(blocks)[1:])
+    with fetching_block_params(fetch):
+      return loss_sum(params, *args, **kwargs)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -759,6 +772,27 @@ def _per_device_value_and_grad(loss_sum: LossSum, mesh: Mesh, specs: StateSpecs,
                          out_specs=(P(), grads_out), axis_names=frozenset(axes),
                          check_vma=False)(params, batch, rngs)
   return fn
+
+
+def _block_gather(gather: Zero3Gather, blocks: dict, specs: dict, gathered_specs: dict
+                  ) -> Callable[[dict], dict]:
+  """The ``fetching_block_params`` function of ZeRO-3's per-block gather: each leaf of a
+  block's parameters gathered at ``level="node"`` with the specs of the same leaf of
+  ``blocks`` (``{layer_i: tree}``), found by its path in the block and its local shape."""
+  table = {}
+  for name, tree in blocks.items():
+    is_spec = lambda x: isinstance(x, P)
+    for (path, x), spec, gathered in zip(jax.tree_util.tree_leaves_with_path(tree),
+                                         jax.tree.leaves(specs[name], is_leaf=is_spec),
+                                         jax.tree.leaves(gathered_specs[name], is_leaf=is_spec),
+                                         strict=True):
+      table[jax.tree_util.keystr(path), x.shape] = (spec, gathered)
+
+  def fetch(params: dict) -> dict:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: gather.leaf(x, *table[jax.tree_util.keystr(path), x.shape], "node"),
+        params)
+  return fetch
 
 
 def _scaled_on_host(grads, count: jax.Array, mesh: Mesh, specs: StateSpecs):
