@@ -56,6 +56,13 @@ def train_losses(config, num_steps: int, devices=None):
   return [float(m["loss"]) for m in history], setup, state
 
 
+def compiled_step_text(setup) -> str:
+  """The compiled HLO text of ``setup``'s first train step (abstract state, first batch)."""
+  with jax.set_mesh(setup.mesh):
+    return setup.train_step.lower(setup.abstract_state(), setup.to_device(
+        setup.train_data.batch_at(0))).compile().as_text()
+
+
 def subprocess_env() -> dict[str, str]:
   """This environment for a child process that picks its own device count.
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_close, train_losses
+from helpers import assert_trees_close, compiled_step_text, train_losses
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -60,17 +60,20 @@ def _configure(config, **zero):
   return config
 
 
-def test_quantized_gather_trains_like_the_exact_one_and_moves_int8(tiny_config):
+@pytest.mark.parametrize("option,collective,codes", [
+    ("quantized_weights", "all-gather", "s8["),  # qwZ: int8 weights
+    ("quantized_gradients", "all-to-all", "u8["),  # qgZ: int4 gradients, two per byte
+])
+def test_quantized_collectives_train_like_exact_zero3(option, collective, codes, tiny_config):
   expected, _, _ = train_losses(_configure(tiny_config), 3)
-  losses, setup, _ = train_losses(_configure(tiny_config, quantized_weights=True), 3)
-  # int8 weights with 256 levels per block: the loss moves by far less than a step does.
+  losses, setup, _ = train_losses(_configure(tiny_config, **{option: True}), 3)
+  # Per-block scales (and Adam's normalization of the gradient's rounding): the loss moves
+  # by far less than a step does.
   np.testing.assert_allclose(losses, expected, rtol=2e-3)
   assert losses != expected
-  with jax.set_mesh(setup.mesh):
-    hlo = setup.train_step.lower(setup.abstract_state(), setup.to_device(
-        setup.train_data.batch_at(0))).compile().as_text()
-  gathers = [line for line in hlo.splitlines() if " all-gather(" in line]
-  assert any("= s8[" in line for line in gathers)
+  lines = [line for line in compiled_step_text(setup).splitlines()
+           if f" {collective}(" in line]
+  assert any(codes in line.split(f" {collective}(")[0] for line in lines)
 
 
 def test_hpz_equals_zero3_and_gathers_inside_the_node(tiny_config):
@@ -80,27 +83,12 @@ def test_hpz_equals_zero3_and_gathers_inside_the_node(tiny_config):
   losses, setup, state = train_losses(_configure(tiny_config, hpz_partition_size=2), 3)
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
   assert_trees_close(state.params, reference.params, rtol=1e-4, atol=1e-6)
-  with jax.set_mesh(setup.mesh):
-    hlo = setup.train_step.lower(setup.abstract_state(), setup.to_device(
-        setup.train_data.batch_at(0))).compile().as_text()
+  hlo = compiled_step_text(setup)
   # Devices 0-3 and 4-7 are the two nodes (data is the outermost mesh axis).
   gathers = [c for c in collectives(hlo, 8) if c.op == "all-gather" and not c.is_scalar]
   inside = [c for c in gathers if not c.crosses(4)]
   assert inside and sum(c.result_bytes for c in inside) > sum(
       c.result_bytes for c in gathers if c.crosses(4))
-
-
-def test_qgz_trains_like_exact_reduction_and_exchanges_int4(tiny_config):
-  expected, _, _ = train_losses(_configure(tiny_config), 3)
-  losses, setup, _ = train_losses(_configure(tiny_config, quantized_gradients=True), 3)
-  # Adam normalizes the int4 rounding of each step's gradient: the loss barely moves.
-  np.testing.assert_allclose(losses, expected, rtol=2e-3)
-  assert losses != expected
-  with jax.set_mesh(setup.mesh):
-    hlo = setup.train_step.lower(setup.abstract_state(), setup.to_device(
-        setup.train_data.batch_at(0))).compile().as_text()
-  assert any("u8[" in line.split(" all-to-all(")[0]
-             for line in hlo.splitlines() if " all-to-all(" in line)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -133,9 +121,7 @@ def test_reduce_scatter_equals_the_compilers_reduction(overrides, tiny_config):
   # size, so near-zero gradients summed in another precision move some weights apart.
   if tiny_config.model.param_dtype == "float32":
     assert_trees_close(state.params, reference.params, rtol=1e-4, atol=1e-6)
-  with jax.set_mesh(setup.mesh):
-    hlo = setup.train_step.lower(setup.abstract_state(), setup.to_device(
-        setup.train_data.batch_at(0))).compile().as_text()
+  hlo = compiled_step_text(setup)
   assert " reduce-scatter(" in hlo
 
 
