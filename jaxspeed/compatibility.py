@@ -120,7 +120,6 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
                                             "parallel.sequence",
     ("pipeline", "BERT"): "the pipeline runs the GPT decoder",
     ("pipeline", "1-bit optimizer"): "1-bit optimizers do not run with a pipeline yet",
-    ("pipeline", "ZeRO-2/3"): "ZeRO stages 2 and 3 do not run with a pipeline yet",
     ("pipeline", "random-LTD"): "random-LTD does not run in a pipeline yet",
     ("pipeline", "PLD"): "progressive layer dropping does not run in a pipeline yet",
     ("pipeline", "dropout"): "dropout does not run in a pipeline yet",

@@ -744,7 +744,8 @@ def _per_device_value_and_grad(loss_sum: LossSum, mesh: Mesh, specs: StateSpecs,
                            pick(specs.tensor_parallel, names))
     secondary = gather.tree(*split(blocks), level="cross_node")
     params = {**gather.tree(*split([n for n in params if n not in blocks])), **secondary}
-    fetch = _block_gather(gather, secondary, *split(blocks)[1:])
+    # A pipeline's stacked layers are not ``layer_i`` blocks: gathered above, whole.
+    fetch = _block_gather(gather, secondary, *split(blocks)[1:]) if blocks else None
     with fetching_block_params(fetch):
       return loss_sum(params, *args, **kwargs)
 
