@@ -34,8 +34,9 @@ class PipelinedGPT(GPT):
   """``GPT`` whose layers run as ``num_stages`` GPipe stages over ``microbatches``.
 
   ``__call__(tokens [B, S]) -> logits [B, S, vocab]``, equal to the plain
-  GPT's. Random-LTD, progressive layer dropping and dropout are not supported
-  (``jaxspeed.config.validate`` rejects them with a pipeline).
+  GPT's. Random-LTD and progressive layer dropping are not supported
+  (``jaxspeed.config.validate`` rejects them with a pipeline). Dropout draws its
+  masks per microbatch, stage and layer, so they differ from the plain GPT's.
   """
 
   num_stages: int = 2
@@ -59,15 +60,20 @@ class PipelinedGPT(GPT):
     block = remat_block(self.config, self.is_initializing())(self.config, causal=True, pre_ln=True)
     mask = causal_mask(x.shape[1])
 
-    def stage(layers, h, pos):
+    def stage(layers, h, extra, stage_index):
       """One stage's L/p layers (a list of parameter trees) on a microbatch h [b, S, d_model]."""
-      for params in layers:  # unrolled like the plain GPT's layers (see ``split_layers``)
-        h = block.apply({"params": params}, h, pos, mask, deterministic)
+      pos, key = extra
+      for i, params in enumerate(layers):  # unrolled like the plain GPT's (``split_layers``)
+        # Dropout: the microbatch's key, folded with the stage and the layer in it.
+        rngs = None if key is None else {
+            "dropout": jax.random.fold_in(jax.random.fold_in(key, stage_index), i)}
+        h = block.apply({"params": params}, h, pos, mask, deterministic, rngs=rngs)
       return h
 
     # A batch the configured count does not divide (e.g. sampling one row)
     # runs with fewer, larger microbatches: same result, larger bubble.
     num = math.gcd(x.shape[0], self.microbatches)
     positions = jnp.broadcast_to(positions, x.shape[:2])
-    y = gpipe(stage, stacked, to_microbatches(x, num), to_microbatches(positions, num))
+    keys = None if deterministic else jax.random.split(self.make_rng("dropout"), num)
+    y = gpipe(stage, stacked, to_microbatches(x, num), (to_microbatches(positions, num), keys))
     return from_microbatches(y)

@@ -111,7 +111,8 @@ def from_microbatches(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-StageFn = Callable[[list, jax.Array, Any], jax.Array]
+# (layers, x, extra, stage index) -> y: one stage's layers on a microbatch (see ``gpipe``).
+StageFn = Callable[[list, jax.Array, Any, jax.Array], jax.Array]
 
 
 def split_layers(stage: Any) -> list:
@@ -140,8 +141,8 @@ def run_stages_sequentially(stage_fn: StageFn, stage_params, inputs: jax.Array, 
             for s in range(num_stages)]
 
   def one_microbatch(x, extra):
-    for layers in stages:
-      x = stage_fn(layers, x, extra)
+    for s, layers in enumerate(stages):
+      x = stage_fn(layers, x, extra, jnp.int32(s))
     return x
 
   return jax.lax.map(lambda args: one_microbatch(*args), (inputs, extras))
@@ -151,9 +152,10 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
   """Runs ``inputs`` through p pipelined stages with the GPipe schedule.
 
   Args:
-    stage_fn: ``(layers, x [b, ...], extra) -> y [b, ...]``: the stage's L/p
-      layers on x, given their parameters as a list of L/p per-layer pytrees
-      (``split_layers``); y has x's shape and dtype.
+    stage_fn: ``(layers, x [b, ...], extra, stage) -> y [b, ...]``: the stage's
+      L/p layers on x, given their parameters as a list of L/p per-layer pytrees
+      (``split_layers``) and the stage's index (an int32 scalar, e.g. for random
+      keys); y has x's shape and dtype.
     stage_params: pytree of [p, L/p, ...] leaves, split over ``stage``.
     inputs: [m, b, ...] microbatches (``to_microbatches``), replicated over
       ``stage``.
@@ -195,7 +197,7 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
       x = jnp.where(stage == 0, inputs[min(t, microbatches - 1)], received)
       index = jnp.clip(t - stage, 0, microbatches - 1)
       extra = jax.tree.map(lambda e, i=index: e[i], extras)
-      y = stage_fn(layers, x, extra)
+      y = stage_fn(layers, x, extra, stage)
       if t >= last:  # the last stage finishes microbatch t − (p − 1)
         outputs.append(y)
       received = jax.lax.ppermute(y, STAGE_AXIS, forward)
