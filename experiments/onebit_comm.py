@@ -38,6 +38,7 @@ from jaxspeed.comm.hlo import communication
 from jaxspeed.configs import gpt_tiny
 from jaxspeed.optimizers import zero_one_kinds
 from jaxspeed.parallel.mesh import DATA_AXES
+from jaxspeed.training.state import bytes_per_device
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: a 1-layer model.")
 RUN_STEPS = flags.DEFINE_integer("run_steps", 10000, "Steps of the run the totals cover.")
@@ -115,6 +116,13 @@ def _projection(ratio_fp16: float, whole_run_ratio: float) -> list[dict]:
   return rows
 
 
+def _state_bytes(quick: bool, name: str, stage: int) -> int:
+  """Bytes of ``name``'s optimizer state one device holds at ZeRO ``stage`` (abstract)."""
+  config = _config(quick, name)
+  config.zero.stage = stage
+  return bytes_per_device(jaxspeed.build(config).abstract_state().opt_state)["device"]
+
+
 def main(argv):
   del argv
   common.setup_devices()
@@ -174,6 +182,17 @@ def main(argv):
       "workers": world,
       "zero_one_kind_counts": dict(counts),
   }
+  # Memory: each optimizer's state per device at ZeRO-3 against ZeRO-0. Momentum, variance
+  # and the server errors split over the workers; each worker's error feedback is its own
+  # and whole (the error of compressing its own full momentum), the floor below which
+  # sharding cannot go: n of the unsharded 3n + n/P.
+  for name in ("onebit_adam", "onebit_lamb", "zero_one_adam"):
+    held = {stage: _state_bytes(quick, name, stage) for stage in (0, 3)}
+    rows.append({"optimizer": name, "kind": "state bytes per device, ZeRO-0 / ZeRO-3",
+                 "state_bytes_zero0": held[0], "state_bytes_zero3": held[3]})
+    summary[f"{name}_zero3_state_bytes_ratio"] = held[3] / held[0]
+  summary["onebit_zero3_state_bytes_ratio"] = summary.pop("onebit_adam_zero3_state_bytes_ratio")
+  summary["onebit_state_floor_worker_errors"] = 1 / (3 + 1 / world)
   bf16_run_bytes = warm * bf16["bytes"] + (n - warm) * onebit["compressed"]["bytes"]
   projection = _projection(bf16["bytes"] / onebit["compressed"]["bytes"],
                            n * bf16["bytes"] / bf16_run_bytes)
@@ -182,7 +201,10 @@ def main(argv):
       "(ring cost model: all-reduce 2(P-1)/P·n, all-gather/all-to-all (P-1)/P·n). Paper "
       "claims: 1-bit Adam ~32x less in the compression stage (16x vs fp16), up to 5x over a "
       "run with 15% warm-up; 0/1 Adam up to 87% less volume and 54% fewer rounds than 1-bit "
-      f"Adam. Whole run = {n} steps.\n\nProjected BERT-Large throughput on 64 GPUs "
+      f"Adam. Whole run = {n} steps. State rows: optimizer state per device at ZeRO-0 and "
+      "ZeRO-3 (momentum, variance and server errors split; each worker's error feedback "
+      "whole, the floor onebit_state_floor_worker_errors).\n\n"
+      "Projected BERT-Large throughput on 64 GPUs "
       f"({GPU_TFLOPS.value} TFLOP/s sustained per GPU, bandwidth-only):\n\n"
       + common.markdown_table(projection))
   config = _config(quick, "onebit_adam").to_dict()

@@ -103,6 +103,8 @@ TECHNIQUES: dict[str, Technique] = {
     "RLHF": Technique("", "`experiments.rlhf` steps", lambda c, shape, rlhf: rlhf),
 }
 
+_ONEBIT_EXCHANGE = ("a 1-bit optimizer exchanges each worker's compressed momentum or update "
+                    "instead of reducing gradients")
 # The explicit reduce-scatter, qwZ and hpZ compute each gradient per data-parallel device.
 _PER_DEVICE_EXPERTS = ("the experts' all-to-all runs over a data axis, which the per-device "
                        "gradient computation makes manual")
@@ -111,8 +113,10 @@ _PER_DEVICE_OFFLOAD = ("with the update on the host, gradients stream to host me
 _RLHF_AXES = "the RLHF steps train on the data / fsdp / tensor axes (ZeRO and tensor parallelism)"
 
 COMPATIBILITY: dict[tuple[str, str], str] = {
-    ("1-bit optimizer", "ZeRO-2/3"): "a 1-bit optimizer compresses each worker's full local "
-                                     "gradient or momentum, so gradients cannot be ZeRO-sharded",
+    ("1-bit optimizer", "explicit reduce-scatter"): _ONEBIT_EXCHANGE,
+    ("1-bit optimizer", "ZeRO++ qwZ"): _ONEBIT_EXCHANGE,
+    ("1-bit optimizer", "ZeRO++ hpZ"): _ONEBIT_EXCHANGE,
+    ("1-bit optimizer", "ZeRO++ qgZ"): _ONEBIT_EXCHANGE,
     ("BERT", "sequence padding"): "padding is invisible only to a causal model",
     ("sequence parallelism", "1-bit optimizer"): "a 1-bit optimizer compresses whole-model "
                                                  "updates; it is not sharded over the sequence",

@@ -366,11 +366,12 @@ def test_zero_one_adam_phase_one_is_adam_and_local_steps_accumulate():
     ({"name": "onebit_lamb", "min_coeff": 20.0}, "optim.min_coeff"),
     ({"name": "zero_one_adam", "var_update_scaler": 0}, "optim.var_update_scaler"),
     ({"name": "zero_one_adam", "local_step_clipper": -2}, "optim.local_step_clipper"),
-    ({"name": "onebit_adam", "zero_stage": 2}, "zero.stage"),
+    ({"name": "onebit_adam", "zero_quantized_weights": True}, "zero.quantized_weights"),
 ])
 def test_bad_hyperparameters_are_rejected_before_compiling(tiny_config, kwargs, key):
   kwargs = dict(kwargs)
-  tiny_config.zero.stage = kwargs.pop("zero_stage", 0)
+  if kwargs.pop("zero_quantized_weights", False):
+    tiny_config.zero.update(stage=3, quantized_weights=True)
   for k, v in kwargs.items():
     tiny_config.optim[k] = v
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -391,11 +392,11 @@ def test_onebit_adam_before_freeze_trains_exactly_like_adam(tiny_config):
 
 
 @pytest.mark.parametrize("name", ["onebit_adam", "onebit_lamb", "zero_one_adam"])
-def test_each_optimizer_trains_on_a_tensor_parallel_zero1_mesh(tiny_config, name):
+def test_each_optimizer_trains_on_a_tensor_parallel_zero3_mesh(tiny_config, name):
   tiny_config.parallel.data = 2
   tiny_config.parallel.fsdp = 2
   tiny_config.parallel.tensor = 2
-  tiny_config.zero.stage = 1
+  tiny_config.zero.stage = 3
   tiny_config.optim.name = name
   tiny_config.optim.learning_rate = 3e-3 if name != "onebit_lamb" else 2e-2
   tiny_config.optim.freeze_step = 3
@@ -411,6 +412,23 @@ def test_each_optimizer_trains_on_a_tensor_parallel_zero1_mesh(tiny_config, name
               "zero_one_adam": {VARIANCE, ONEBIT_GRADIENT, SYNC, LOCAL}}[name]
   assert {kind for kind, _ in setup.train_step.kinds_built} == expected  # one program per kind
   assert setup.train_step.compilations == len(expected)
+
+
+def test_onebit_adam_with_zero3_equals_zero1(tiny_config):
+  """ZeRO-3 splits the parameters (and ZeRO-2 the gradient buffers) the 1-bit step
+  gathers per worker: warm-up and compressed steps train as under ZeRO-1, and the
+  parameters at rest are split over the data axes."""
+  tiny_config.parallel.update(data=2, fsdp=2, tensor=2)
+  tiny_config.optim.update(name="onebit_adam", freeze_step=2)
+  tiny_config.model.num_layers = 1
+  tiny_config.zero.stage = 1
+  expected, _, reference = train_losses(tiny_config, 4)
+  tiny_config.zero.stage = 3
+  losses, _, state = train_losses(tiny_config, 4)
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+  assert_trees_close(state.opt_state, reference.opt_state, rtol=1e-5, atol=1e-7)
+  wi = state.params["layer_0"]["mlp"]["wi"]
+  assert wi.addressable_shards[0].data.size * 8 == wi.size  # data x fsdp x tensor
 
 
 @pytest.mark.parametrize("name", ["onebit_lamb", "zero_one_adam"])

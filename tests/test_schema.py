@@ -143,7 +143,7 @@ def test_readme_holds_the_rendered_compatibility_table():
 
 COMBINATIONS = [
     # (overrides, key of the second technique of the pair)
-    ({"optim.name": "onebit_adam", "zero.stage": 2}, "zero.stage"),
+    ({"parallel.sequence": 2, "optim.name": "onebit_adam"}, "optim.name"),
     ({"parallel.stage": 2, "data_efficiency.pld.enabled": True}, "data_efficiency.pld.enabled"),
     ({"parallel.stage": 2, "optim.name": "zero_one_adam"}, "optim.name"),
     ({"moe.num_experts": 2, "data_efficiency.pld.enabled": True}, "data_efficiency.pld.enabled"),

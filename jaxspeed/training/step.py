@@ -892,9 +892,10 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   world = math.prod(mesh.shape[a] for a in DATA_AXES)
   shardings = state_shardings(mesh, specs)
-  stacked_shardings = named(mesh, jax.tree.map(lambda s: P(DATA_AXES, *s), specs.grads,
+  # Each worker's gradient is whole (its ZeRO split, if any, would be over the workers).
+  stacked_shardings = named(mesh, jax.tree.map(lambda s: P(DATA_AXES, *s), specs.tensor_parallel,
                                                is_leaf=lambda x: isinstance(x, P)))
-  local_grad_shardings = named(mesh, specs.grads)
+  local_grad_shardings = named(mesh, specs.tensor_parallel)
   exact = kind in optimizer.exact_kinds
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
