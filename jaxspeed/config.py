@@ -272,6 +272,10 @@ def _check_moe(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None
   if moe.top_k > min(counts):
     raise ConfigError("moe.top_k", f"{moe.top_k} exceeds the number of experts of a layer "
                       f"({min(counts)}); allowed: 1..{min(counts)}")
+  tp = shape["tensor"]
+  if moe.expert_d_ff % tp:
+    raise ConfigError("moe.expert_d_ff", f"{moe.expert_d_ff} is not divisible by the "
+                      f"tensor-parallel size parallel.tensor={tp}")
   bad = [e for e in counts if e % ep]
   if bad:
     key = "moe.layer_num_experts" if moe.layer_num_experts else "moe.num_experts"

@@ -171,6 +171,32 @@ def test_dropless_equals_per_token_loop(top_k):
   np.testing.assert_allclose(np.asarray(y).reshape(16, 16), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_fine_grained_top4_with_shared_experts_is_the_per_token_sum():
+  """DeepSeek-MoE's layout: 8 experts of d_ff / 4, top-4, and 2 shared experts that every
+  token passes through ungated: the routed mixture plus one dense MLP of twice the
+  expert width, token by token."""
+  cfg = ModelConfig(d_model=16, d_ff=32, num_heads=2)
+  moe = MoeConfig(num_experts=8, top_k=4, drop_tokens=False, expert_d_ff=8,
+                  num_shared_experts=2)
+  layer = MoeMlp(cfg, moe, 8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16))
+  params = nn.meta.unbox(jax.jit(layer.init, static_argnums=2)(jax.random.PRNGKey(1), x, True))
+  p = jax.tree.map(np.asarray, params["params"])
+  assert p["wi"].shape == (8, 16, 8) and p["shared_experts"]["wi"].shape == (16, 16)
+  y = jax.jit(lambda p, x: layer.apply(p, x, True, mutable=["moe"])[0])(params, x)
+  expected = np.zeros((8, 16), np.float32)
+  for t, token in enumerate(np.asarray(x).reshape(8, 16)):
+    logits = token @ p["gate"]
+    gates = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    chosen = np.argsort(-gates, kind="stable")[:4]
+    for e, w in zip(chosen, gates[chosen] / gates[chosen].sum()):
+      expected[t] += w * np.asarray(_expert(p, e, token))
+    shared = p["shared_experts"]
+    h = np.asarray(jax.nn.gelu(token @ shared["wi"] + shared["wi_bias"]))
+    expected[t] += h @ shared["wo"] + shared["wo_bias"]
+  np.testing.assert_allclose(np.asarray(y).reshape(8, 16), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_train_objective_adds_scaled_aux_loss():
   cfg = ModelConfig(num_layers=2, d_model=32, d_ff=64, num_heads=2, max_seq_len=8,
                     moe=MoeConfig(num_experts=4, expert_interval=1))
@@ -186,6 +212,17 @@ def test_train_objective_adds_scaled_aux_loss():
   assert aux_sum >= 2 * 16 * 0.99
   np.testing.assert_allclose(float(objective), float(sums["loss_sum"]) + 0.5 * aux_sum,
                              rtol=1e-6)
+
+
+def test_fine_grained_experts_train_from_the_config(tiny_config):
+  """16 experts of d_ff / 4, top-4, one shared expert, tensor and data parallel: trains."""
+  tiny_config.moe.update(num_experts=16, top_k=4, expert_d_ff=64, num_shared_experts=1,
+                         drop_tokens=False)
+  tiny_config.parallel.update(data=4, fsdp=1, tensor=2)
+  losses, _, state = train_losses(tiny_config, 4)
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  moe = state.params["layer_1"]["moe"]
+  assert moe["wi"].shape == (16, 64, 64) and moe["shared_experts"]["wi"].shape == (64, 64)
 
 
 def _moe_config(config, **parallel):
@@ -287,6 +324,7 @@ def test_dropless_expert_parallel_keeps_a_full_shard():
     ("moe.noisy_gate_policy", dict(num_experts=4, noisy_gate_policy="Gaussian"), {}),
     ("moe.layer_num_experts", dict(layer_num_experts=(4, 8, 8)), {}),
     ("parallel.expert", {}, dict(expert=2, data=4)),
+    ("moe.expert_d_ff", dict(num_experts=4, expert_d_ff=33), dict(tensor=2, data=4)),
 ])
 def test_bad_moe_configs(tiny_config, key, overrides, parallel):
   tiny_config.moe.update(**overrides)

@@ -40,6 +40,12 @@ class MoeConfig(Section):
       (DeepSpeed: softmax(Linear(d, 2)(x)) mixes the two per token).
     aux_loss_coef: weight of the load-balancing loss (DeepSpeed's tutorial;
       Megatron's ``--moe-loss-coeff`` default is 0.1).
+    expert_d_ff: the hidden width of each expert; 0 for ``model.d_ff``. Fine-grained
+      experts (DeepSeek-MoE, Dai et al. 2024; what X-MoE trains) split each expert m
+      ways: m times the experts and ``top_k`` at d_ff / m, the same compute per token.
+    num_shared_experts: experts every token passes through, ungated, beside the routed
+      ones (DeepSeek-MoE's shared experts), each ``expert_d_ff`` wide. Their sum is one
+      dense MLP of the summed width, which is how they run.
   """
 
   KEY = "moe"
@@ -59,6 +65,8 @@ class MoeConfig(Section):
   use_residual: bool = setting(False)
   residual_mix: str = setting("sum", choices=RESIDUAL_MIXES)
   aux_loss_coef: float = setting(0.01, ge=0)
+  expert_d_ff: int = setting(0, ge=0)
+  num_shared_experts: int = setting(0, ge=0)
 
   def check(self) -> None:
     counts = self.layer_num_experts

@@ -42,7 +42,8 @@ JITTER_EPS = 0.01  # DeepSpeed's multiplicative_jitter epsilon
 
 
 class MoeMlp(nn.Module):
-  """``num_experts`` expert MLPs behind a top-k gate, optionally beside a dense MLP.
+  """``num_experts`` expert MLPs behind a top-k gate, optionally beside shared experts and a
+  dense MLP.
 
   ``__call__(x [B, S, d], deterministic) -> [B, S, d]``.
   """
@@ -59,6 +60,9 @@ class MoeMlp(nn.Module):
     cap = self.capacity(x.shape[1], training) if self.moe.drop_tokens else None
     out = self._experts(x, self._route(x, key, cap), cap)
     out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+    if self.moe.num_shared_experts:
+      shared = dataclasses.replace(cfg, d_ff=self.moe.num_shared_experts * self.expert_d_ff)
+      out = out + Mlp(shared, name="shared_experts")(x, deterministic)
     if self.moe.use_residual:
       out = self._mix(x, out, Mlp(cfg, name="residual_mlp")(x, deterministic))
     return constrain(out, ("batch", "seq", "embed"))
@@ -94,8 +98,13 @@ class MoeMlp(nn.Module):
     cf = moe.capacity_factor if training else moe.eval_capacity_factor
     return capacity(seq_len, self.num_experts, cf, moe.min_capacity, moe.top_k)
 
+  @property
+  def expert_d_ff(self) -> int:
+    """Each expert's hidden width: ``moe.expert_d_ff``, or the model's d_ff."""
+    return self.moe.expert_d_ff or self.config.d_ff
+
   def _weights(self, d: int) -> ExpertWeights:
-    e, f = self.num_experts, self.config.d_ff
+    e, f = self.num_experts, self.expert_d_ff
     return ExpertWeights(
         self.param("wi", param_init(("experts", "embed", "mlp")), (e, d, f)),
         self.param("wi_bias", zeros_init(("experts", "mlp")), (e, f)),
