@@ -461,7 +461,8 @@ def _accumulate(grad_fn, params, batch: Batch, rngs, microbatches: int, determin
 
 
 def _on_host(fn: Callable, out_shardings) -> Callable:
-  """``fn`` computed on the host (``compute_on``), its results in ``out_shardings``."""
+  """``fn`` computed on the host (``compute_on``), its results in ``out_shardings``: out of
+  a host computation every result is in host memory until said otherwise."""
   def run(*args):
     with compute_on("device_host"):
       result = jax.jit(fn)(*args)
@@ -606,12 +607,12 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
   if stream_gradients:
     grad_fn = _gradients_streamed_to_host(loss_sum, shardings.params, specs.opt_memory_kind)
     grad_shardings = in_memory(shardings.params, specs.opt_memory_kind)
+  elif per_device is not None:
+    grad_fn = _per_device_value_and_grad(loss_sum, mesh, specs, per_device)
   else:
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
     if specs.params_offloaded:  # the blocks' gradients come out in host memory
       grad_fn = _gradients_on_device(grad_fn)
-    if per_device is not None:
-      grad_fn = _per_device_value_and_grad(loss_sum, mesh, specs, per_device)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rngs = step_rngs(state.rng, state.step)
@@ -781,8 +782,8 @@ def _block_gather(gather: Zero3Gather, blocks: dict, specs: dict, gathered_specs
   block's parameters gathered at ``level="node"`` with the specs of the same leaf of
   ``blocks`` (``{layer_i: tree}``), found by its path in the block and its local shape."""
   table = {}
+  is_spec = lambda x: isinstance(x, P)
   for name, tree in blocks.items():
-    is_spec = lambda x: isinstance(x, P)
     for (path, x), spec, gathered in zip(jax.tree_util.tree_leaves_with_path(tree),
                                          jax.tree.leaves(specs[name], is_leaf=is_spec),
                                          jax.tree.leaves(gathered_specs[name], is_leaf=is_spec),
@@ -800,18 +801,16 @@ def _scaled_on_host(grads, count: jax.Array, mesh: Mesh, specs: StateSpecs):
   """Host-memory gradient sums divided by the token ``count`` and moved to the update's
   slices (``specs.update``), on the host; returns them and their global norm (a device
   scalar)."""
-  host = specs.opt_memory_kind
+  host = in_memory(named(mesh, specs.update), specs.opt_memory_kind)
   scalar = NamedSharding(mesh, P())
-  grads = jax.device_put(grads, in_memory(named(mesh, specs.update), host))
-  count = jax.device_put(count, scalar.with_memory_kind(host))
+  grads = jax.device_put(grads, host)
+  count = jax.device_put(count, scalar.with_memory_kind(specs.opt_memory_kind))
 
   def scale(grads, count):
     grads = jax.tree.map(lambda g: g / count, grads)
     return grads, jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
 
-  with compute_on("device_host"):
-    grads, norm = jax.jit(scale)(grads, count)
-  return grads, jax.device_put(norm, scalar.with_memory_kind("device"))
+  return _on_host(scale, (host, scalar.with_memory_kind("device")))(grads, count)
 
 
 def _clipped_on_host(grads, grad_norm: jax.Array, grad_clip: float, mesh: Mesh,
@@ -858,16 +857,12 @@ def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, para
     params, opt_state = apply_updates(params, updates, opt_state, lr)
     return params, opt_state, _all_finite_leaves(opt_state)
 
-  with compute_on("device_host"):
-    params, opt_state, finite = jax.jit(update)(grads, opt_state, params, lr)
-  # Out of the host computation every result is in host memory; say where each goes.
   params_shardings = in_memory(update_shardings, "device")
   if specs.params_offloaded:  # ZeRO-3: the update's slices are the parameters' slices
     params_shardings = params_in_memory(params_shardings, specs.block_params_memory_kind)
-  return jax.device_put((params, opt_state, finite),
-                        (params_shardings,
-                         state_shardings(mesh, specs).opt_state,
-                         scalar.with_memory_kind("device")))
+  placed = (params_shardings, state_shardings(mesh, specs).opt_state,
+            scalar.with_memory_kind("device"))
+  return _on_host(update, placed)(grads, opt_state, params, lr)
 
 
 def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
