@@ -67,6 +67,9 @@ TECHNIQUES: dict[str, Technique] = {
         lambda c, shape, rlhf: c.model.param_dtype != "float32", "float32"),
     "pipeline": Technique("parallel.stage", "`parallel.stage` > 1",
                           lambda c, shape, rlhf: shape["stage"] > 1, "1"),
+    "1F1B schedule": Technique("pipeline.schedule", "`pipeline.schedule` = 1f1b",
+                               lambda c, shape, rlhf: shape["stage"] > 1
+                               and c.pipeline.schedule == "1f1b", "gpipe"),
     "sequence parallelism": Technique("parallel.sequence", "`parallel.sequence` > 1",
                                       lambda c, shape, rlhf: shape["sequence"] > 1, "1"),
     "expert parallelism": Technique("parallel.expert", "`parallel.expert` > 1",
@@ -140,6 +143,8 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
                     "statistics cannot be collected",
     ("MoE", "pipeline"): "MoE layers do not run inside pipeline stages yet",
     ("BERT", "KD"): "MoS distillation trains a GPT student",
+    ("1F1B schedule", "KD"): "MoS distillation reads the student's logits, which 1F1B keeps "
+                             "inside the last stage",
     ("BERT", "sequence-length curriculum"): "the curricula feed the GPT trainer; BERT runs "
                                             "random-LTD or PLD",
     ("BERT", "curriculum sampling"): "the curricula feed the GPT trainer; BERT runs random-LTD "

@@ -33,7 +33,12 @@ from jaxspeed.optimizers.config import (
     OPTIMIZERS,
     OptimConfig,
 )
-from jaxspeed.parallel.config import ParallelConfig, SequenceParallelConfig, ZeroConfig
+from jaxspeed.parallel.config import (
+    ParallelConfig,
+    PipelineConfig,
+    SequenceParallelConfig,
+    ZeroConfig,
+)
 from jaxspeed.parallel.mesh import DATA_AXES, resolve_mesh_shape
 from jaxspeed.schema import Section, setting, to_config_dict
 
@@ -84,6 +89,7 @@ class Config(Section):
   optim: OptimConfig = setting(factory=OptimConfig)
   zero: ZeroConfig = setting(factory=ZeroConfig)
   parallel: ParallelConfig = setting(factory=ParallelConfig)
+  pipeline: PipelineConfig = setting(factory=PipelineConfig)
   sequence_parallel: SequenceParallelConfig = setting(factory=SequenceParallelConfig)
   data_efficiency: DataEfficiencyConfig = setting(factory=DataEfficiencyConfig)
   compression: CompressionTrainingConfig = setting(factory=CompressionTrainingConfig)
@@ -140,7 +146,7 @@ def check_override_keys(argv: list[str], flag: str = "config") -> None:
 
 
 def config_warnings(config: ml_collections.ConfigDict) -> list[str]:
-  """Settings of an enabled technique that do nothing within ``config.steps``.
+  """Settings of an enabled technique that do nothing in this run (e.g. within ``config.steps``).
 
   DeepSpeed's defaults wait long before acting (``optim.freeze_step`` and
   ``optim.var_freeze_step`` 100000, activation quantization's
@@ -159,8 +165,12 @@ def config_warnings(config: ml_collections.ConfigDict) -> list[str]:
     if comp[section].enabled:
       late.append((f"compression.{section}.schedule_offset", comp[section].schedule_offset,
                    f"{section.replace('_', ' ')} never switches on"))
-  return [f"config.{key}={value} >= steps={steps}: {why}"
-          for key, value, why in late if value >= steps]
+  warnings = [f"config.{key}={value} >= steps={steps}: {why}"
+              for key, value, why in late if value >= steps]
+  if config.pipeline.schedule != "gpipe" and config.parallel.stage == 1:
+    warnings.append(f"config.pipeline.schedule={config.pipeline.schedule!r} does nothing "
+                    "without a pipeline (parallel.stage > 1)")
+  return warnings
 
 
 def _check_offload(config: ml_collections.ConfigDict) -> None:

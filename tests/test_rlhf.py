@@ -15,6 +15,7 @@ from jaxspeed.config import default_config, validate_rlhf
 from jaxspeed.data import ByteTokenizer
 from jaxspeed.errors import ConfigError
 from jaxspeed.models import GPT, ModelConfig
+from jaxspeed.models.losses import cross_entropy
 from jaxspeed.parallel import make_mesh
 from jaxspeed.rlhf import (
     AdaptiveKLController,
@@ -38,7 +39,6 @@ from jaxspeed.rlhf.data import PreferencePairs, shuffle_words
 from jaxspeed.rlhf.pipeline import Context, load_stage, save_stage, tokenizer_fingerprint
 from jaxspeed.rlhf.ppo import actor_loss_sum, answer_mask, critic_loss_sum, make_experience_fn
 from jaxspeed.rlhf.reward import reward_batch, reward_loss_sum
-from jaxspeed.training.step import cross_entropy
 
 logsig = lambda x: math.log(1 / (1 + math.exp(-x)))
 

@@ -12,14 +12,16 @@ from jaxspeed.models.positions import alibi_bias, alibi_slopes, apply_rope
 MODELS = {"gpt": GPT, "bert": BertForMaskedLM}
 
 
-def build_model(name: str, config: ModelConfig, num_stages: int = 1, microbatches: int = 1):
+def build_model(name: str, config: ModelConfig, num_stages: int = 1, microbatches: int = 1,
+                schedule: str = "gpipe"):
   """The flax module for ``config.model.name``; pipelined over ``num_stages`` if > 1."""
   if name not in MODELS:
     raise ValueError(f"model.name={name!r}; allowed: {sorted(MODELS)}")
   if num_stages > 1:
     if name != "gpt":
       raise ValueError(f"pipeline parallelism supports model.name='gpt', got {name!r}")
-    return PipelinedGPT(config, num_stages=num_stages, microbatches=microbatches)
+    return PipelinedGPT(config, num_stages=num_stages, microbatches=microbatches,
+                        schedule=schedule)
   return MODELS[name](config)
 
 

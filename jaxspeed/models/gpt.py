@@ -10,6 +10,7 @@ from jaxspeed.models.attention import causal_mask
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.layer_runner import run_layers
 from jaxspeed.models.layers import Block, Embed, LayerNorm, constrain, param_init, remat_block
+from jaxspeed.models.losses import cross_entropy
 
 
 class GPT(nn.Module):
@@ -24,7 +25,8 @@ class GPT(nn.Module):
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                deterministic: bool = True, *, random_ltd_kept: int | None = None,
                layer_keep_theta: jax.Array | None = None, cache: tuple | None = None,
-               features_only: bool = False):
+               features_only: bool = False, targets: jax.Array | None = None,
+               loss_mask: jax.Array | None = None):
     """tokens, positions: [B, S] int.
 
     Args:
@@ -42,6 +44,11 @@ class GPT(nn.Module):
 
     With ``features_only`` it returns the final-LayerNorm hidden states
     [B, S, d_model] instead of logits (the trunk of a reward or value model).
+
+    With ``targets`` [B, S] (and ``loss_mask`` [B, S], 1 where a target counts)
+    it returns the summed cross-entropy and the counted tokens instead of
+    logits (``jaxspeed.models.losses.cross_entropy``): the form a pipeline
+    whose schedule needs each microbatch's loss inside it can compute.
     """
     cfg = self.config
     dtype = cfg.compute_dtype
@@ -64,6 +71,8 @@ class GPT(nn.Module):
         x, cache[i] = Block(cfg, causal=True, pre_ln=True, name=f"layer_{i}")(
             x, positions, None, deterministic, None, cache[i])
       return self._logits(embed, x), tuple(cache)
+    if targets is not None:
+      return self.layers_and_loss(embed, x, positions, deterministic, targets, loss_mask)
     x = self.layer_stack(x, positions, deterministic, random_ltd_kept, layer_keep_theta)
     if features_only:
       return LayerNorm(cfg.layernorm_eps, name="ln_final")(x)
@@ -84,6 +93,13 @@ class GPT(nn.Module):
     mask_for = lambda idx: causal_mask(positions.shape[1] if idx is None else idx.shape[1])
     return run_layers(self, make_layer, cfg.num_layers, x, positions, mask_for, deterministic,
                       random_ltd_kept, layer_keep_theta)
+
+  def layers_and_loss(self, embed: Embed, x: jax.Array, positions: jax.Array,
+                      deterministic: bool, targets: jax.Array,
+                      loss_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The L blocks, the head and the loss: (summed cross-entropy, counted tokens)."""
+    x = self.layer_stack(x, positions, deterministic, None, None)
+    return cross_entropy(self._logits(embed, x), targets, loss_mask)
 
   def _logits(self, embed: Embed, x: jax.Array) -> jax.Array:
     """Final LayerNorm and LM head: [B, S, d_model] -> float32 logits [B, S, vocab]."""

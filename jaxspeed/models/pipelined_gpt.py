@@ -6,9 +6,13 @@ one ``layers`` subtree of [p, L/p, ...] leaves (``jaxspeed.parallel.pipeline
 pipelined run starts from exactly the parameters of the plain model with the
 same seed; ``unstack_layers`` converts back (e.g. for a checkpoint).
 
-The embedding and the LM head run outside the pipeline, replicated over
-``stage`` (they are a small share of the FLOPs), so the logits and the loss
-are the plain model's.
+The embedding runs outside the pipeline, replicated over ``stage`` (a small
+share of the FLOPs). With the ``gpipe`` schedule so does the LM head, so the
+logits are the plain model's. The ``1f1b`` schedule needs each microbatch's
+loss inside the schedule: the model then computes the loss itself (called with
+``targets``, see ``GPT.__call__``), running the final LayerNorm, the head and
+the cross-entropy per microbatch in the last stage
+(``jaxspeed.parallel.one_f_one_b``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import jax.numpy as jnp
 
 from jaxspeed.models.attention import causal_mask
 from jaxspeed.models.gpt import GPT
-from jaxspeed.models.layers import remat_block
+from jaxspeed.models.layers import Embed, constrain, layer_norm, remat_block
+from jaxspeed.models.losses import cross_entropy
+from jaxspeed.parallel.one_f_one_b import pipelined_loss
 from jaxspeed.parallel.pipeline import (
     STACKED,
     from_microbatches,
@@ -41,6 +47,12 @@ class PipelinedGPT(GPT):
 
   num_stages: int = 2
   microbatches: int = 1
+  schedule: str = "gpipe"  # or "1f1b" (``jaxspeed.parallel.pipeline.SCHEDULES``)
+
+  @property
+  def computes_loss(self) -> bool:
+    """Whether a train step must call the model with ``targets`` (1F1B; module docstring)."""
+    return self.schedule == "1f1b"
 
   def init(self, rngs, *args, **kwargs):
     """The plain GPT's ``init`` (same keys, same values), layers stacked per stage."""
@@ -56,6 +68,35 @@ class PipelinedGPT(GPT):
                                  layer_keep_theta)
     if random_ltd_kept is not None or layer_keep_theta is not None:
       raise NotImplementedError("random-LTD and layer dropping do not run in a pipeline")
+    stage, stacked, microbatches, extras = self._stages(x, positions, deterministic)
+    return from_microbatches(gpipe(stage, stacked, to_microbatches(x, microbatches), extras))
+
+  def layers_and_loss(self, embed: Embed, x: jax.Array, positions: jax.Array,
+                      deterministic: bool, targets: jax.Array,
+                      loss_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy, counted tokens); with 1F1B the head runs in the last stage."""
+    if self.schedule != "1f1b" or self.is_initializing():
+      return super().layers_and_loss(embed, x, positions, deterministic, targets, loss_mask)
+    cfg = self.config
+    params = self.variables["params"]
+    head = {"ln_final": params["ln_final"],
+            "lm_head": params["embed"]["table"].T if cfg.tie_embeddings else params["lm_head"]}
+
+    def loss(head, y, target):
+      """The final LayerNorm, the LM head and the loss of one microbatch (``GPT._logits``)."""
+      labels, mask = target
+      h = layer_norm(y, head["ln_final"]["scale"], head["ln_final"]["bias"], cfg.layernorm_eps)
+      logits = constrain(h @ head["lm_head"].astype(cfg.compute_dtype), ("batch", "seq", "vocab"))
+      return cross_entropy(logits.astype(jnp.float32), labels, mask)
+
+    stage, stacked, microbatches, extras = self._stages(x, positions, deterministic)
+    split = lambda a: to_microbatches(a, microbatches)
+    mask = jnp.ones(targets.shape, jnp.float32) if loss_mask is None else loss_mask
+    return pipelined_loss(stage, loss, stacked, head, split(x), extras,
+                          (split(targets), split(mask.astype(jnp.float32))))
+
+  def _stages(self, x: jax.Array, positions: jax.Array, deterministic: bool):
+    """(stage function, stacked parameters, microbatches, per-microbatch extras) for x [B, S, d]."""
     stacked = self.param(STACKED, lambda rng: None)
     block = remat_block(self.config, self.is_initializing())(self.config, causal=True, pre_ln=True)
     mask = causal_mask(x.shape[1])
@@ -75,5 +116,4 @@ class PipelinedGPT(GPT):
     num = math.gcd(x.shape[0], self.microbatches)
     positions = jnp.broadcast_to(positions, x.shape[:2])
     keys = None if deterministic else jax.random.split(self.make_rng("dropout"), num)
-    y = gpipe(stage, stacked, to_microbatches(x, num), (to_microbatches(positions, num), keys))
-    return from_microbatches(y)
+    return stage, stacked, num, (to_microbatches(positions, num), keys)

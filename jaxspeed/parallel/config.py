@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxspeed.errors import ConfigError
+from jaxspeed.parallel.pipeline import SCHEDULES
 from jaxspeed.schema import Section, setting
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -24,6 +25,22 @@ class ParallelConfig(Section):
   expert: int = setting(1)
   sequence: int = setting(1)
   tensor: int = setting(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(Section):
+  """How a pipeline (``parallel.stage`` > 1) schedules its ``microbatches``.
+
+  ``schedule``: ``gpipe`` (Huang et al. 2019: all forward passes, then all
+  backward passes) or ``1f1b`` (PipeDream-flush, DeepSpeed's pipeline engine:
+  each microbatch's backward pass as soon as its loss is known, so a stage
+  holds min(2p − 1, m) microbatches' inputs instead of m; see
+  ``jaxspeed.parallel.one_f_one_b``).
+  """
+
+  KEY = "pipeline"
+
+  schedule: str = setting("gpipe", choices=SCHEDULES)
 
 
 @dataclasses.dataclass(frozen=True)

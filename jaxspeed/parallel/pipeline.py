@@ -32,6 +32,8 @@ from jax.sharding import PartitionSpec as P
 STAGE_AXIS = "stage"  # the mesh axis, and the logical name of the stacked stage dimension
 LAYERS = "layers"  # logical name of the layer-within-stage dimension (never sharded)
 STACKED = "layers"  # the parameter collection key of the stacked layers
+# ``pipeline.schedule``: GPipe (``gpipe`` below) or 1F1B (``jaxspeed.parallel.one_f_one_b``).
+SCHEDULES = ("gpipe", "1f1b")
 
 
 def bubble_fraction(num_stages: int, microbatches: int) -> float:

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxspeed.training.step import token_cross_entropy
+from jaxspeed.models.losses import token_cross_entropy
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxspeed.inference import SamplingConfig
 from jaxspeed.models.gpt import GPT
+from jaxspeed.models.losses import cross_entropy
 from jaxspeed.rlhf.forward import policy_logprobs, sequence_score
 from jaxspeed.rlhf.hybrid_engine import HybridEngine
 from jaxspeed.rlhf.learner import Learner, like_batch, mesh_jit
@@ -36,7 +37,6 @@ from jaxspeed.rlhf.losses import (
 )
 from jaxspeed.rlhf.value_model import ValueModel
 from jaxspeed.training.state import TrainState
-from jaxspeed.training.step import cross_entropy
 
 PTX_INPUTS, PTX_TARGETS = "ptx_inputs", "ptx_targets"
 

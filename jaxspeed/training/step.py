@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from jaxspeed.comm.norm_sketch import mean_norm_estimate
 from jaxspeed.models.layer_drop import pld_theta
 from jaxspeed.models.layers import DenseInterceptor, fetching_block_params, intercept_dense
+from jaxspeed.models.losses import cross_entropy
 from jaxspeed.models.pipelined_gpt import PipelinedGPT
 from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.moe import stats as moe_stats
@@ -41,11 +42,11 @@ from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
 from jaxspeed.parallel.zeropp import Zero3Gather
 from jaxspeed.training.optim import Schedule
 from jaxspeed.training.state import (
-    StateSpecs,
-    TrainState,
-    in_memory,
-    params_in_memory,
-    state_shardings,
+  StateSpecs,
+  TrainState,
+  in_memory,
+  params_in_memory,
+  state_shardings,
 )
 
 MODEL_KWARGS = ("positions", "token_types", "padding_mask")
@@ -59,39 +60,6 @@ DenseInterceptorAt = Callable[[jax.Array | None], DenseInterceptor]
 # ``model_kwargs`` are the model's layer-dropping arguments.
 LossSum = Callable[..., tuple[jax.Array, Metrics]]
 LR_UNITS = ("steps", "tokens", "layer_tokens")
-
-
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-token cross-entropy [B, S], written so a vocab-split ``logits`` stays split.
-
-  The target logit is picked with a masked sum instead of a gather, so under
-  tensor parallelism each device reduces its own vocabulary slice and XLA adds
-  one all-reduce of [B, S] values (Megatron's vocab-parallel cross-entropy).
-
-  Args:
-    logits: [B, S, V] float32.
-    targets: [B, S] int.
-  """
-  vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-  target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array,
-                  mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Summed token cross-entropy (``token_cross_entropy``) over the counted tokens.
-
-  Args:
-    logits: [B, S, V] float32.
-    targets: [B, S] int.
-    mask: [B, S], 1 where the token counts; all ones if None.
-
-  Returns:
-    (sum of losses over counted tokens, number of counted tokens).
-  """
-  losses = token_cross_entropy(logits, targets)
-  mask = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
-  return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def loss_sum_fn(model: nn.Module, *, aux_loss_coef: float = 0.0,
@@ -112,6 +80,11 @@ def loss_sum_fn(model: nn.Module, *, aux_loss_coef: float = 0.0,
   def loss_sum(params, batch: Batch, rngs, deterministic: bool, step=None, **model_kwargs):
     del step
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
+    if getattr(model, "computes_loss", False):  # a 1F1B pipeline: the loss is inside it
+      ce, count = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                              rngs=rngs, targets=batch["targets"],
+                              loss_mask=batch.get("loss_mask"), **kwargs, **model_kwargs)
+      return ce, {"loss_sum": ce, "tokens": count}
     logits, collections = model.apply(
         {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
         mutable=[moe_stats.COLLECTION], **kwargs, **model_kwargs)
