@@ -1,17 +1,21 @@
-"""GPipe's bubble: measured step time of the pipeline against (p − 1) / (m + p − 1).
+"""Pipeline schedules: measured bubble against (p − 1) / (m + p − 1), and activation memory.
 
   python -m experiments.pipeline_bubble [--quick]
 
-Claim (Huang et al. 2019, GPipe §2.2): with p stages and m microbatches a
-step idles (p − 1) / (m + p − 1) of the time; negligible once m ≥ 4p.
+Claims: with p stages and m microbatches a step idles (p − 1) / (m + p − 1)
+of the time, negligible once m ≥ 4p (GPipe, Huang et al. 2019, §2.2); 1F1B
+(PipeDream-flush, Narayanan et al. 2021) has the same bubble but keeps the
+activations of O(p) microbatches per stage instead of m.
 
 For each p in ``--stages`` on ``--cpu_devices`` = 8 devices (pipeline p x
 data 8/p) and m in {p, 2p, 4p}, two train steps of the same GPT, same global
 batch, same devices:
 
-* pipeline: ``parallel.stage=p``, ``microbatches=m`` (``jaxspeed.parallel
-  .pipeline.gpipe``: m + p − 1 iterations in which every stage runs its L/p
-  layers on one microbatch of B / (m·dp) rows per device);
+* pipeline: ``parallel.stage=p``, ``microbatches=m``, per schedule
+  (``pipeline.schedule``: ``gpipe``, m + p − 1 forward iterations in which
+  every stage runs its L/p layers on one microbatch of B / (m·dp) rows per
+  device, then their transpose; ``1f1b``, m + 2p − 2 ticks of one forward and
+  one backward pass, none of either where no stage has one);
 * reference: ``parallel.stage=1``, ``data=8``, ``microbatches=m/p``: every
   device runs all L layers over m/p sequential microbatches of the same
   B / (m·dp) rows. The same useful FLOPs in matmuls of the same shapes, and
@@ -38,6 +42,13 @@ iterations, (m + p − 1) / m; 1 means the pipeline costs only its bubble.
 residuals XLA zero-filled and copied in loop-carried buffers every step, and
 the per-stage layer scan made XLA all-reduce every layer's gradient in every
 iteration; see ``jaxspeed.parallel.pipeline``.)
+
+All variants run with ``model.remat=full``: 1F1B recomputes a stage's forward
+pass in its backward pass (it keeps only stage inputs), so with full remat
+every variant does the same work per microbatch. Memory is the compiled
+step's ``memory_analysis().temp_size_in_bytes`` per device (activations,
+gradients and workspace; parameters and optimizer state are arguments), at
+m = p, 2p, 4p for the deepest p, with ``model.remat`` none and full.
 """
 
 from __future__ import annotations
@@ -51,19 +62,24 @@ from absl import app, flags
 import jaxspeed
 from experiments import common
 from jaxspeed.configs import gpt_tiny
+from jaxspeed.parallel import pipeline
 from jaxspeed.parallel.pipeline import bubble_fraction
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: p = 2 and m = 4p only, 4 layers, "
                           "d_model 64, seq 32, 3 repeats.")
 STAGES = flags.DEFINE_list("stages", ["2", "4"], "Pipeline depths p to measure.")
+SCHEDULES = flags.DEFINE_list("schedules", list(pipeline.SCHEDULES), "Schedules to compare.")
 REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per variant (median reported).")
 BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch; divisible by 8 and by m·dp.")
 
 
-def _config(quick: bool, stages: int, microbatches: int):
+def _config(quick: bool, stages: int, microbatches: int, schedule: str = "gpipe",
+            remat: str = "full"):
   """The GPT of ``configs/gpt_tiny.py`` with 8 layers (4 in quick mode)."""
   config = gpt_tiny.get_config()
   config.zero.stage = 0
+  config.model.remat = remat
+  config.pipeline.schedule = schedule
   config.batch_size = BATCH.value
   config.model.num_layers = 8
   if quick:
@@ -83,6 +99,8 @@ class Variant:
     with jax.set_mesh(self.setup.mesh):
       self.state = self.setup.init_state()
       self.batch = self.setup.to_device(self.setup.train_data.batch_at(0))
+      compiled = self.setup.train_step.lower(self.state, self.batch).compile()
+    self.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
     self.times: list[float] = []
     self.step()  # compile the jitted step outside the timings
 
@@ -94,14 +112,25 @@ class Variant:
       return time.perf_counter() - start
 
 
+def _temp_bytes(quick: bool, stages: int, microbatches: int, schedule: str, remat: str) -> int:
+  """Per-device temporaries of the compiled train step (no step is run)."""
+  setup = jaxspeed.build(_config(quick, stages, microbatches, schedule, remat))
+  with jax.set_mesh(setup.mesh):
+    state = setup.abstract_state()
+    batch = setup.to_device(setup.train_data.batch_at(0))
+    return setup.train_step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+
 def main(argv):
   del argv
   common.setup_devices()
   quick = QUICK.value
   stages = [2] if quick else [int(p) for p in STAGES.value]
+  schedules = SCHEDULES.value
   repeats = 3 if quick else REPEATS.value
   per_stage = (4,) if quick else (1, 2, 4)  # m / p
-  pipelines = {(p, k * p): Variant(_config(quick, p, k * p)) for p in stages for k in per_stage}
+  pipelines = {(s, p, k * p): Variant(_config(quick, p, k * p, s))
+               for s in schedules for p in stages for k in per_stage}
   references = {k: Variant(_config(quick, 1, k)) for k in per_stage}
   variants = [*pipelines.values(), *references.values()]
   for _ in range(repeats):  # interleaved, so drift on the shared host hits all alike
@@ -109,35 +138,53 @@ def main(argv):
       variant.times.append(variant.step())
 
   rows = []
-  for (p, m), pipe in pipelines.items():
+  for (schedule, p, m), pipe in pipelines.items():
     ref = references[m // p]
     t_pipe, t_ref = float(np.median(pipe.times)), float(np.median(ref.times))
     theory = bubble_fraction(p, m)
     rows.append({
-        "stages_p": p, "microbatches_m": m, "data_parallel": common.CPU_DEVICES.value // p,
+        "schedule": schedule, "stages_p": p, "microbatches_m": m,
+        "data_parallel": common.CPU_DEVICES.value // p,
         "rows_per_microbatch_per_device": pipe.setup.config.batch_size
         // (m * common.CPU_DEVICES.value // p),
         "pipeline_step_s": t_pipe, "reference_step_s": t_ref,
         "bubble_time": 1 - t_ref / t_pipe,
         "bubble_theory": theory, "time_vs_theory": (1 - t_ref / t_pipe) / theory,
         "pipelined_vs_plain_step_ratio": t_pipe / t_ref * m / (m + p - 1),
+        "temp_mb_remat_full": pipe.temp_bytes / 2**20,
     })
   deepest = max(stages)
-  at_4p = next(r for r in rows if r["stages_p"] == deepest and r["microbatches_m"] == 4 * deepest)
+  at_4p = {r["schedule"]: r for r in rows
+           if r["stages_p"] == deepest and r["microbatches_m"] == 4 * deepest}
+  # Activation memory at m = 4p without remat: what each schedule keeps for its backward passes.
+  # (Skipped in quick mode: two more compilations.)
+  no_remat = {} if quick else {s: _temp_bytes(quick, deepest, 4 * deepest, s, "none")
+                               for s in schedules}
   summary = {
-      "bubble_measured_vs_theory": at_4p["time_vs_theory"],
-      "bubble_measured_4p": at_4p["bubble_time"],
-      "bubble_theory_4p": at_4p["bubble_theory"],
-      "pipelined_vs_plain_step_ratio": at_4p["pipelined_vs_plain_step_ratio"],
+      "bubble_measured_vs_theory": at_4p[schedules[0]]["time_vs_theory"],
+      "bubble_measured_4p": at_4p[schedules[0]]["bubble_time"],
+      "bubble_theory_4p": at_4p[schedules[0]]["bubble_theory"],
+      "pipelined_vs_plain_step_ratio": at_4p[schedules[0]]["pipelined_vs_plain_step_ratio"],
+      **{f"bubble_measured_vs_theory_{s}": at_4p[s]["time_vs_theory"] for s in schedules},
+      **{f"temp_mb_no_remat_{s}_4p": b / 2**20 for s, b in no_remat.items()},
       "stages_at_4p": deepest,
       "repeats": repeats,
-      "claim": "bubble (p-1)/(m+p-1), negligible for m >= 4p (GPipe)",
+      "claim": "bubble (p-1)/(m+p-1), negligible for m >= 4p (GPipe); 1F1B: same bubble, "
+               "O(p) microbatches of activations per stage",
   }
+  if {"gpipe", "1f1b"} <= set(schedules):
+    if no_remat:
+      summary["peak_activation_ratio_1f1b_vs_gpipe"] = no_remat["1f1b"] / no_remat["gpipe"]
+    summary["peak_activation_ratio_1f1b_vs_gpipe_remat_full"] = (
+        at_4p["1f1b"]["temp_mb_remat_full"] / at_4p["gpipe"]["temp_mb_remat_full"])
+    summary["stored_microbatches_1f1b_vs_gpipe_theory"] = (
+        min(2 * deepest - 1, 4 * deepest) / (4 * deepest))
   base = _config(quick, 1, 1)
   header = (
       f"GPT, {base.model.num_layers} layers, d_model {base.model.d_model}, seq {base.seq_len}, "
-      f"global batch {base.batch_size}, {common.CPU_DEVICES.value} virtual CPU devices. "
-      "pipeline: stage=p x data=8/p, GPipe with m microbatches; reference: stage=1 x data=8 "
+      f"global batch {base.batch_size}, {common.CPU_DEVICES.value} virtual CPU devices, "
+      "model.remat=full. pipeline: stage=p x data=8/p with m microbatches, per schedule; "
+      "reference: stage=1 x data=8 "
       "with m/p sequential microbatches (same rows per matmul, same useful FLOPs, no bubble). "
       f"bubble_time = 1 − t_ref / t_pipe (median of {repeats} interleaved steps); theory "
       "(p−1)/(m+p−1) (GPipe; paper: negligible for m >= 4p). Virtual devices share the "
@@ -145,8 +192,12 @@ def main(argv):
       "on a device: the same share of slots, but overlap of sends with compute and link "
       "bandwidth are not visible here. The measure includes the pipeline's other overheads "
       "(p copies of embedding/LM head); pipelined_vs_plain_step_ratio = (t_pipe / t_ref) · "
-      "m / (m + p − 1) is that constant overhead alone (1 = only the bubble).")
-  config = _config(quick, deepest, 4 * deepest)
+      "m / (m + p − 1) is that constant overhead alone (1 = only the bubble). temp_mb: the "
+      "compiled step's per-device temporaries (memory_analysis); the summary's no-remat "
+      "figures are at m = 4p for the deepest p. 1F1B keeps min(2p − 1, m) stage inputs per "
+      "stage (lockstep ticks; DeepSpeed's unit-time 1F1B keeps p), GPipe all m microbatches' "
+      "activations.")
+  config = _config(quick, deepest, 4 * deepest, schedules[-1])
   common.write_results("pipeline_bubble", summary, rows, config.to_dict(), header)
 
 

@@ -252,7 +252,7 @@ def _check_data_efficiency(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_pipeline(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
-  """GPipe over ``parallel.stage``: layers split evenly."""
+  """A pipeline over ``parallel.stage``: layers split evenly (into p·v chunks if interleaved)."""
   stages, layers = shape["stage"], config.model.num_layers
   if stages > layers:
     raise ConfigError("parallel.stage", f"{stages} pipeline stages exceed model.num_layers="
@@ -260,6 +260,15 @@ def _check_pipeline(config: ml_collections.ConfigDict, shape: dict[str, int]) ->
   if layers % stages:
     raise ConfigError("parallel.stage", f"model.num_layers={layers} does not split evenly "
                       f"into {stages} stages; use a divisor of {layers}")
+  if stages > 1 and config.pipeline.schedule == "interleaved":
+    chunks = stages * config.pipeline.virtual_stages
+    if layers % chunks:
+      raise ConfigError("pipeline.virtual_stages", f"model.num_layers={layers} does not split "
+                        f"into {stages} stages x {config.pipeline.virtual_stages} virtual "
+                        f"stages; p x v must divide {layers}")
+    if config.microbatches % stages:
+      raise ConfigError("microbatches", f"the interleaved schedule takes microbatches in "
+                        f"groups of parallel.stage={stages}; got {config.microbatches}")
 
 
 def _check_moe(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:

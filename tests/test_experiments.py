@@ -184,7 +184,10 @@ def test_pipeline_bubble_quick(tmp_path):
   summary = payload["summary"]
   assert summary["bubble_theory_4p"] == pytest.approx(1 / 9)  # p = 2, m = 8
   assert math.isfinite(summary["bubble_measured_vs_theory"])
-  assert [(r["stages_p"], r["microbatches_m"]) for r in payload["rows"]] == [(2, 8)]
+  assert math.isfinite(summary["bubble_measured_vs_theory_1f1b"])
+  assert [(r["schedule"], r["stages_p"], r["microbatches_m"]) for r in payload["rows"]] == [
+      ("gpipe", 2, 8), ("1f1b", 2, 8)]
+  assert summary["stored_microbatches_1f1b_vs_gpipe_theory"] == pytest.approx(3 / 8)
 
 
 def test_moe_comm_quick(tmp_path):

@@ -20,6 +20,7 @@ from jaxspeed.parallel.pipeline import (
   gpipe,
   run_stages_sequentially,
   stack_layers,
+  stacked_key,
   to_microbatches,
   unstack_layers,
 )
@@ -41,10 +42,17 @@ def _pipeline_config(config):
 
 @pytest.fixture(scope="module")
 def reference_losses():
+  """One-device losses by layer count (the interleaved schedule on 4 stages needs 8 layers)."""
   from conftest import tiny_config
 
-  config = _pipeline_config(tiny_config.__wrapped__())
-  losses, _, _ = train_losses(config, 10, devices=jax.devices()[:1])
+  cache = {}
+
+  def losses(num_layers: int):
+    if num_layers not in cache:
+      config = _pipeline_config(tiny_config.__wrapped__())
+      config.model.num_layers = num_layers
+      cache[num_layers] = train_losses(config, 10, devices=jax.devices()[:1])[0]
+    return cache[num_layers]
   return losses
 
 
@@ -54,20 +62,25 @@ def test_pipeline_matches_single_device(layout, schedule, tiny_config, reference
   parallel, zero, microbatches = LAYOUTS[layout]
   config = _pipeline_config(tiny_config)
   config.pipeline.schedule = schedule
+  interleaved = schedule == "interleaved"
+  virtual = config.pipeline.virtual_stages if interleaved else 1
+  config.model.num_layers = max(4, parallel["stage"] * virtual)
   config.parallel.data = 1
   config.parallel.update(parallel)
   config.zero.update(zero)
   config.microbatches = microbatches
   losses, setup, state = train_losses(config, 10)
   assert isinstance(setup.model, PipelinedGPT)
-  # Each stage's devices hold only that stage's layers.
-  wi = state.params["layers"]["mlp"]["wi"]
-  assert wi.shape[:2] == (parallel["stage"], 4 // parallel["stage"])
+  # Each stage's devices hold only that stage's layers (v chunks of them if interleaved).
+  layers = config.model.num_layers
+  wi = state.params[stacked_key(virtual)]["mlp"]["wi"]
+  stacked = (parallel["stage"], virtual, layers // parallel["stage"] // virtual)
+  assert wi.shape[:3 if interleaved else 2] == (stacked if interleaved else stacked[::2])
   assert wi.sharding.spec[0] == "stage"
   # ZeRO-3 also splits each stage's parameters over its data-parallel devices.
   split_over_data = any("data" in spec_axes(e) for e in wi.sharding.spec)
   assert split_over_data == (zero["stage"] == 3)
-  np.testing.assert_allclose(losses, reference_losses, rtol=1e-4)
+  np.testing.assert_allclose(losses, reference_losses(layers), rtol=1e-4)
   assert losses[-1] < losses[0]
   if layout == "pp2_dp4_zero1" and schedule == "gpipe":
     _assert_microbatches_are_permuted(setup, state, rows=16 // 4 // microbatches)

@@ -48,13 +48,14 @@ before placing it; a restore into the saved shapes streams shards as usual.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from jaxspeed.parallel.pipeline import STACKED, is_layer_name, layer_name
+from jaxspeed.parallel.pipeline import CIRCULAR, STACKED, is_layer_name, layer_name
 
 Path = tuple[str, ...]
 
@@ -79,7 +80,16 @@ def flatten_with_paths(tree) -> dict[Path, Any]:
 
 
 def _stack_position(path: Path) -> int | None:
-  return path.index(STACKED) if STACKED in path else None
+  """Where the stacked-layers key (``layers`` or ``circular_layers``) is in ``path``, if any."""
+  for key in (STACKED, CIRCULAR):
+    if key in path:
+      return path.index(key)
+  return None
+
+
+def _stacked_dims(path: Path) -> int:
+  """2 for ``[p, L/p]`` stacking, 3 for the interleaved ``[p, v, L/(p·v)]``."""
+  return 3 if CIRCULAR in path else 2
 
 
 def _leading_axes(path: Path, shape: tuple[int, ...], leaves: Mapping[Path, Any]) -> int:
@@ -93,7 +103,8 @@ def _leading_axes(path: Path, shape: tuple[int, ...], leaves: Mapping[Path, Any]
 
 
 def unstack(leaves: dict[Path, np.ndarray]) -> dict[Path, np.ndarray]:
-  """Pipeline-stacked leaves ``[..., p, L/p, ...]`` under ``layers`` -> L ``layer_i`` leaves."""
+  """Pipeline-stacked leaves (``stack_layers``: ``[..., p, L/p, ...]`` under ``layers``,
+  ``[..., p, v, L/(p·v), ...]`` under ``circular_layers``) -> L ``layer_i`` leaves."""
   out = {}
   for path, value in leaves.items():
     at = _stack_position(path)
@@ -101,23 +112,32 @@ def unstack(leaves: dict[Path, np.ndarray]) -> dict[Path, np.ndarray]:
       out[path] = value
       continue
     lead = _leading_axes(path, value.shape, leaves)
-    p, per_stage = value.shape[lead:lead + 2]
-    flat = value.reshape(*value.shape[:lead], p * per_stage, *value.shape[lead + 2:])
-    for i in range(p * per_stage):
+    dims = _stacked_dims(path)
+    if dims == 3:  # [p, v, c] -> [v, p, c]: chunk r·p + s in order
+      value = np.swapaxes(value, lead, lead + 1)
+    num_layers = math.prod(value.shape[lead:lead + dims])
+    flat = value.reshape(*value.shape[:lead], num_layers, *value.shape[lead + dims:])
+    for i in range(num_layers):
       out[(*path[:at], layer_name(i), *path[at + 1:])] = np.take(flat, i, axis=lead)
   return out
 
 
 def _stacked(path: Path, shape: tuple[int, ...], lead: int,
              canonical: Mapping[Path, np.ndarray]) -> np.ndarray | None:
-  """The target leaf ``[..., p', L/p', ...]`` under ``layers`` from canonical ``layer_i`` leaves."""
+  """The target stacked leaf (see ``unstack``) from canonical ``layer_i`` leaves."""
   at = _stack_position(path)
-  num_layers = shape[lead] * shape[lead + 1]
+  dims = _stacked_dims(path)
+  num_layers = math.prod(shape[lead:lead + dims])
   layers = [canonical.get((*path[:at], layer_name(i), *path[at + 1:])) for i in range(num_layers)]
   if any(x is None for x in layers):
     return None
   stacked = np.stack(layers, axis=lead)
-  return stacked.reshape(*stacked.shape[:lead], *shape[lead:lead + 2], *stacked.shape[lead + 1:])
+  if dims == 2:
+    return stacked.reshape(*stacked.shape[:lead], *shape[lead:lead + 2],
+                           *stacked.shape[lead + 1:])
+  p, v, c = shape[lead:lead + 3]
+  chunks = stacked.reshape(*stacked.shape[:lead], v, p, c, *stacked.shape[lead + 1:])
+  return np.swapaxes(chunks, lead, lead + 1)
 
 
 class LayoutError(ValueError):

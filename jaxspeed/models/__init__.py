@@ -13,7 +13,7 @@ MODELS = {"gpt": GPT, "bert": BertForMaskedLM}
 
 
 def build_model(name: str, config: ModelConfig, num_stages: int = 1, microbatches: int = 1,
-                schedule: str = "gpipe"):
+                schedule: str = "gpipe", virtual_stages: int = 1):
   """The flax module for ``config.model.name``; pipelined over ``num_stages`` if > 1."""
   if name not in MODELS:
     raise ValueError(f"model.name={name!r}; allowed: {sorted(MODELS)}")
@@ -21,7 +21,7 @@ def build_model(name: str, config: ModelConfig, num_stages: int = 1, microbatche
     if name != "gpt":
       raise ValueError(f"pipeline parallelism supports model.name='gpt', got {name!r}")
     return PipelinedGPT(config, num_stages=num_stages, microbatches=microbatches,
-                        schedule=schedule)
+                        schedule=schedule, virtual_stages=virtual_stages)
   return MODELS[name](config)
 
 

@@ -28,10 +28,11 @@ from jaxspeed.models.layers import Embed, constrain, layer_norm, remat_block
 from jaxspeed.models.losses import cross_entropy
 from jaxspeed.parallel.one_f_one_b import pipelined_loss
 from jaxspeed.parallel.pipeline import (
-    STACKED,
+    circular,
     from_microbatches,
     gpipe,
     stack_layers,
+    stacked_key,
     to_microbatches,
 )
 
@@ -47,7 +48,8 @@ class PipelinedGPT(GPT):
 
   num_stages: int = 2
   microbatches: int = 1
-  schedule: str = "gpipe"  # or "1f1b" (``jaxspeed.parallel.pipeline.SCHEDULES``)
+  schedule: str = "gpipe"  # ``jaxspeed.parallel.pipeline.SCHEDULES``
+  virtual_stages: int = 1  # chunks per stage of the interleaved schedule
 
   @property
   def computes_loss(self) -> bool:
@@ -58,7 +60,7 @@ class PipelinedGPT(GPT):
     """The plain GPT's ``init`` (same keys, same values), layers stacked per stage."""
     variables = super().init(rngs, *args, **kwargs)
     return {**variables, "params": stack_layers(variables["params"], self.config.num_layers,
-                                                self.num_stages)}
+                                                self.num_stages, self.virtual_stages)}
 
   def layer_stack(self, x: jax.Array, positions: jax.Array, deterministic: bool,
                   random_ltd_kept: int | None, layer_keep_theta: jax.Array | None) -> jax.Array:
@@ -69,7 +71,8 @@ class PipelinedGPT(GPT):
     if random_ltd_kept is not None or layer_keep_theta is not None:
       raise NotImplementedError("random-LTD and layer dropping do not run in a pipeline")
     stage, stacked, microbatches, extras = self._stages(x, positions, deterministic)
-    return from_microbatches(gpipe(stage, stacked, to_microbatches(x, microbatches), extras))
+    run = circular if self.virtual_stages > 1 else gpipe
+    return from_microbatches(run(stage, stacked, to_microbatches(x, microbatches), extras))
 
   def layers_and_loss(self, embed: Embed, x: jax.Array, positions: jax.Array,
                       deterministic: bool, targets: jax.Array,
@@ -97,7 +100,7 @@ class PipelinedGPT(GPT):
 
   def _stages(self, x: jax.Array, positions: jax.Array, deterministic: bool):
     """(stage function, stacked parameters, microbatches, per-microbatch extras) for x [B, S, d]."""
-    stacked = self.param(STACKED, lambda rng: None)
+    stacked = self.param(stacked_key(self.virtual_stages), lambda rng: None)
     block = remat_block(self.config, self.is_initializing())(self.config, causal=True, pre_ln=True)
     mask = causal_mask(x.shape[1])
 

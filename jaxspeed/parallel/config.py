@@ -35,12 +35,17 @@ class PipelineConfig(Section):
   backward passes) or ``1f1b`` (PipeDream-flush, DeepSpeed's pipeline engine:
   each microbatch's backward pass as soon as its loss is known, so a stage
   holds min(2p − 1, m) microbatches' inputs instead of m; see
-  ``jaxspeed.parallel.one_f_one_b``).
+  ``jaxspeed.parallel.one_f_one_b``) or ``interleaved`` (Megatron's circular
+  schedule, Narayanan et al. 2021: each stage holds ``virtual_stages`` chunks
+  of layers assigned round-robin, bubble (p − 1) / (v·m + p − 1); see
+  ``jaxspeed.parallel.pipeline.circular``). ``virtual_stages`` is read by
+  ``interleaved`` only.
   """
 
   KEY = "pipeline"
 
   schedule: str = setting("gpipe", choices=SCHEDULES)
+  virtual_stages: int = setting(2, ge=2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ the same sharding rules as without a pipeline.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -32,8 +33,13 @@ from jax.sharding import PartitionSpec as P
 STAGE_AXIS = "stage"  # the mesh axis, and the logical name of the stacked stage dimension
 LAYERS = "layers"  # logical name of the layer-within-stage dimension (never sharded)
 STACKED = "layers"  # the parameter collection key of the stacked layers
-# ``pipeline.schedule``: GPipe (``gpipe`` below) or 1F1B (``jaxspeed.parallel.one_f_one_b``).
-SCHEDULES = ("gpipe", "1f1b")
+# The key of the layers stacked for the interleaved schedule, [p, v, L/(p·v), ...]: its
+# own key, so a checkpoint says which of the two stackings it holds.
+CIRCULAR = "circular_layers"
+VIRTUAL = "virtual"  # logical name of its virtual-stage dimension (never sharded)
+# ``pipeline.schedule``: GPipe (``gpipe``), 1F1B (``jaxspeed.parallel.one_f_one_b``) and the
+# interleaved (circular) schedule (``circular``).
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 def bubble_fraction(num_stages: int, microbatches: int) -> float:
@@ -51,49 +57,68 @@ def is_layer_name(key: str) -> bool:
   return re.fullmatch(r"layer_\d+", key) is not None
 
 
-def _stack_leaf(leaves: list, num_stages: int):
-  """Stacks L per-layer leaves into one [p, L/p, ...] leaf (boxed or plain)."""
+def stacked_key(virtual_stages: int) -> str:
+  """The parameter key of the stacked layers: ``layers``, or ``circular_layers`` if v > 1."""
+  return STACKED if virtual_stages == 1 else CIRCULAR
+
+
+def _stack_leaf(leaves: list, num_stages: int, virtual_stages: int):
+  """Stacks L per-layer leaves into one [p, L/p, ...] or [p, v, L/(p·v), ...] leaf."""
   if isinstance(leaves[0], nn.Partitioned):
-    value = _stack_leaf([x.value for x in leaves], num_stages)
+    value = _stack_leaf([x.value for x in leaves], num_stages, virtual_stages)
+    stacked = (STAGE_AXIS, LAYERS) if virtual_stages == 1 else (STAGE_AXIS, VIRTUAL, LAYERS)
     # ``replace`` keeps the box's class (flax's LogicallyPartitioned and its rules).
-    return leaves[0].replace(value=value, names=(STAGE_AXIS, LAYERS, *leaves[0].names))
+    return leaves[0].replace(value=value, names=(*stacked, *leaves[0].names))
   stacked = jnp.stack(leaves)
-  return stacked.reshape(num_stages, len(leaves) // num_stages, *stacked.shape[1:])
+  if virtual_stages == 1:
+    return stacked.reshape(num_stages, len(leaves) // num_stages, *stacked.shape[1:])
+  # Chunk k = r·p + s of L/(p·v) consecutive layers goes to stage s as its r-th chunk.
+  chunked = stacked.reshape(virtual_stages, num_stages, -1, *stacked.shape[1:])
+  return jnp.swapaxes(chunked, 0, 1)
 
 
-def stack_layers(params: dict[str, Any], num_layers: int, num_stages: int) -> dict[str, Any]:
+def stack_layers(params: dict[str, Any], num_layers: int, num_stages: int,
+                 virtual_stages: int = 1) -> dict[str, Any]:
   """Plain GPT parameters (``layer_0`` .. ``layer_{L-1}``) -> the pipelined layout.
 
   Args:
     params: the GPT's ``params`` collection; leaves plain or ``nn.Partitioned``.
     num_layers: L.
-    num_stages: p; must divide L.
+    num_stages: p; p·v must divide L.
+    virtual_stages: v, the interleaved schedule's chunks per stage (1 otherwise).
 
   Returns:
-    The same dict with the L layer subtrees replaced by one subtree under
-    ``"layers"`` whose leaves are [p, L/p, ...]; stage s holds layers
-    s·L/p .. (s + 1)·L/p − 1. Boxed leaves get the logical names
-    ``("stage", "layers", ...)``.
+    The same dict with the L layer subtrees replaced by one subtree. With
+    v = 1 it is ``"layers"``, leaves [p, L/p, ...]: stage s holds layers
+    s·L/p .. (s + 1)·L/p − 1, logical names ``("stage", "layers", ...)``. With
+    v > 1 it is ``"circular_layers"``, leaves [p, v, L/(p·v), ...]: the L
+    layers cut into p·v chunks, chunk r·p + s held by stage s as its r-th
+    (round-robin), names ``("stage", "virtual", "layers", ...)``.
   """
-  if num_layers % num_stages:
-    raise ValueError(f"{num_layers} layers do not split evenly into {num_stages} stages")
+  if num_layers % (num_stages * virtual_stages):
+    raise ValueError(f"{num_layers} layers do not split evenly into {num_stages} stages x "
+                     f"{virtual_stages} virtual stages")
   rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
   layers = [params[layer_name(i)] for i in range(num_layers)]
   is_box = lambda x: isinstance(x, nn.Partitioned)
-  rest[STACKED] = jax.tree.map(lambda *xs: _stack_leaf(list(xs), num_stages), *layers,
-                               is_leaf=is_box)
+  rest[stacked_key(virtual_stages)] = jax.tree.map(
+      lambda *xs: _stack_leaf(list(xs), num_stages, virtual_stages), *layers, is_leaf=is_box)
   return rest
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
   """The inverse of ``stack_layers``: back to ``layer_0`` .. ``layer_{L-1}`` (plain leaves)."""
   params = dict(params)
-  stacked = params.pop(STACKED)
+  circular = CIRCULAR in params
+  stacked = params.pop(CIRCULAR if circular else STACKED)
+  if circular:  # [p, v, c, ...] -> [v, p, c, ...]: chunk r·p + s in order
+    stacked = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), stacked)
   first = jax.tree.leaves(stacked)[0]
-  num_layers = first.shape[0] * first.shape[1]
+  stacked_dims = 3 if circular else 2
+  num_layers = math.prod(first.shape[:stacked_dims])
+  flat = jax.tree.map(lambda x: x.reshape(num_layers, *x.shape[stacked_dims:]), stacked)
   for i in range(num_layers):
-    params[layer_name(i)] = jax.tree.map(lambda x, i=i: x.reshape(num_layers, *x.shape[2:])[i],
-                                         stacked)
+    params[layer_name(i)] = jax.tree.map(lambda x, i=i: x[i], flat)
   return params
 
 
@@ -205,6 +230,80 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
       received = jax.lax.ppermute(y, STAGE_AXIS, forward)
     outputs = jnp.stack(outputs)
     # Hand the last stage's outputs to every stage (embedding and head are replicated).
+    return jax.lax.psum(jnp.where(stage == last, outputs, jnp.zeros_like(outputs)), STAGE_AXIS)
+
+  param_specs = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)
+  replicated = jax.tree.map(lambda _: P(), (inputs, extras))
+  return jax.shard_map(schedule, mesh=mesh, in_specs=(param_specs, *replicated),
+                       out_specs=P(), axis_names={STAGE_AXIS})(stage_params, inputs, extras)
+
+
+def circular_bubble_fraction(num_stages: int, virtual_stages: int, microbatches: int) -> float:
+  """The interleaved schedule's idle share, (p − 1) / (v·m + p − 1) (Narayanan et al. 2021)."""
+  return (num_stages - 1) / (virtual_stages * microbatches + num_stages - 1)
+
+
+def circular(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> jax.Array:
+  """Runs ``inputs`` through p stages of v chunks each with the interleaved schedule.
+
+  The L layers are p·v chunks; stage s holds chunks s, s + p, ..., s + (v − 1)·p
+  (``stack_layers`` with ``virtual_stages``). A microbatch goes round the ring of
+  stages v times, through chunk r·p + s on its r-th visit to stage s; stage
+  p − 1 hands it back to stage 0 with the same ``ppermute`` (a cycle). Work is
+  taken in groups of p microbatches: item w = g·p·v + r·p + i is microbatch
+  g·p + i on its r-th round, so a microbatch comes back to stage 0 exactly when
+  stage 0 is due to run its next round, and nothing waits in a buffer
+  (Megatron's and MaxText's circular schedule). In iteration t stage s runs item
+  t − s: v·m + p − 1 iterations of 1/v of a GPipe iteration's work, the bubble
+  (p − 1) / (v·m + p − 1) (``circular_bubble_fraction``).
+
+  Args:
+    stage_fn: as for ``gpipe``; ``stage`` is the chunk index r·p + s.
+    stage_params: pytree of [p, v, L/(p·v), ...] leaves, split over ``stage``.
+    inputs: [m, b, ...] microbatches, replicated over ``stage``. If p does not
+      divide m (e.g. one row sampled), the chunks run one after another.
+    extras: as for ``gpipe``.
+
+  Returns:
+    [m, b, ...]: the last chunk's output for every microbatch, replicated over
+    ``stage``.
+  """
+  num_stages, virtual_stages = jax.tree.leaves(stage_params)[0].shape[:2]
+  microbatches = inputs.shape[0]
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get(STAGE_AXIS, 1) == 1 or microbatches % num_stages:
+    # Chunk r·p + s is the (r·p + s)-th stage of the sequential reference.
+    chunks = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:]),
+                          stage_params)
+    return run_stages_sequentially(stage_fn, chunks, inputs, extras)
+  items = microbatches * virtual_stages
+  last = num_stages - 1
+  ring = [(s, (s + 1) % num_stages) for s in range(num_stages)]
+
+  def item(w):
+    """Work item w -> (round r, microbatch); w may be traced."""
+    group, within = w // (num_stages * virtual_stages), w % (num_stages * virtual_stages)
+    return within // num_stages, group * num_stages + within % num_stages
+
+  def schedule(params, inputs, extras):
+    chunks = jax.tree.map(lambda a: a[0], params)  # this stage's [v, L/(p·v), ...]
+    stage = jax.lax.axis_index(STAGE_AXIS)
+    inputs = jax.lax.pcast(inputs, STAGE_AXIS, to="varying")
+    received = jnp.zeros_like(inputs[0])
+    outputs = []
+    for t in range(items + last):
+      first_round, first_micro = item(min(t, items - 1))  # stage 0's item t (static)
+      x = received
+      if first_round == 0:  # stage 0 starts a microbatch rather than continue one
+        x = jnp.where(stage == 0, inputs[first_micro], received)
+      rnd, micro = item(jnp.clip(t - stage, 0, items - 1))
+      layers = split_layers(jax.tree.map(lambda a, r=rnd: a[r], chunks))
+      y = stage_fn(layers, x, jax.tree.map(lambda e, i=micro: e[i], extras),
+                   rnd * num_stages + stage)
+      if t >= last and item(t - last)[0] == virtual_stages - 1:  # the last chunk, done
+        outputs.append(y)
+      received = jax.lax.ppermute(y, STAGE_AXIS, ring)
+    outputs = jnp.stack(outputs)
     return jax.lax.psum(jnp.where(stage == last, outputs, jnp.zeros_like(outputs)), STAGE_AXIS)
 
   param_specs = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)

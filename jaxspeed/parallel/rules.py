@@ -51,8 +51,10 @@ def compute_rules(batch_axes: tuple[str, ...] | None = DATA_AXES) -> LogicalRule
       ("kv", None),
       ("mlp", "tensor"),
       ("vocab", "tensor"),
-      # Pipeline: stacked layer parameters [stage, layers, ...], one stage per device group.
+      # Pipeline: stacked layer parameters [stage, layers, ...] (interleaved: [stage,
+      # virtual, layers, ...]), one stage per device group.
       ("stage", "stage"),
+      ("virtual", None),
       ("layers", None),
       ("experts", "expert"),
   )

@@ -231,8 +231,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       params_on_host=config.zero.offload_params != "none" or stream_gradients)
   # With a pipeline, config.microbatches are its microbatches (as DeepSpeed's
   # gradient_accumulation_steps in PipelineEngine), not a sequential accumulation.
+  pipeline = config.pipeline
   model = build_model(config.model.name, model_config, num_stages, config.microbatches,
-                      config.pipeline.schedule)
+                      pipeline.schedule,
+                      pipeline.virtual_stages if pipeline.schedule == "interleaved" else 1)
   group = WorkerGroup.on_mesh(mesh, tensor_parallel_specs(model, _model_input(config)))
   optimizer = make_optimizer(config.optim, group)
   if model_config.param_dtype != "float32":  # the compatibility table keeps out the 1-bit family
