@@ -205,3 +205,15 @@ def test_convert_names_the_leaf_of_another_model(change, message):
   change(target)
   with pytest.raises(LayoutError, match=message):
     convert(saved, target)
+
+
+def test_convert_moves_layers_between_the_interleaved_and_the_plain_stacking():
+  """Interleaved [p=2, v=2, 1] holds chunk r·p + s at [s, r]: layer ℓ's value is ℓ."""
+  layer = lambda i: np.full(3, i, np.float32)
+  circular = np.stack([np.stack([layer(0), layer(2)]), np.stack([layer(1), layer(3)])])[:, :, None]
+  saved = {("params", "circular_layers", "w"): circular}
+  assert [float(unstack(saved)[("params", f"layer_{i}", "w")][0]) for i in range(4)] == [0, 1, 2, 3]
+  plain = convert(saved, {("params", "layers", "w"): np.empty((2, 2, 3), np.float32)})
+  assert np.array_equal(plain[("params", "layers", "w")][:, :, 0], [[0, 1], [2, 3]])
+  back = convert(plain, {("params", "circular_layers", "w"): np.empty((2, 2, 1, 3), np.float32)})
+  assert np.array_equal(back[("params", "circular_layers", "w")], circular)

@@ -16,6 +16,8 @@ from jaxspeed.parallel.mesh import spec_axes
 from jaxspeed.parallel.pipeline import (
   SCHEDULES,
   bubble_fraction,
+  circular,
+  circular_bubble_fraction,
   from_microbatches,
   gpipe,
   run_stages_sequentially,
@@ -190,6 +192,42 @@ def test_gpipe_against_sequential_reference():
   np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
+def test_circular_against_sequential_reference():
+  """4 stages x 2 chunks of one layer each, 8 microbatches: the same result and gradients as
+  the 8 layers one after another (chunk r·p + s on stage s)."""
+  stage_fn = lambda w, x, extra, chunk: jnp.tanh(x @ w[0] + extra[:, None] + chunk)
+  weights = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 3))
+  inputs = jax.random.normal(jax.random.PRNGKey(1), (8, 2, 3))
+  extras = jnp.arange(16.0).reshape(8, 2)
+  stacked = jnp.swapaxes(weights.reshape(2, 4, 1, 3, 3), 0, 1)  # [p, v, L/(p·v), ...]
+  assert np.array_equal(stacked[1, 1, 0], weights[5])  # chunk 1·4 + 1
+  sequential = lambda w, x: run_stages_sequentially(stage_fn, w[:, None], x, extras)
+  expected = sequential(weights, inputs)
+  expected_grad = jax.grad(lambda w: jnp.sum(sequential(w, inputs) ** 2))(weights)
+  run = lambda w: circular(stage_fn, w, inputs, extras)
+  with jax.set_mesh(make_mesh({"stage": 4, "data": 2})):
+    out = jax.jit(run)(stacked)
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(run(w) ** 2)))(stacked)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jnp.swapaxes(grad, 0, 1).reshape(8, 3, 3), expected_grad,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_interleaved_stacking_round_trip(alibi_model):
+  cfg, plain = alibi_model
+  stacked = stack_layers(plain["params"], 4, 2, virtual_stages=2)
+  wi = stacked["circular_layers"]["mlp"]["wi"]
+  assert wi.names == ("stage", "virtual", "layers", "embed", "mlp")
+  assert wi.value.shape[:3] == (2, 2, 1)
+  # Stage 1's second chunk is chunk 1·2 + 1 = layer 3.
+  np.testing.assert_array_equal(wi.value[1, 1, 0], plain["params"]["layer_3"]["mlp"]["wi"].value)
+  abstract = jax.eval_shape(PipelinedGPT(cfg, num_stages=2, virtual_stages=2).init,
+                            jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
+  assert jax.tree.structure(abstract) == jax.tree.structure(stacked)
+  unboxed = nn.meta.unbox(plain["params"])
+  assert_trees_close(unstack_layers(stack_layers(unboxed, 4, 2, 2)), unboxed, rtol=0)
+
+
 def test_microbatch_split_round_trip():
   x = jnp.arange(24).reshape(12, 2)
   micro = to_microbatches(x, 3)
@@ -199,6 +237,7 @@ def test_microbatch_split_round_trip():
 
 
 def test_bubble_fraction():
+  assert circular_bubble_fraction(4, 2, 8) == pytest.approx(3 / 19)
   assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
   assert bubble_fraction(2, 8) == pytest.approx(1 / 9)
   assert bubble_fraction(1, 5) == 0
@@ -217,6 +256,14 @@ def test_bubble_fraction():
     ({"parallel.stage": 2, "parallel.sequence": 2}, "parallel.sequence", "allowed: 1"),
     ({"parallel.stage": 2, "compression.weight_quantization.enabled": True},
      "compression.weight_quantization.enabled", "compression"),
+    ({"parallel.stage": 2, "pipeline.schedule": "interleaved", "pipeline.virtual_stages": 4},
+     "pipeline.virtual_stages", "p x v must divide"),
+    ({"parallel.stage": 4, "pipeline.schedule": "interleaved", "model.num_layers": 8,
+      "microbatches": 2}, "microbatches", "groups of parallel.stage=4"),
+    ({"parallel.stage": 2, "pipeline.schedule": "zero_bubble"}, "pipeline.schedule", "1f1b"),
+    ({"parallel.stage": 2, "pipeline.schedule": "1f1b", "kd.enabled": True,
+      "kd.teacher_workdir": "teacher"}, "kd.enabled",
+     "1F1B"),
 ])
 def test_bad_pipeline_configs(tiny_config, overrides, key, match):
   tiny_config.model.num_layers = 4
