@@ -5,7 +5,9 @@
 Claims: with p stages and m microbatches a step idles (p − 1) / (m + p − 1)
 of the time, negligible once m ≥ 4p (GPipe, Huang et al. 2019, §2.2); 1F1B
 (PipeDream-flush, Narayanan et al. 2021) has the same bubble but keeps the
-activations of O(p) microbatches per stage instead of m.
+activations of O(p) microbatches per stage instead of m; the interleaved
+schedule with v chunks per stage cuts the bubble to (p − 1) / (v·m + p − 1)
+(Narayanan et al. 2021, §2.2).
 
 For each p in ``--stages`` on ``--cpu_devices`` = 8 devices (pipeline p x
 data 8/p) and m in {p, 2p, 4p}, two train steps of the same GPT, same global
@@ -15,7 +17,8 @@ batch, same devices:
   (``pipeline.schedule``: ``gpipe``, m + p − 1 forward iterations in which
   every stage runs its L/p layers on one microbatch of B / (m·dp) rows per
   device, then their transpose; ``1f1b``, m + 2p − 2 ticks of one forward and
-  one backward pass, none of either where no stage has one);
+  one backward pass, none of either where no stage has one; ``interleaved``,
+  v·m + p − 1 iterations of L/(p·v) layers, v = 2);
 * reference: ``parallel.stage=1``, ``data=8``, ``microbatches=m/p``: every
   device runs all L layers over m/p sequential microbatches of the same
   B / (m·dp) rows. The same useful FLOPs in matmuls of the same shapes, and
@@ -63,7 +66,7 @@ import jaxspeed
 from experiments import common
 from jaxspeed.configs import gpt_tiny
 from jaxspeed.parallel import pipeline
-from jaxspeed.parallel.pipeline import bubble_fraction
+from jaxspeed.parallel.pipeline import circular_bubble_fraction
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: p = 2 and m = 4p only, 4 layers, "
                           "d_model 64, seq 32, 3 repeats.")
@@ -141,9 +144,10 @@ def main(argv):
   for (schedule, p, m), pipe in pipelines.items():
     ref = references[m // p]
     t_pipe, t_ref = float(np.median(pipe.times)), float(np.median(ref.times))
-    theory = bubble_fraction(p, m)
+    virtual = pipe.setup.config.pipeline.virtual_stages if schedule == "interleaved" else 1
+    theory = circular_bubble_fraction(p, virtual, m)
     rows.append({
-        "schedule": schedule, "stages_p": p, "microbatches_m": m,
+        "schedule": schedule, "stages_p": p, "virtual_stages_v": virtual, "microbatches_m": m,
         "data_parallel": common.CPU_DEVICES.value // p,
         "rows_per_microbatch_per_device": pipe.setup.config.batch_size
         // (m * common.CPU_DEVICES.value // p),
@@ -170,7 +174,7 @@ def main(argv):
       "stages_at_4p": deepest,
       "repeats": repeats,
       "claim": "bubble (p-1)/(m+p-1), negligible for m >= 4p (GPipe); 1F1B: same bubble, "
-               "O(p) microbatches of activations per stage",
+               "O(p) microbatches of activations per stage; interleaved: (p-1)/(v m+p-1)",
   }
   if {"gpipe", "1f1b"} <= set(schedules):
     if no_remat:
