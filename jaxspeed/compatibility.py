@@ -129,8 +129,6 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
     ("pipeline", "1-bit optimizer"): "1-bit optimizers do not run with a pipeline yet",
     ("pipeline", "random-LTD"): "random-LTD does not run in a pipeline yet",
     ("pipeline", "PLD"): "progressive layer dropping does not run in a pipeline yet",
-    ("pipeline", "sequence parallelism"): "sequence parallelism does not run inside pipeline "
-                                          "stages yet",
     ("pipeline", "weight quantization"): "compression does not run in a pipeline yet",
     ("pipeline", "activation quantization"): "compression does not run in a pipeline yet",
     ("pipeline", "sparse pruning"): "compression does not run in a pipeline yet",

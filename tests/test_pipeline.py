@@ -32,6 +32,8 @@ LAYOUTS = {  # parallel axes, ZeRO settings, microbatches
     "pp4_dp2_zero2_reduce_scatter": ({"stage": 4, "data": 2}, {"stage": 2, "reduce_scatter": True},
                                      8),
     "pp2_tp2_dp2_zero3": ({"stage": 2, "tensor": 2, "data": 2}, {"stage": 3}, 2),
+    # Ulysses inside the stages: each stage runs on its sequence shards.
+    "pp2_sp2_dp2_zero1": ({"stage": 2, "sequence": 2, "data": 2}, {"stage": 1}, 2),
 }
 
 
@@ -253,7 +255,6 @@ def test_bubble_fraction():
      "data_efficiency.random_ltd.enabled", "random-LTD"),
     ({"parallel.stage": 2, "data_efficiency.pld.enabled": True}, "data_efficiency.pld.enabled",
      "layer dropping"),
-    ({"parallel.stage": 2, "parallel.sequence": 2}, "parallel.sequence", "allowed: 1"),
     ({"parallel.stage": 2, "compression.weight_quantization.enabled": True},
      "compression.weight_quantization.enabled", "compression"),
     ({"parallel.stage": 2, "pipeline.schedule": "interleaved", "pipeline.virtual_stages": 4},

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxspeed.models.attention import get_attention, repeat_kv_heads
 from jaxspeed.models.config import REMAT_POLICIES, ModelConfig
 from jaxspeed.models.positions import alibi_bias, alibi_slopes, apply_rope
-from jaxspeed.parallel.ulysses import sequence_parallel_size, ulysses_attention
+from jaxspeed.parallel.ulysses import full_sequence, sequence_parallel_size, ulysses_attention
 
 INIT_STD = 0.02
 
@@ -83,7 +83,19 @@ def _layer_norm_bwd(eps, res, dy):
   g = dy * scale
   dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
   rows = tuple(range(dy.ndim - 1))
-  return dx, (dy * xhat).sum(rows), dy.sum(rows)
+  return dx, _sum_to_axes_of(scale, (dy * xhat).sum(rows)), _sum_to_axes_of(scale, dy.sum(rows))
+
+
+def _sum_to_axes_of(param: jax.Array, grad: jax.Array) -> jax.Array:
+  """grad summed over the manual axes it varies over and ``param`` does not.
+
+  Inside a ``shard_map`` (e.g. a pipeline stage on sequence shards) a
+  parameter the same on every sequence shard gets its gradient summed over
+  them; autodiff does this itself, a custom backward rule must say so.
+  """
+  varying = lambda x: jax.typeof(x).manual_axis_type.varying
+  extra = tuple(sorted(varying(grad) - varying(param)))
+  return jax.lax.psum(grad, extra) if extra else grad
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -188,7 +200,7 @@ class Attention(nn.Module):
       out, cache = cache.attend(q, k, v, positions, slopes)
     else:
       if cfg.position == "alibi":
-        rows = positions if self.per_row_positions else positions[0]
+        rows = full_sequence(positions if self.per_row_positions else positions[0])
         bias = alibi_bias(h, rows, rows)
       impl = get_attention(cfg.attention)
 

@@ -35,6 +35,7 @@ from jaxspeed.parallel.pipeline import (
     stacked_key,
     to_microbatches,
 )
+from jaxspeed.parallel.ulysses import shard_key
 
 
 class PipelinedGPT(GPT):
@@ -109,8 +110,9 @@ class PipelinedGPT(GPT):
       pos, key = extra
       for i, params in enumerate(layers):  # unrolled like the plain GPT's (``split_layers``)
         # Dropout: the microbatch's key, folded with the stage and the layer in it.
+        # On sequence shards (Ulysses), also with the shard.
         rngs = None if key is None else {
-            "dropout": jax.random.fold_in(jax.random.fold_in(key, stage_index), i)}
+            "dropout": shard_key(jax.random.fold_in(jax.random.fold_in(key, stage_index), i))}
         h = block.apply({"params": params}, h, pos, mask, deterministic, rngs=rngs)
       return h
 

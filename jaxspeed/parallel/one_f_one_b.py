@@ -34,7 +34,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxspeed.parallel.pipeline import STAGE_AXIS, StageFn, gpipe, split_layers
+from jaxspeed.parallel.pipeline import (
+    STAGE_AXIS,
+    StageFn,
+    gpipe,
+    manual_axes,
+    split_layers,
+    stage_map,
+    token_spec,
+)
 
 # (head params, y [b, ...], target) -> (loss sum, counted tokens): the head and the loss
 # of one microbatch; ``target`` is any pytree of [b, ...] arrays (e.g. targets and mask).
@@ -146,19 +154,16 @@ def _forward_and_gradients(stage_fn, loss_fn, stage_params, head_params, inputs,
       if forward_tick:
         received = jax.lax.ppermute(y, STAGE_AXIS, up)
 
-    loss, count = jax.lax.psum(jnp.sum(jnp.stack(losses), axis=0), STAGE_AXIS)
+    loss, count = jax.lax.psum(jnp.sum(jnp.stack(losses), axis=0), manual_axes())
     input_grads = jax.lax.psum(jnp.stack(input_grads), STAGE_AXIS)
     head_grads = jax.lax.psum(head_grads, STAGE_AXIS)
     stacked = jax.tree.map(lambda *g: jnp.stack(g)[None], *layer_grads)
     return (loss, count), (stacked, head_grads, input_grads)
 
   stage_spec = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)
-  replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
-  (loss, count), (d_params, d_head, d_inputs) = jax.shard_map(
-      schedule, mesh=mesh,
-      in_specs=(stage_spec, *map(replicated, (head_params, inputs, extras, targets))),
-      out_specs=((P(), P()), (stage_spec, replicated(head_params), P())),
-      axis_names={STAGE_AXIS})(stage_params, head_params, inputs, extras, targets)
+  (loss, count), (d_params, d_head, d_inputs) = stage_map(
+      schedule, stage_params, (head_params, inputs, extras, targets),
+      ((P(), P()), (stage_spec, jax.tree.map(lambda _: P(), head_params), token_spec(inputs))))
   cast = lambda grads, like: jax.tree.map(lambda g, p: g.astype(p.dtype), grads, like)
   return (loss, count), (cast(d_params, stage_params), cast(d_head, head_params),
                          d_inputs.astype(inputs.dtype))

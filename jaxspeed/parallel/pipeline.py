@@ -13,9 +13,10 @@ reverse wavefront, the ``ppermute`` reversed). In the first and last p − 1
 iterations some stages have no microbatch and compute on filler: the bubble,
 (p − 1) / (m + p − 1) of the iterations (``bubble_fraction``).
 
-Only the stage axis is manual inside the ``shard_map``; the data and tensor
-axes stay automatic, so data, ZeRO and tensor parallelism inside a stage are
-the same sharding rules as without a pipeline.
+Only the stage axis (and ``sequence``, with Ulysses) is manual inside the
+``shard_map`` (``stage_map``); the data and tensor axes stay automatic, so
+data, ZeRO and tensor parallelism inside a stage are the same sharding rules
+as without a pipeline.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from jaxspeed.parallel.ulysses import SEQUENCE_AXIS, sequence_parallel_size
 
 STAGE_AXIS = "stage"  # the mesh axis, and the logical name of the stacked stage dimension
 LAYERS = "layers"  # logical name of the layer-within-stage dimension (never sharded)
@@ -142,6 +145,48 @@ def from_microbatches(x: jax.Array) -> jax.Array:
 StageFn = Callable[[list, jax.Array, Any, jax.Array], jax.Array]
 
 
+def _on_sequence_shards() -> bool:
+  """Whether Ulysses splits tokens over ``sequence``: the stages then run on sequence shards."""
+  return sequence_parallel_size() > 1
+
+
+def token_spec(x: jax.Array) -> P:
+  """The schedule's spec of a per-microbatch leaf: a [m, b, S, ...] leaf (ndim >= 3) is split
+  over ``sequence`` on S when Ulysses is on; every other leaf is replicated."""
+  return P(None, None, SEQUENCE_AXIS) if _on_sequence_shards() and x.ndim >= 3 else P()
+
+
+def stage_map(schedule: Callable, stage_params, args: tuple, out_specs):
+  """``schedule(params, *args)`` per stage: a ``shard_map`` manual over ``stage``.
+
+  ``stage_params`` ([p, ...] leaves) is split over ``stage``; ``args`` leaves
+  take ``token_spec``. With Ulysses on, ``sequence`` is manual too and the
+  schedule runs on each device's sequence shard, under logical rules that no
+  longer split ``seq`` (its arrays are local); attention exchanges the shards
+  itself (``jaxspeed.parallel.ulysses``). The data and tensor axes stay
+  automatic: data, ZeRO and tensor parallelism inside a stage are the same
+  sharding rules as without a pipeline.
+  """
+  body, axes = schedule, {STAGE_AXIS}
+  if _on_sequence_shards():
+    axes = {STAGE_AXIS, SEQUENCE_AXIS}
+    rules = tuple((name, None if name == "seq" else axis)
+                  for name, axis in nn.get_logical_axis_rules())
+
+    def body(*values):
+      with nn.logical_axis_rules(rules):
+        return schedule(*values)
+  in_specs = (jax.tree.map(lambda _: P(STAGE_AXIS), stage_params),
+              *(jax.tree.map(token_spec, arg) for arg in args))
+  return jax.shard_map(body, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
+                       out_specs=out_specs, axis_names=axes)(stage_params, *args)
+
+
+def manual_axes() -> tuple[str, ...]:
+  """The axes a schedule's per-stage sums run over: ``stage``, and ``sequence`` with Ulysses."""
+  return (STAGE_AXIS, SEQUENCE_AXIS) if _on_sequence_shards() else (STAGE_AXIS,)
+
+
 def split_layers(stage: Any) -> list:
   """One stage's parameters, leaves [L/p, ...] -> a list of L/p per-layer pytrees.
 
@@ -232,10 +277,7 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
     # Hand the last stage's outputs to every stage (embedding and head are replicated).
     return jax.lax.psum(jnp.where(stage == last, outputs, jnp.zeros_like(outputs)), STAGE_AXIS)
 
-  param_specs = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)
-  replicated = jax.tree.map(lambda _: P(), (inputs, extras))
-  return jax.shard_map(schedule, mesh=mesh, in_specs=(param_specs, *replicated),
-                       out_specs=P(), axis_names={STAGE_AXIS})(stage_params, inputs, extras)
+  return stage_map(schedule, stage_params, (inputs, extras), token_spec(inputs))
 
 
 def circular_bubble_fraction(num_stages: int, virtual_stages: int, microbatches: int) -> float:
@@ -306,7 +348,4 @@ def circular(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) ->
     outputs = jnp.stack(outputs)
     return jax.lax.psum(jnp.where(stage == last, outputs, jnp.zeros_like(outputs)), STAGE_AXIS)
 
-  param_specs = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)
-  replicated = jax.tree.map(lambda _: P(), (inputs, extras))
-  return jax.shard_map(schedule, mesh=mesh, in_specs=(param_specs, *replicated),
-                       out_specs=P(), axis_names={STAGE_AXIS})(stage_params, inputs, extras)
+  return stage_map(schedule, stage_params, (inputs, extras), token_spec(inputs))

@@ -29,10 +29,20 @@ SEQUENCE_AXIS = "sequence"
 
 def sequence_parallel_size() -> int:
   """Ulysses' degree P: the ``sequence`` axis of the mesh in context, if the
-  logical rules in context split ``seq`` over it; else 1 (e.g. at init)."""
-  if SEQUENCE_AXIS not in spec_axes(nn.logical_to_mesh_axes(("seq",))[0]):
+  logical rules in context split ``seq`` over it or the code runs on sequence
+  shards already (``sequence`` manual, as in a pipeline stage); else 1 (e.g.
+  at init)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not _on_sequence_shards() and SEQUENCE_AXIS not in spec_axes(
+      nn.logical_to_mesh_axes(("seq",))[0]):
     return 1
-  return jax.sharding.get_abstract_mesh().shape.get(SEQUENCE_AXIS, 1)
+  return mesh.shape.get(SEQUENCE_AXIS, 1)
+
+
+def _on_sequence_shards() -> bool:
+  """Whether ``sequence`` is a manual axis here: arrays are this device's sequence shard."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and SEQUENCE_AXIS in mesh.manual_axes
 
 
 
@@ -41,13 +51,33 @@ def _side_spec(x: jax.Array, batch, heads) -> P:
   return P(batch if x.shape[0] > 1 else None, heads if x.shape[1] > 1 else None, None, None)
 
 
+def full_sequence(x: jax.Array) -> jax.Array:
+  """x [..., S_local] -> [..., S]: gathered over ``sequence`` when on sequence shards.
+
+  E.g. positions, from which ALiBi's bias over global positions is built.
+  """
+  if not _on_sequence_shards():
+    return x
+  return jax.lax.all_gather(x, SEQUENCE_AXIS, axis=x.ndim - 1, tiled=True)
+
+
+def shard_key(key: jax.Array) -> jax.Array:
+  """``key`` folded with this device's sequence shard when on sequence shards (so dropout
+  masks differ between the shards of one sequence), else ``key``."""
+  if not _on_sequence_shards():
+    return key
+  return jax.random.fold_in(key, jax.lax.axis_index(SEQUENCE_AXIS))
+
+
 def ulysses_attention(attend, q: jax.Array, k: jax.Array, v: jax.Array, *,
                       bias: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
   """``attend(q, k, v, bias=, mask=)`` on head-sharded, full-sequence tensors.
 
   Call under the logical axis rules of the step and with the mesh in context
   (``jax.set_mesh`` or ``use_abstract_mesh``); the sequence dimension must be
-  divisible by the ``sequence`` axis.
+  divisible by the ``sequence`` axis. Inside a ``shard_map`` that has made
+  ``sequence`` manual already (a pipeline stage), q, k and v are the local
+  sequence shards [B, S/P, ...] and the exchange runs on them directly.
 
   Args:
     attend: an attention function with the signature of
@@ -66,6 +96,26 @@ def ulysses_attention(attend, q: jax.Array, k: jax.Array, v: jax.Array, *,
     [B, S, H, D], sequence-sharded like ``q``.
   """
   p = sequence_parallel_size()
+
+  def local(ops):
+    to_heads = lambda x: jax.lax.all_to_all(x, SEQUENCE_AXIS, 2, 1, tiled=True)
+    lq, lk, lv = ops["q"], ops["k"], ops["v"]
+    if lk.shape[2] % p:  # fewer local kv heads than P: replicate each to cover P
+      lk, lv = (jnp.repeat(x, p // x.shape[2], axis=2) for x in (lk, lv))
+    lq, lk, lv = to_heads(lq), to_heads(lk), to_heads(lv)
+    out = attend(lq, lk, lv, bias=ops.get("bias"), mask=ops.get("mask"))
+    return jax.lax.all_to_all(out, SEQUENCE_AXIS, 1, 2, tiled=True)
+
+  if _on_sequence_shards():  # bias and mask: this device's heads after the exchange
+    index = jax.lax.axis_index(SEQUENCE_AXIS)
+
+    def heads_here(x):
+      if x is None or x.ndim < 3 or x.shape[-3] == 1:
+        return x
+      x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+      size = x.shape[1] // p
+      return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
+    return local({"q": q, "k": k, "v": v, "bias": heads_here(bias), "mask": heads_here(mask)})
   q_spec = nn.logical_to_mesh_axes(("batch", "seq", "heads", "kv"))
   kv_spec = nn.logical_to_mesh_axes(("batch", "seq", "kv_heads", "kv"))
   batch = q_spec[0]
@@ -83,17 +133,8 @@ def ulysses_attention(attend, q: jax.Array, k: jax.Array, v: jax.Array, *,
       x = x.reshape((1,) * (4 - x.ndim) + x.shape)
       operands[name], specs[name] = x, _side_spec(x, batch, heads_after)
 
-  def local(ops):
-    to_heads = lambda x: jax.lax.all_to_all(x, SEQUENCE_AXIS, 2, 1, tiled=True)
-    lq, lk, lv = ops["q"], ops["k"], ops["v"]
-    if lk.shape[2] % p:  # fewer local kv heads than P: replicate each to cover P
-      lk, lv = (jnp.repeat(x, p // x.shape[2], axis=2) for x in (lk, lv))
-    lq, lk, lv = to_heads(lq), to_heads(lk), to_heads(lv)
-    out = attend(lq, lk, lv, bias=ops.get("bias", static.get("bias")),
-                 mask=ops.get("mask", static.get("mask")))
-    return jax.lax.all_to_all(out, SEQUENCE_AXIS, 1, 2, tiled=True)
-
-  return jax.shard_map(local, in_specs=(specs,), out_specs=q_spec)(operands)
+  return jax.shard_map(lambda ops: local({**static, **ops}), in_specs=(specs,),
+                       out_specs=q_spec)(operands)
 
 
 def pad_to_multiple(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
