@@ -45,11 +45,14 @@ class Collective:
     result_bytes: bytes of its result on one device.
     groups: the device groups that communicate (device ids of the program; a
       collective-permute's source-target pairs).
+    runs: how many times one step runs it: the product of the known trip
+      counts of the while loops around it (e.g. a scan over microbatches).
   """
 
   op: str
   result_bytes: int
   groups: Groups
+  runs: int = 1
 
   @property
   def group_size(self) -> int:
@@ -102,16 +105,42 @@ def replica_groups(line: str, num_devices: int) -> Groups:
   return (tuple(range(num_devices)),)
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s*\(")
+_WHILE = re.compile(r"\swhile\(.*\bbody=%(?P<body>[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
+
+
+def loop_runs(hlo_text: str) -> dict[str, int]:
+  """Computation name -> how many times one run of the program runs it, for the bodies of
+  while loops with a known trip count (nested loops multiply); others run once."""
+  parent_of, trips = {}, {}
+  computation = None
+  for line in hlo_text.splitlines():
+    if match := _COMPUTATION.match(line):
+      computation = match["name"]
+    elif (match := _WHILE.search(line)) and (trip := _TRIP_COUNT.search(line)):
+      parent_of[match["body"]], trips[match["body"]] = computation, int(trip["n"])
+
+  def runs(name: str) -> int:
+    return trips[name] * runs(parent_of[name]) if name in trips else 1
+  return {name: runs(name) for name in trips}
+
+
 def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
   """Every collective instruction in ``hlo_text`` (``compiled.as_text()``)."""
   found = []
+  loops = loop_runs(hlo_text)
+  computation = None
   for line in hlo_text.splitlines():
+    if heading := _COMPUTATION.match(line):
+      computation = heading["name"]
     match = _INSTRUCTION.match(line)
     if not match:
       continue
     result = sum(DTYPE_BYTES[a["dtype"]] * math.prod(int(d) for d in a["dims"].split(",") if d)
                  for a in _ARRAY.finditer(match["type"]))
-    found.append(Collective(match["op"], result, replica_groups(line, num_devices)))
+    found.append(Collective(match["op"], result, replica_groups(line, num_devices),
+                            loops.get(computation, 1)))
   return found
 
 
