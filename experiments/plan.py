@@ -71,6 +71,16 @@ MICRO = flags.DEFINE_list("microbatches", ["1", "4"], "Microbatch counts to cons
 MAX_TENSOR = flags.DEFINE_integer("max_tensor", 8, "Largest tensor-parallel degree.")
 EXTRAPOLATE = flags.DEFINE_bool("extrapolate_depth", True,
                                 "Compile at two small depths and extend to the model's.")
+SEARCH = flags.DEFINE_enum(
+    "search", "exhaustive", ["exhaustive", "first_fit"],
+    "exhaustive: compile every layout; first_fit: per mesh, compile the options fastest first "
+    "(ZeRO-1 before 3, no remat before full, fewer microbatches first) and stop at the first "
+    "that fits.")
+MAX_AXES = flags.DEFINE_list("max_axis_sizes", [],
+                             "axis=size bounds besides --max_tensor, e.g. sequence=1,stage=4.")
+TIME_BUDGET = flags.DEFINE_float("time_budget_s", 0.0,
+                                 "Stop compiling new layouts after this many seconds (0: none); "
+                                 "the cache keeps what was compiled for a rerun.")
 VALIDATE = flags.DEFINE_bool("validate", False, "Run layouts and compare with predictions.")
 VALIDATE_LAYOUTS = flags.DEFINE_integer("validate_layouts", 8, "Layouts run to validate.")
 REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per validated layout.")
@@ -131,6 +141,14 @@ def _costs(config, layout, devices, cache: Cache, devices_per_node: int) -> tupl
     return found[0], seconds
   return StepCosts.extrapolate(found[0], depths[0], found[1], depths[1],
                                config.model.num_layers), seconds
+
+
+def _speed_order(layout) -> tuple:
+  """Per mesh, the options likely fastest first (``--search=first_fit``): ZeRO-1, no remat,
+  and fewer microbatches, except in a pipeline, where more microbatches shrink the bubble."""
+  pipelined = layout.shape["stage"] > 1
+  return (layout.axes, layout.zero_stage, layout.remat != "none",
+          -layout.microbatches if pipelined else layout.microbatches)
 
 
 def _ranks(values) -> np.ndarray:
@@ -211,9 +229,15 @@ def main(argv):
   start = time.perf_counter()
   if quick or HARDWARE.value == "cpu_host":
     hardware = calibrate_cpu(devices)
+  bounds = {"tensor": MAX_TENSOR.value}
+  for pair in MAX_AXES.value:
+    axis, _, size = pair.partition("=")
+    if not size.isdigit():
+      raise FlagError("max_axis_sizes", f"{pair!r}: expected axis=size")
+    bounds[axis] = int(size)
   layouts, rejected = enumerate_layouts(
       config, num_devices, zero_stages=_ints(ZERO), remats=REMAT.value,
-      microbatches=_ints(MICRO), max_sizes={"tensor": MAX_TENSOR.value})
+      microbatches=_ints(MICRO), max_sizes=bounds)
   enumerated = len(layouts) + len(rejected)
   if quick:  # three meshes, one option each
     layouts = [lay for lay in layouts if lay.remat == "none" and lay.microbatches == 1
@@ -225,12 +249,19 @@ def main(argv):
                              f"plan_cache_{fingerprint}_{num_devices}.json"))
   model = ModelConfig.from_config(config.model)
   model_flops = model.flops_per_token(config.seq_len) * config.batch_size * config.seq_len
-  predictions, compile_seconds = [], 0.0
-  for layout in layouts:
+  predictions, compile_seconds, skipped = [], 0.0, 0
+  fitted_meshes = set()
+  for layout in sorted(layouts, key=_speed_order):
+    mesh = layout.name.split()[0]
+    over_budget = TIME_BUDGET.value and time.perf_counter() - start > TIME_BUDGET.value
+    if (SEARCH.value == "first_fit" and mesh in fitted_meshes) or over_budget:
+      skipped += 1
+      continue
     costs, seconds = _costs(config, layout, devices, cache, hardware.devices_per_node)
     compile_seconds += seconds
-    predictions.append(predict(layout, costs, hardware, config.model.dtype,
-                               model_flops))
+    predictions.append(predict(layout, costs, hardware, config.model.dtype, model_flops))
+    if predictions[-1].fits:
+      fitted_meshes.add(mesh)
   plan_seconds = time.perf_counter() - start
   try:
     fitting = rank(predictions, hardware.memory_bytes)
@@ -248,6 +279,7 @@ def main(argv):
       "devices": num_devices, "hardware": hardware.name,
       "layouts_enumerated": enumerated, "layouts_rejected": len(rejected),
       "layouts_compiled": len(predictions), "layouts_fitting": len(fitting),
+      "layouts_skipped": skipped, "search": SEARCH.value,
       f"plan_seconds_{num_devices}dev": plan_seconds, "compile_seconds": compile_seconds,
       "chosen_layout": best.layout.name, "chosen_predicted_step_s": best.step_s,
       "chosen_predicted_mfu": best.mfu, "published_comparison": PUBLISHED,
