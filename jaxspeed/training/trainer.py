@@ -347,8 +347,8 @@ SUMMARY_FILE = "summary.json"
 # so the checkpoints would not fit it. A trailing dot matches a whole section.
 RESUMABLE_KEYS = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                   "keep_checkpoints", "max_consecutive_skips", "peak_flops", "fit_parallel",
-                  "sample_tokens", "sample_prompt", "microbatches", "parallel.", "zero.",
-                  "sequence_parallel.", "model.remat", "model.attention", "inference.",
+                  "sample_tokens", "sample_prompt", "microbatches", "parallel.", "pipeline.",
+                  "zero.", "sequence_parallel.", "model.remat", "model.attention", "inference.",
                   "rlhf.", "init_params_from")
 
 
@@ -385,7 +385,7 @@ def check_resume_compatible(saved: dict[str, Any], requested: ml_collections.Con
   if refused:
     diffs = "; ".join(f"{k}: saved {saved[k]!r}, requested {wanted[k]!r}" for k in refused)
     raise ConfigError(", ".join(refused), f"differs from the run being resumed ({diffs}). A "
-                      "resume may change only the mesh (parallel.*), zero.*, steps, "
+                      "resume may change only the mesh (parallel.*, pipeline.*), zero.*, steps, "
                       "intervals and reporting; start a new run in another --workdir, or "
                       "delete this one")
   return [f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in changed]
