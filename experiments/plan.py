@@ -147,7 +147,8 @@ def _speed_order(layout) -> tuple:
   """Per mesh, the options likely fastest first (``--search=first_fit``): ZeRO-1, no remat,
   and fewer microbatches, except in a pipeline, where more microbatches shrink the bubble."""
   pipelined = layout.shape["stage"] > 1
-  return (layout.axes, layout.zero_stage, layout.remat != "none",
+  # Shallow pipelines first: their programs (m + p − 1 unrolled iterations) compile slowest.
+  return (layout.shape["stage"], layout.axes, layout.zero_stage, layout.remat != "none",
           -layout.microbatches if pipelined else layout.microbatches)
 
 

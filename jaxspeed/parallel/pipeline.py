@@ -1,4 +1,5 @@
-"""GPipe pipeline parallelism over the ``stage`` mesh axis (Huang et al. 2019).
+"""Pipeline parallelism over the ``stage`` mesh axis: stacking, and the GPipe and
+interleaved schedules (1F1B is ``jaxspeed.parallel.one_f_one_b``).
 
 The L layers are split into p stages of L/p consecutive layers. Their
 parameters are stacked into arrays with a leading [p, L/p] pair of dimensions
@@ -11,7 +12,9 @@ hands its output to stage s + 1 with a ``ppermute``: GPipe's forward
 wavefront. The backward pass is the autodiff transpose of that loop (the
 reverse wavefront, the ``ppermute`` reversed). In the first and last p − 1
 iterations some stages have no microbatch and compute on filler: the bubble,
-(p − 1) / (m + p − 1) of the iterations (``bubble_fraction``).
+(p − 1) / (m + p − 1) of the iterations (``bubble_fraction``) (GPipe, Huang
+et al. 2019). The interleaved schedule (``circular``) gives each stage v
+chunks of layers and shrinks the bubble v-fold.
 
 Only the stage axis (and ``sequence``, with Ulysses) is manual inside the
 ``shard_map`` (``stage_map``); the data and tensor axes stay automatic, so
