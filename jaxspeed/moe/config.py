@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxspeed.errors import ConfigError
+from jaxspeed.moe.balancing import BALANCING
 from jaxspeed.moe.gating import DROP_POLICIES
 from jaxspeed.moe.layer import MoeFeedForward
 from jaxspeed.schema import Section, setting
@@ -39,7 +40,13 @@ class MoeConfig(Section):
     residual_mix: ``sum`` (the paper: MLP(x) + MoE(x)) or ``learned``
       (DeepSpeed: softmax(Linear(d, 2)(x)) mixes the two per token).
     aux_loss_coef: weight of the load-balancing loss (DeepSpeed's tutorial;
-      Megatron's ``--moe-loss-coeff`` default is 0.1).
+      Megatron's ``--moe-loss-coeff`` default is 0.1); used with
+      ``balancing = "aux_loss"``.
+    balancing: how expert loads are balanced: ``aux_loss`` (DeepSpeed's, weighted by
+      ``aux_loss_coef``), ``bias`` (auxiliary-loss-free, DeepSeek-V3: a per-expert
+      routing bias moved after every step, ``jaxspeed.moe.balancing``; no aux loss)
+      or ``none``.
+    bias_update_rate: u of the bias rule b ← b + u · sign(mean load − load).
     expert_d_ff: the hidden width of each expert; 0 for ``model.d_ff``. Fine-grained
       experts (DeepSeek-MoE, Dai et al. 2024; what X-MoE trains) split each expert m
       ways: m times the experts and ``top_k`` at d_ff / m, the same compute per token.
@@ -65,6 +72,8 @@ class MoeConfig(Section):
   use_residual: bool = setting(False)
   residual_mix: str = setting("sum", choices=RESIDUAL_MIXES)
   aux_loss_coef: float = setting(0.01, ge=0)
+  balancing: str = setting("aux_loss", choices=BALANCING)
+  bias_update_rate: float = setting(1e-3, gt=0)
   expert_d_ff: int = setting(0, ge=0)
   num_shared_experts: int = setting(0, ge=0)
 
@@ -81,6 +90,16 @@ class MoeConfig(Section):
     values = {k: v for k, v in dict(moe).items() if k in fields}
     values["layer_num_experts"] = tuple(values.get("layer_num_experts", ()))
     return cls(**values)
+
+  @property
+  def loss_coef(self) -> float:
+    """The aux loss's weight in the objective: ``aux_loss_coef`` if balancing by it, else 0."""
+    return self.aux_loss_coef if self.balancing == "aux_loss" else 0.0
+
+  @property
+  def bias_rate(self) -> float:
+    """The routing bias's step u if balancing by bias (and experts exist), else 0."""
+    return self.bias_update_rate if self.enabled and self.balancing == "bias" else 0.0
 
   @property
   def enabled(self) -> bool:

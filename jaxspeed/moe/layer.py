@@ -13,7 +13,9 @@ in evaluation mode: ``eval_capacity_factor``, no noise, first-come drops.
 
 Statistics leave through the ``moe`` collection (``sow``): ``aux_loss`` (the
 layer's load-balancing loss, a mean over groups), ``expert_counts`` ([E]
-routed tokens), ``dropped`` (token-expert assignments over capacity).
+routed tokens), ``dropped`` (token-expert assignments over capacity). With
+``moe.balancing = "bias"`` the layer holds the routing bias of
+``jaxspeed.moe.balancing`` as its parameter ``routing_bias`` [E].
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.layers import Mlp, constrain, dense, param_init, zeros_init
+from jaxspeed.moe.balancing import BIAS
 from jaxspeed.moe.expert_parallel import (
     expert_parallel_dropless,
     expert_parallel_experts,
@@ -76,6 +79,9 @@ class MoeMlp(nn.Module):
     if key is not None and moe.noisy_gate_policy == "Jitter":
       h = h * jax.random.uniform(keys[0], h.shape, minval=1 - JITTER_EPS, maxval=1 + JITTER_EPS)
     logits = dense(h, wg)  # [B, S, E]
+    # Auxiliary-loss-free balancing's bias: read here, moved by the train step (no gradient
+    # reaches it: it only changes which experts are chosen).
+    bias = (self.param(BIAS, zeros_init((None,)), (e,)) if moe.balancing == "bias" else None)
     gumbel = None
     if key is not None and ((moe.top_k == 1 and moe.noisy_gate_policy == "RSample")
                             or (moe.top_k == 2 and moe.top2_2nd_expert_sampling)):
@@ -84,7 +90,7 @@ class MoeMlp(nn.Module):
     if key is not None and moe.top_k == 1 and moe.use_rts and moe.drop_tokens:
       rts = jax.random.uniform(keys[2], logits.shape)
     routing = jax.vmap(lambda z, r, g: route(z, moe.top_k, cap, rts_noise=r, selection_noise=g,
-                                             drop_policy=moe.drop_policy),
+                                             drop_policy=moe.drop_policy, bias=bias),
                        in_axes=(0, None if rts is None else 0, None if gumbel is None else 0))(
         logits, rts, gumbel)
     self.sow("moe", "aux_loss", jnp.mean(routing.aux_loss))
