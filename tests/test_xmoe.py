@@ -101,6 +101,24 @@ def test_bias_follows_the_loads_and_is_checkpointed(tiny_config, tmp_path):
   assert np.abs(expected).max() > 0
 
 
+def test_bias_moves_in_the_master_weights(tiny_config):
+  """bfloat16 parameters, ZeRO-3, expert parallelism and 2 microbatches: the float32 master
+  holds Σ u · sign(mean − load) exactly; the parameters hold its rounding."""
+  tiny_config.model.param_dtype = "bfloat16"
+  tiny_config.moe.update(num_experts=4, top_k=1, balancing="bias", bias_update_rate=0.01)
+  tiny_config.parallel.update(data=2, fsdp=2, expert=2, tensor=1)
+  tiny_config.update(microbatches=2)
+  tiny_config.zero.stage = 3
+  history, _, state = train_metrics(tiny_config, 3)
+  expected = sum(np.asarray(bias_update(jnp.asarray(m["moe_expert_tokens"]), 0.01))
+                 for m in history)
+  master = state.opt_state.master["layer_1"]["moe"]["routing_bias"]
+  np.testing.assert_allclose(np.asarray(master), expected, atol=1e-7)
+  params = state.params["layer_1"]["moe"]["routing_bias"]
+  assert params.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(params), np.asarray(master.astype(jnp.bfloat16)))
+
+
 @pytest.mark.parametrize("overrides,key", [
     (dict(balancing="loss_free"), "moe.balancing"),
     (dict(balancing="bias", bias_update_rate=0.0), "moe.bias_update_rate"),
