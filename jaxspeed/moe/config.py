@@ -13,6 +13,7 @@ from jaxspeed.moe.layer import MoeFeedForward
 from jaxspeed.schema import Section, setting
 
 NOISY_GATE_POLICIES = ("none", "Jitter", "RSample")
+DISPATCHES = ("exact", "padding_free")
 RESIDUAL_MIXES = ("sum", "learned")
 
 
@@ -33,6 +34,13 @@ class MoeConfig(Section):
     noisy_gate_policy: ``none``, ``Jitter`` (gate input × U(0.99, 1.01)) or
       ``RSample`` (Gumbel noise on the top-1 choice); training only.
     drop_tokens: False for dropless (sort by expert and grouped matmul).
+    dispatch: the dropless exchange between expert-parallel shards
+      (``jaxspeed.moe.dropless``): ``exact`` buffers with room for every assignment,
+      or ``padding_free`` (X-MoE) ones of ``dispatch_slack`` x the balanced share,
+      falling back to exact when any device's rows overflow them.
+    dispatch_slack: the padding-free buffer over the balanced share, >= 1.
+    dedup_dispatch: X-MoE's redundancy-bypassing dispatch: a token goes once to each
+      shard holding some of its experts and is fanned out there (dropless only).
     use_rts: random token selection (top-1, training).
     top2_2nd_expert_sampling: Gumbel noise on top-2's second choice (training).
     drop_policy: top-k (k > 2) drops by ``probs`` or ``position``.
@@ -66,6 +74,9 @@ class MoeConfig(Section):
   min_capacity: int = setting(4, ge=0)
   noisy_gate_policy: str = setting("none", choices=NOISY_GATE_POLICIES)
   drop_tokens: bool = setting(True)
+  dispatch: str = setting("exact", choices=DISPATCHES)
+  dispatch_slack: float = setting(2.0, ge=1)
+  dedup_dispatch: bool = setting(False)
   use_rts: bool = setting(True)
   top2_2nd_expert_sampling: bool = setting(True)
   drop_policy: str = setting("probs", choices=DROP_POLICIES)
@@ -78,6 +89,12 @@ class MoeConfig(Section):
   num_shared_experts: int = setting(0, ge=0)
 
   def check(self) -> None:
+    if self.drop_tokens and self.dispatch != "exact":
+      raise ConfigError("moe.dispatch", f"{self.dispatch!r} is a dropless exchange; set "
+                        "moe.drop_tokens=False or moe.dispatch='exact'")
+    if self.drop_tokens and self.dedup_dispatch:
+      raise ConfigError("moe.dedup_dispatch", "deduplicated dispatch is a dropless exchange; "
+                        "set moe.drop_tokens=False or moe.dedup_dispatch=False")
     counts = self.layer_num_experts
     if any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in counts):
       raise ConfigError("moe.layer_num_experts",
@@ -90,6 +107,11 @@ class MoeConfig(Section):
     values = {k: v for k, v in dict(moe).items() if k in fields}
     values["layer_num_experts"] = tuple(values.get("layer_num_experts", ()))
     return cls(**values)
+
+  @property
+  def dispatch_slack_or_none(self) -> float | None:
+    """The padding-free buffer's slack, or None for exact buffers."""
+    return self.dispatch_slack if self.dispatch == "padding_free" else None
 
   @property
   def loss_coef(self) -> float:

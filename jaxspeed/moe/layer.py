@@ -13,7 +13,8 @@ in evaluation mode: ``eval_capacity_factor``, no noise, first-come drops.
 
 Statistics leave through the ``moe`` collection (``sow``): ``aux_loss`` (the
 layer's load-balancing loss, a mean over groups), ``expert_counts`` ([E]
-routed tokens), ``dropped`` (token-expert assignments over capacity). With
+routed tokens), ``dropped`` (token-expert assignments over capacity),
+``dispatch_fallback`` (dropless: 1 if the padding-free buffers overflowed). With
 ``moe.balancing = "bias"`` the layer holds the routing bias of
 ``jaxspeed.moe.balancing`` as its parameter ``routing_bias`` [E].
 """
@@ -30,12 +31,13 @@ import jax.numpy as jnp
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.layers import Mlp, constrain, dense, param_init, zeros_init
 from jaxspeed.moe.balancing import BIAS
+from jaxspeed.moe.dropless import dropless_experts
 from jaxspeed.moe.expert_parallel import (
     expert_parallel_dropless,
     expert_parallel_experts,
     expert_parallel_size,
 )
-from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
+from jaxspeed.moe.experts import ExpertWeights, capacity_experts
 from jaxspeed.moe.gating import capacity, dispatch_and_combine, route
 
 if TYPE_CHECKING:  # jaxspeed.moe.config builds its layers' feed-forward from this module
@@ -122,11 +124,15 @@ class MoeMlp(nn.Module):
     """[B, S, d] through the routed experts: dropless, on this device, or expert-parallel."""
     w = self._weights(x.shape[-1])
     b, s, d = x.shape
-    if cap is None and expert_parallel_size() > 1:
-      return expert_parallel_dropless(x, routing.experts, routing.weights, w)
+    dropless = dict(dedup=self.moe.dedup_dispatch, slack=self.moe.dispatch_slack_or_none)
     if cap is None:
-      y = dropless_experts(x.reshape(b * s, d), routing.experts.reshape(b * s, -1),
-                           routing.weights.reshape(b * s, -1), w)
+      if expert_parallel_size() > 1:
+        y, fell_back = expert_parallel_dropless(x, routing.experts, routing.weights, w,
+                                                **dropless)
+      else:
+        y, fell_back = dropless_experts(x.reshape(b * s, d), routing.experts.reshape(b * s, -1),
+                                        routing.weights.reshape(b * s, -1), w, **dropless)
+      self.sow("moe", "dispatch_fallback", fell_back.astype(jnp.int32))
       return y.reshape(b, s, d)
     dispatch, combine = jax.vmap(lambda r: dispatch_and_combine(r, self.num_experts, cap))(
         routing)

@@ -49,15 +49,19 @@ def step_sums(collection: Mapping[str, Any], tokens: jax.Array) -> dict[str, Any
           "moe_dropped": sum(layer["dropped"] for layer in layers).astype(jnp.float32),
           "moe_routed": sum(jnp.sum(layer["expert_counts"]) for layer in layers
                             ).astype(jnp.float32),
-          "moe_expert_tokens": jnp.concatenate([layer["expert_counts"] for layer in layers])}
+          "moe_expert_tokens": jnp.concatenate([layer["expert_counts"] for layer in layers]),
+          "moe_dispatch_fallbacks": sum(layer.get("dispatch_fallback", jnp.int32(0))
+                                        for layer in layers)}
 
 
 def step_metrics(sums: Mapping[str, jax.Array], tokens: jax.Array) -> dict[str, jax.Array]:
   """``moe_aux_loss`` (Σ_layers, token mean), ``moe_dropped_fraction`` of the routed
-  token-expert assignments, and ``moe_expert_tokens`` ([Σ_layers E] tokens routed to each
-  expert, layers concatenated)."""
+  token-expert assignments, ``moe_expert_tokens`` ([Σ_layers E] tokens routed to each
+  expert, layers concatenated) and ``moe_dispatch_fallbacks`` (MoE layers, times
+  microbatches, whose padding-free dispatch overflowed and ran the exact buffers)."""
   if "moe_aux_sum" not in sums:
     return {}
   return {"moe_aux_loss": sums["moe_aux_sum"] / tokens,
           "moe_dropped_fraction": sums["moe_dropped"] / jnp.maximum(sums["moe_routed"], 1.0),
-          "moe_expert_tokens": sums["moe_expert_tokens"]}
+          "moe_expert_tokens": sums["moe_expert_tokens"],
+          "moe_dispatch_fallbacks": sums["moe_dispatch_fallbacks"]}
