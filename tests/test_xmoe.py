@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import train_metrics
+from helpers import compiled_step_text, train_metrics
 
 import jaxspeed
 from jaxspeed.checkpoint.run_files import restore_latest
+from jaxspeed.comm.hlo import collectives
 from jaxspeed.config import default_config, validate
 from jaxspeed.errors import ConfigError
 from jaxspeed.moe import (
@@ -256,3 +257,28 @@ def test_expert_parallel_dispatches_train_like_one_device(tiny_config, one_devic
     assert float(got["moe_dropped_fraction"]) == 0.0
     if fell_back is not None:
       assert int(got["moe_dispatch_fallbacks"]) == fell_back
+
+
+def _all_to_all_bytes(config) -> float:
+  text = compiled_step_text(jaxspeed.build(config))
+  return sum(c.sent_bytes for c in collectives(text, jax.device_count()) if c.op == "all-to-all")
+
+
+def test_dedup_dispatch_sends_each_token_once_per_shard(tiny_config):
+  """Top-4 of 16 experts on 4 shards (4 each): the exact plain buffer holds T · 4 rows per
+  destination, the deduplicated one T rows plus each row's 4 expert ids and gates.
+
+  Per device and MoE layer, with (ep − 1)/ep of each all-to-all sent: plain moves the rows
+  four times (dispatch and combine, forward and backward) and its int32 ids once; dedup
+  moves its rows four times, its ids once and its gates twice (forward, and their
+  gradient back)."""
+  tiny_config.moe.update(num_experts=16, top_k=4, drop_tokens=False)
+  tiny_config.parallel.update(data=2, fsdp=1, tensor=1, expert=4)
+  plain = _all_to_all_bytes(tiny_config)
+  tiny_config.moe.dedup_dispatch = True
+  dedup = _all_to_all_bytes(tiny_config)
+  ep, tokens, d = 4, 16 * 32 // 8, tiny_config.model.d_model
+  share = (ep - 1) / ep * ep * 4  # of the [ep, rows, ...] buffers, 4-byte elements
+  assert plain == share * tokens * 4 * (4 * d + 1)
+  assert dedup == share * tokens * (4 * d + 3 * 4)
+  assert dedup < 0.3 * plain
