@@ -109,7 +109,7 @@ class MoeConfig(Section):
     return cls(**values)
 
   @property
-  def dispatch_slack_or_none(self) -> float | None:
+  def padding_free_slack(self) -> float | None:
     """The padding-free buffer's slack, or None for exact buffers."""
     return self.dispatch_slack if self.dispatch == "padding_free" else None
 

@@ -21,7 +21,8 @@ after reducing the per-destination unit counts with a MAX over the devices:
 if any shard would send more than fit, every shard takes the exact buffer
 instead (``jax.lax.cond``), so nothing is ever dropped. On the receiving
 shard, rows are sorted by local expert and run through ``grouped_mlp``
-(``jax.lax.ragged_dot``): each expert computes its real rows only.
+(``jax.lax.ragged_dot``): each expert's group holds its real rows, with no
+padding to the largest expert; the buffer's empty rows sit past every group.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def dropless_experts(x: jax.Array, experts: jax.Array, weights: jax.Array,
                      reduce_max: Exchange = _identity) -> tuple[jax.Array, jax.Array]:
   """Every token through its k experts, none dropped: exchange, sort, grouped matmul, return.
 
-  That exact static bound replaces DeepSpeed's ``drop_tokens=False`` capacity (the
+  The exact static bound replaces DeepSpeed's ``drop_tokens=False`` capacity (the
   largest expert count, all-reduced with MAX over the expert-parallel group), which is
   dynamic and so has no fixed-shape equivalent under ``jit``.
 

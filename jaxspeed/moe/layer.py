@@ -124,7 +124,7 @@ class MoeMlp(nn.Module):
     """[B, S, d] through the routed experts: dropless, on this device, or expert-parallel."""
     w = self._weights(x.shape[-1])
     b, s, d = x.shape
-    dropless = dict(dedup=self.moe.dedup_dispatch, slack=self.moe.dispatch_slack_or_none)
+    dropless = dict(dedup=self.moe.dedup_dispatch, slack=self.moe.padding_free_slack)
     if cap is None:
       if expert_parallel_size() > 1:
         y, fell_back = expert_parallel_dropless(x, routing.experts, routing.weights, w,
