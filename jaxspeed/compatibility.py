@@ -76,6 +76,9 @@ TECHNIQUES: dict[str, Technique] = {
                                     lambda c, shape, rlhf: shape["expert"] > 1, "1"),
     "MoE": Technique("moe.num_experts", "`moe.num_experts` or `moe.layer_num_experts` > 1",
                      lambda c, shape, rlhf: _has_experts(c), "1"),
+    "MoE bias balancing": Technique(
+        "moe.balancing", "`moe.balancing` = bias with experts",
+        lambda c, shape, rlhf: _has_experts(c) and c.moe.balancing == "bias", "aux_loss, none"),
     "BERT": Technique("model.name", "`model.name` = bert",
                       lambda c, shape, rlhf: c.model.name == "bert", "'gpt'"),
     "dropout": Technique("model.dropout", "`model.dropout` > 0",
@@ -140,6 +143,11 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
     ("MoE", "PLD"): "progressive layer dropping skips layers inside a conditional, where MoE "
                     "statistics cannot be collected",
     ("MoE", "pipeline"): "MoE layers do not run inside pipeline stages yet",
+    ("1-bit optimizer", "MoE bias balancing"): "the routing bias is moved in the parameters "
+                                               "only, not in the 1-bit optimizers' own copies",
+    ("optimizer offload", "MoE bias balancing"): "the routing bias is moved on the device, not "
+                                                 "in master weights held in host memory",
+    ("RLHF", "MoE bias balancing"): "the RLHF steps do not move the routing bias",
     ("BERT", "KD"): "MoS distillation trains a GPT student",
     ("1F1B schedule", "KD"): "MoS distillation reads the student's logits, which 1F1B keeps "
                              "inside the last stage",

@@ -200,6 +200,18 @@ def test_moe_comm_quick(tmp_path):
   assert summary["all_to_all_bytes_dropless_ep8"] > summary["all_to_all_bytes_ep8"]
 
 
+def test_xmoe_quick(tmp_path):
+  summary = run_experiment("xmoe", tmp_path)["summary"]
+  # Bytes read along each path of the compiled step equal the buffer formulas.
+  assert summary["bytes_match_theory"]
+  # Top-8 of 64 experts on 8 shards: padding-free rows are 2 x the balanced share, 1/4 of
+  # the exact buffer; deduplicated rows are T, 1/8 of it, plus their ids and gates.
+  assert summary["alltoall_bytes_ratio_padding_free_vs_dropless"] <= 0.5
+  assert summary["alltoall_bytes_ratio_dedup_vs_plain"] <= 0.5
+  assert summary["dropped_fraction"] == 0.0
+  assert summary["loss_equal_rel_diff"] <= 1e-4
+
+
 def test_moe_quality_quick(tmp_path):
   # Its own process: it runs on one device (see the experiment).
   summary = run_experiment_subprocess("moe_quality", tmp_path)["summary"]

@@ -306,15 +306,16 @@ def test_dropless_expert_parallel_keeps_a_full_shard():
   weights = jax.random.uniform(jax.random.PRNGKey(2), (8, 4, 2))
   mesh = make_mesh(dict(expert=4, data=2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(compute_rules()):
-    y = jax.jit(expert_parallel_dropless)(x, jnp.asarray(experts), weights, w)
+    y, fell_back = jax.jit(expert_parallel_dropless)(x, jnp.asarray(experts), weights, w)
+  assert not bool(fell_back)  # exact buffers only: nothing to fall back from
   p = {k: np.asarray(v) for k, v in w._asdict().items()}
   expected = np.zeros((8, 4, d), np.float32)
   for b, s in np.ndindex(8, 4):
     for e, weight in zip(experts[b, s], np.asarray(weights[b, s])):
       expected[b, s] += weight * _expert(p, e, np.asarray(x[b, s]))
   np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-5)
-  single = dropless_experts(x.reshape(32, d), jnp.asarray(experts).reshape(32, 2),
-                            weights.reshape(32, 2), w)
+  single, _ = dropless_experts(x.reshape(32, d), jnp.asarray(experts).reshape(32, 2),
+                               weights.reshape(32, 2), w)
   np.testing.assert_allclose(np.asarray(single).reshape(8, 4, d), expected, rtol=1e-4, atol=1e-5)
 
 

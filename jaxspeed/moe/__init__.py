@@ -1,12 +1,15 @@
-"""DeepSpeed-MoE: top-k gating, expert-parallel MoE layers, PR-MoE, Residual-MoE, MoS."""
+"""DeepSpeed-MoE (top-k gating, expert-parallel MoE layers, PR-MoE, Residual-MoE, MoS), with
+DeepSeek-MoE's experts and balancing and X-MoE's dispatch."""
 
-from jaxspeed.moe.config import NOISY_GATE_POLICIES, RESIDUAL_MIXES, MoeConfig
+from jaxspeed.moe.balancing import BALANCING
+from jaxspeed.moe.config import DISPATCHES, NOISY_GATE_POLICIES, RESIDUAL_MIXES, MoeConfig
+from jaxspeed.moe.dropless import dropless_experts
 from jaxspeed.moe.expert_parallel import (
     expert_parallel_dropless,
     expert_parallel_experts,
     expert_parallel_size,
 )
-from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts, grouped_mlp
+from jaxspeed.moe.experts import ExpertWeights, capacity_experts, grouped_mlp
 from jaxspeed.moe.gating import (
     DROP_POLICIES,
     Routing,
@@ -22,6 +25,8 @@ from jaxspeed.moe.mos import Distillation, kd_loss_sum
 from jaxspeed.moe.params import param_counts
 
 __all__ = [
+    "BALANCING",
+    "DISPATCHES",
     "DROP_POLICIES",
     "NOISY_GATE_POLICIES",
     "RESIDUAL_MIXES",

@@ -8,7 +8,7 @@ Here the batch is split over ``data`` x ``fsdp`` x ``expert`` (the logical
 expert e's capacity buffer to the device that holds e (all-to-all over
 ``expert``), runs its local experts on the buffers of all its ``expert`` peers
 and sends the outputs back (the second all-to-all). Dropless mode exchanges
-buffers big enough for every assignment instead (``expert_parallel_dropless``).
+sorted rows instead (``expert_parallel_dropless``, ``jaxspeed.moe.dropless``).
 
 Gradients follow from the shardings: a dense parameter is replicated over the
 whole batch split, so its gradient is summed over data x fsdp x expert; an
@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
+from jaxspeed.moe.dropless import dropless_experts
+from jaxspeed.moe.experts import ExpertWeights, capacity_experts
 from jaxspeed.parallel.mesh import spec_axes
 
 
@@ -88,34 +89,41 @@ def expert_parallel_experts(x: jax.Array, dispatch: jax.Array, combine: jax.Arra
 
 
 def expert_parallel_dropless(x: jax.Array, experts: jax.Array, weights: jax.Array,
-                             w: ExpertWeights) -> jax.Array:
-  """``dropless_experts`` with experts split over the ``experts`` mesh axis.
+                             w: ExpertWeights, *, dedup: bool = False,
+                             slack: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """``jaxspeed.moe.dropless.dropless_experts`` with experts split over the ``experts`` axis.
 
   XLA:CPU cannot run ``jax.lax.ragged_all_to_all`` (jax 0.10: "HLO opcode
   ragged-all-to-all is not supported by XLA:CPU"), so the exchange is a
-  fixed-size ``all_to_all`` of a buffer that holds, for every destination, all
-  T · min(k, E/ep) assignments a device could send there: exact (nothing can
-  drop), at ep times the bytes of a perfectly balanced exchange.
+  fixed-size ``all_to_all``: of the exact buffer (room for every unit a device
+  could send, ep times the bytes of a balanced exchange), or with ``slack`` of
+  the padding-free one, falling back to the exact one when any device's units
+  overflow it.
 
   Args:
     x: [B, S, d] rows split over the ``batch`` axes, which must include the
       expert axis.
     experts: [B, S, k] int global expert ids; weights: [B, S, k] combine weights.
     w: all experts' weights, [E, ...], split over the expert axis.
+    dedup: one unit per (token, destination shard) (redundancy-bypassing dispatch).
+    slack: padding-free buffers of ``slack`` x the balanced size; None for exact.
 
   Returns:
-    [B, S, d], split like ``x``.
+    [B, S, d], split like ``x``, and whether the exact buffers ran (a bool [], the same
+    on every device).
   """
   expert_axis, hidden, rows, weight_specs = _specs()
   num_shards = expert_parallel_size()
+  all_axes = tuple(jax.sharding.get_abstract_mesh().axis_names)
 
   def local(x, experts, weights, w):
     b, s, d = x.shape
     exchange = lambda buf: jax.lax.all_to_all(buf, expert_axis, 0, 0, tiled=True)
-    y = dropless_experts(x.reshape(b * s, d), experts.reshape(b * s, -1),
-                         weights.reshape(b * s, -1), w, num_shards=num_shards, send=exchange,
-                         receive=exchange, reduce_hidden=_reduce_hidden(hidden))
-    return y.reshape(b, s, d)
+    y, fell_back = dropless_experts(
+        x.reshape(b * s, d), experts.reshape(b * s, -1), weights.reshape(b * s, -1), w,
+        num_shards=num_shards, dedup=dedup, slack=slack, send=exchange, receive=exchange,
+        reduce_hidden=_reduce_hidden(hidden), reduce_max=lambda v: jax.lax.pmax(v, all_axes))
+    return y.reshape(b, s, d), fell_back
 
-  return jax.shard_map(local, in_specs=(rows, rows, rows, weight_specs), out_specs=rows)(
-      x, experts, weights, w)
+  return jax.shard_map(local, in_specs=(rows, rows, rows, weight_specs),
+                       out_specs=(rows, P()))(x, experts, weights, w)

@@ -23,6 +23,12 @@ Slots are assigned in token order among the kept tokens (cumsum − 1), so a
 capacity above S is harmless (DeepSpeed PR #8155 crashed there: it took a
 top-C over the token dimension). With ``capacity=None`` (dropless) nothing is
 dropped and no slot is assigned.
+
+Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 §2.1.2): a
+per-expert ``bias`` [E] is added to the scores a gate selects by (the softmax
+probabilities, or logits + Gumbel noise where a choice is sampled) for the
+choice only; combine weights, capacity ranks and the aux loss read the
+unbiased probabilities. ``jaxspeed.moe.balancing`` moves the bias.
 """
 
 from __future__ import annotations
@@ -88,8 +94,14 @@ def _one_hot(indices: jax.Array, num_experts: int) -> jax.Array:
   return jax.nn.one_hot(indices, num_experts, dtype=jnp.int32)
 
 
+def _biased(scores: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """[S, E] selection scores plus the routing bias [E] (for the choice only), if any."""
+  return scores if bias is None else scores + bias.astype(scores.dtype)
+
+
 def top1_gating(logits: jax.Array, capacity: int | None, *, rts_noise: jax.Array | None = None,
-                selection_noise: jax.Array | None = None) -> Routing:
+                selection_noise: jax.Array | None = None,
+                bias: jax.Array | None = None) -> Routing:
   """DeepSpeed's ``top1gating`` for one group.
 
   Args:
@@ -103,11 +115,12 @@ def top1_gating(logits: jax.Array, capacity: int | None, *, rts_noise: jax.Array
       many tokens each expert keeps and on the weights, not on which tokens.
     selection_noise: [S, E] Gumbel noise added to the logits for the choice
       only (RSample), or None.
+    bias: [E] routing bias added to the selection scores, or None.
   """
   num_experts = logits.shape[-1]
   gates = jax.nn.softmax(logits, axis=-1)
   scores = gates if selection_noise is None else logits + selection_noise
-  expert = jnp.argmax(scores, axis=-1)
+  expert = jnp.argmax(_biased(scores, bias), axis=-1)
   mask = _one_hot(expert, num_experts)
   aux = num_experts * jnp.sum(jnp.mean(gates, axis=0) * jnp.mean(mask, axis=0))
   counts = jnp.sum(mask, axis=0)
@@ -125,7 +138,8 @@ def top1_gating(logits: jax.Array, capacity: int | None, *, rts_noise: jax.Array
 
 
 def top2_gating(logits: jax.Array, capacity: int | None, *,
-                selection_noise: jax.Array | None = None) -> Routing:
+                selection_noise: jax.Array | None = None,
+                bias: jax.Array | None = None) -> Routing:
   """DeepSpeed's ``top2gating`` for one group.
 
   Args:
@@ -133,13 +147,16 @@ def top2_gating(logits: jax.Array, capacity: int | None, *,
     capacity: C (already ×2 of the top-1 capacity), or None for dropless.
     selection_noise: [S, E] Gumbel noise for the second choice
       (``top2_2nd_expert_sampling``), or None.
+    bias: [E] routing bias added to the selection scores, or None.
   """
   num_experts = logits.shape[-1]
   gates = jax.nn.softmax(logits, axis=-1)
-  first = jnp.argmax(gates, axis=-1)
+  first = jnp.argmax(_biased(gates, bias), axis=-1)
   mask1 = _one_hot(first, num_experts)
-  noisy = logits if selection_noise is None else logits + selection_noise
-  second = jnp.argmax(jnp.where(mask1 > 0, -jnp.inf, noisy), axis=-1)
+  # Without noise the probabilities select (the same order as the logits, so that a bias
+  # means the same for both choices).
+  noisy = gates if selection_noise is None else logits + selection_noise
+  second = jnp.argmax(jnp.where(mask1 > 0, -jnp.inf, _biased(noisy, bias)), axis=-1)
   mask2 = _one_hot(second, num_experts)
   # GShard's convention: only the first choice enters the balance term.
   aux = jnp.mean(jnp.mean(gates, axis=0) * jnp.mean(mask1, axis=0)) * num_experts**2
@@ -162,7 +179,7 @@ def top2_gating(logits: jax.Array, capacity: int | None, *,
 
 
 def topk_gating(logits: jax.Array, k: int, capacity: int | None, *,
-                drop_policy: str = "probs") -> Routing:
+                drop_policy: str = "probs", bias: jax.Array | None = None) -> Routing:
   """DeepSpeed's ``topkgating`` for one group (any k; used for k > 2).
 
   Args:
@@ -171,10 +188,12 @@ def topk_gating(logits: jax.Array, k: int, capacity: int | None, *,
     capacity: C (already ×k), or None for dropless.
     drop_policy: ``probs`` keeps each expert's C highest-probability tokens,
       ``position`` its first C tokens.
+    bias: [E] routing bias added to the selection scores, or None.
   """
   num_experts = logits.shape[-1]
   gates = jax.nn.softmax(logits, axis=-1)
-  top_gates, experts = jax.lax.top_k(gates, k)
+  _, experts = jax.lax.top_k(_biased(gates, bias), k)
+  top_gates = jnp.take_along_axis(gates, experts, axis=-1)
   mask = jnp.sum(_one_hot(experts, num_experts), axis=1)  # [S, E] k-hot
   aux = jnp.mean(jnp.mean(gates, axis=0) * jnp.mean(mask, axis=0)) * num_experts**2 / k
   counts = jnp.sum(mask, axis=0)
@@ -194,17 +213,19 @@ def topk_gating(logits: jax.Array, k: int, capacity: int | None, *,
 
 
 def route(logits: jax.Array, k: int, capacity: int | None, *, rts_noise: jax.Array | None = None,
-          selection_noise: jax.Array | None = None, drop_policy: str = "probs") -> Routing:
+          selection_noise: jax.Array | None = None, drop_policy: str = "probs",
+          bias: jax.Array | None = None) -> Routing:
   """The gate of ``k``: ``top1_gating``, ``top2_gating`` or ``topk_gating``.
 
   RTS applies to top-1 only and selection noise to top-1 (RSample) and to the
-  second choice of top-2, as in DeepSpeed.
+  second choice of top-2, as in DeepSpeed; the routing ``bias`` to every choice.
   """
   if k == 1:
-    return top1_gating(logits, capacity, rts_noise=rts_noise, selection_noise=selection_noise)
+    return top1_gating(logits, capacity, rts_noise=rts_noise, selection_noise=selection_noise,
+                       bias=bias)
   if k == 2:
-    return top2_gating(logits, capacity, selection_noise=selection_noise)
-  return topk_gating(logits, k, capacity, drop_policy=drop_policy)
+    return top2_gating(logits, capacity, selection_noise=selection_noise, bias=bias)
+  return topk_gating(logits, k, capacity, drop_policy=drop_policy, bias=bias)
 
 
 def dispatch_and_combine(routing: Routing, num_experts: int,

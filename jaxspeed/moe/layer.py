@@ -13,7 +13,10 @@ in evaluation mode: ``eval_capacity_factor``, no noise, first-come drops.
 
 Statistics leave through the ``moe`` collection (``sow``): ``aux_loss`` (the
 layer's load-balancing loss, a mean over groups), ``expert_counts`` ([E]
-routed tokens), ``dropped`` (token-expert assignments over capacity).
+routed tokens), ``dropped`` (token-expert assignments over capacity),
+``dispatch_fallback`` (dropless: 1 if the padding-free buffers overflowed). With
+``moe.balancing = "bias"`` the layer holds the routing bias of
+``jaxspeed.moe.balancing`` as its parameter ``routing_bias`` [E].
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import jax.numpy as jnp
 
 from jaxspeed.models.config import ModelConfig
 from jaxspeed.models.layers import Mlp, constrain, dense, param_init, zeros_init
+from jaxspeed.moe.balancing import BIAS
+from jaxspeed.moe.dropless import dropless_experts
 from jaxspeed.moe.expert_parallel import (
     expert_parallel_dropless,
     expert_parallel_experts,
     expert_parallel_size,
 )
-from jaxspeed.moe.experts import ExpertWeights, capacity_experts, dropless_experts
+from jaxspeed.moe.experts import ExpertWeights, capacity_experts
 from jaxspeed.moe.gating import capacity, dispatch_and_combine, route
 
 if TYPE_CHECKING:  # jaxspeed.moe.config builds its layers' feed-forward from this module
@@ -76,6 +81,9 @@ class MoeMlp(nn.Module):
     if key is not None and moe.noisy_gate_policy == "Jitter":
       h = h * jax.random.uniform(keys[0], h.shape, minval=1 - JITTER_EPS, maxval=1 + JITTER_EPS)
     logits = dense(h, wg)  # [B, S, E]
+    # Auxiliary-loss-free balancing's bias: read here, moved by the train step (no gradient
+    # reaches it: it only changes which experts are chosen).
+    bias = (self.param(BIAS, zeros_init((None,)), (e,)) if moe.balancing == "bias" else None)
     gumbel = None
     if key is not None and ((moe.top_k == 1 and moe.noisy_gate_policy == "RSample")
                             or (moe.top_k == 2 and moe.top2_2nd_expert_sampling)):
@@ -84,7 +92,7 @@ class MoeMlp(nn.Module):
     if key is not None and moe.top_k == 1 and moe.use_rts and moe.drop_tokens:
       rts = jax.random.uniform(keys[2], logits.shape)
     routing = jax.vmap(lambda z, r, g: route(z, moe.top_k, cap, rts_noise=r, selection_noise=g,
-                                             drop_policy=moe.drop_policy),
+                                             drop_policy=moe.drop_policy, bias=bias),
                        in_axes=(0, None if rts is None else 0, None if gumbel is None else 0))(
         logits, rts, gumbel)
     self.sow("moe", "aux_loss", jnp.mean(routing.aux_loss))
@@ -116,11 +124,15 @@ class MoeMlp(nn.Module):
     """[B, S, d] through the routed experts: dropless, on this device, or expert-parallel."""
     w = self._weights(x.shape[-1])
     b, s, d = x.shape
-    if cap is None and expert_parallel_size() > 1:
-      return expert_parallel_dropless(x, routing.experts, routing.weights, w)
+    dropless = dict(dedup=self.moe.dedup_dispatch, slack=self.moe.padding_free_slack)
     if cap is None:
-      y = dropless_experts(x.reshape(b * s, d), routing.experts.reshape(b * s, -1),
-                           routing.weights.reshape(b * s, -1), w)
+      if expert_parallel_size() > 1:
+        y, fell_back = expert_parallel_dropless(x, routing.experts, routing.weights, w,
+                                                **dropless)
+      else:
+        y, fell_back = dropless_experts(x.reshape(b * s, d), routing.experts.reshape(b * s, -1),
+                                        routing.weights.reshape(b * s, -1), w, **dropless)
+      self.sow("moe", "dispatch_fallback", fell_back.astype(jnp.int32))
       return y.reshape(b, s, d)
     dispatch, combine = jax.vmap(lambda r: dispatch_and_combine(r, self.num_experts, cap))(
         routing)

@@ -32,6 +32,7 @@ from jaxspeed.models.losses import cross_entropy
 from jaxspeed.models.pipelined_gpt import PipelinedGPT
 from jaxspeed.models.random_ltd import layer_tokens
 from jaxspeed.moe import stats as moe_stats
+from jaxspeed.moe.balancing import move_biases
 from jaxspeed.moe.mos import TEACHER_LOGITS, Distillation, kd_loss_sum
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.optimizers.master import MasterWeightsState, apply_updates
@@ -308,6 +309,9 @@ class StepOptions:
     reduce_scatter: reduce the gradients onto ZeRO-2/3's slices with an explicit
       reduce-scatter over the data axes (``_per_device_value_and_grad``; qwZ and hpZ
       imply it).
+    expert_bias_rate: auxiliary-loss-free balancing's u: after each update every MoE
+      layer's routing bias moves by u · sign(mean load − load) (``jaxspeed.moe.balancing``);
+      0 for none.
   """
 
   objective: Objective = LanguageModeling()
@@ -322,6 +326,7 @@ class StepOptions:
   quantized_gradients: bool = False
   speculate: bool = False
   reduce_scatter: bool = False
+  expert_bias_rate: float = 0.0
 
   def __post_init__(self):
     if self.microbatches < 1:
@@ -457,14 +462,29 @@ def _all_finite_leaves(tree) -> jax.Array:
 all_finite = jax.jit(_all_finite_leaves)
 
 
+def _balance_experts(state: TrainState, params, opt_state, loads, rate: float):
+  """(params, opt_state) with the MoE routing biases moved from their values in ``state``
+  by the step's ``loads`` (``jaxspeed.moe.balancing.move_biases``): in the float32 master
+  weights too, if the optimizer keeps them, whatever the optimizer made of the biases."""
+  if not isinstance(state.opt_state, MasterWeightsState):
+    return move_biases(state.params, params, loads, rate), opt_state
+  master = move_biases(state.opt_state.master, opt_state.master, loads, rate)
+  return (move_biases(state.opt_state.master, params, loads, rate),
+          opt_state.replace(master=master))
+
+
 def _finish(state: TrainState, params, opt_state, objective, grad_norm, lr, sums,
-            batch: Batch, layer_tokens: int, opt_finite: jax.Array | None = None
-            ) -> tuple[TrainState, Metrics]:
+            batch: Batch, layer_tokens: int, opt_finite: jax.Array | None = None,
+            expert_bias_rate: float = 0.0) -> tuple[TrainState, Metrics]:
   """The non-finite guard, counters and metrics shared by both step builders.
 
   ``opt_finite`` says whether ``opt_state`` is finite when it was checked where it
-  lives (in host memory, ``_host_update``); None to check it here.
+  lives (in host memory, ``_host_update``); None to check it here. A non-zero
+  ``expert_bias_rate`` moves the MoE routing biases (``_balance_experts``).
   """
+  if expert_bias_rate:
+    params, opt_state = _balance_experts(state, params, opt_state, sums["moe_loads"],
+                                         expert_bias_rate)
   # A finite loss and gradient can still give a non-finite update (overflow at a huge
   # learning rate, 0/0 in an optimizer): the new parameters and optimizer state must be
   # finite too, or the step is skipped. Checking the new parameters covers the update.
@@ -544,7 +564,8 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
   dropping = options.layer_dropping
   run = dict(microbatches=options.microbatches, lr_unit=options.lr_unit,
              grad_clip=options.grad_clip, deterministic=options.deterministic,
-             dropping=dropping, loss_sum=options.loss_sum(model))
+             dropping=dropping, loss_sum=options.loss_sum(model),
+             expert_bias_rate=options.expert_bias_rate)
   prepare = options.objective.prepare
   if isinstance(optimizer, CommunicatingOptimizer):
     build = lambda kind: _communicating_step(optimizer, schedule, specs, mesh, *kind, **run)
@@ -566,7 +587,7 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
                 specs: StateSpecs, mesh: Mesh, kept: int | None, *, microbatches: int,
                 lr_unit: str, grad_clip: float, deterministic: bool, dropping: LayerDropping,
                 loss_sum: Callable, speculate: bool, stream_gradients: bool,
-                per_device: StepOptions | None):
+                per_device: StepOptions | None, expert_bias_rate: float):
   """The step of an optax optimizer: XLA inserts the gradient all-reduce.
 
   With ``stream_gradients`` (an update on the host), each block's gradient goes
@@ -626,7 +647,7 @@ def _optax_step(optimizer: optax.GradientTransformation, schedule: Schedule,
       params, opt_state = apply_updates(state.params, updates, opt_state, lr)
     new_state, metrics = _finish(state, params, opt_state, objective / count, grad_norm, lr,
                                  sums, batch, dropping.layer_tokens(kept, *batch["inputs"].shape),
-                                 opt_finite)
+                                 opt_finite, expert_bias_rate)
     if speculate:
       metrics["speculation_redone"] = clips.astype(jnp.int32)
     return new_state, metrics
@@ -841,7 +862,7 @@ def _host_update(optimizer: optax.GradientTransformation, grads, opt_state, para
 def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
                         specs: StateSpecs, mesh: Mesh, kind: str, kept: int | None, *,
                         microbatches: int, lr_unit: str, grad_clip: float, deterministic: bool,
-                        dropping: LayerDropping, loss_sum: Callable):
+                        dropping: LayerDropping, loss_sum: Callable, expert_bias_rate: float):
   """The step of a communicating optimizer for one communication ``kind``.
 
   Each worker's gradient is computed without any reduction (``vmap`` over a
@@ -902,7 +923,8 @@ def _communicating_step(optimizer: CommunicatingOptimizer, schedule: Schedule,
                                           learning_rate=lr)
     params = jax.tree.map(jnp.add, state.params, updates)
     return _finish(state, params, opt_state, jnp.sum(objectives) / count, grad_norm, lr, sums,
-                   batch, dropping.layer_tokens(kept, *batch["inputs"].shape))
+                   batch, dropping.layer_tokens(kept, *batch["inputs"].shape),
+                   expert_bias_rate=expert_bias_rate)
 
   return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)

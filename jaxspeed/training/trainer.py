@@ -258,7 +258,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       deterministic=config.model.dropout == 0, layer_dropping=dropping,
       dense_interceptor=compression, quantized_weights=config.zero.quantized_weights,
       hierarchical_partition=hpz > 1, quantized_gradients=config.zero.quantized_gradients,
-      speculate=config.zero.offload_speculation, reduce_scatter=config.zero.reduce_scatter)
+      speculate=config.zero.offload_speculation, reduce_scatter=config.zero.reduce_scatter,
+      expert_bias_rate=MoeConfig.from_config(config.moe).bias_rate)
   train_step = make_train_step(model, optimizer, make_schedule(config.optim, total), specs, mesh,
                                options)
   eval_step = make_eval_step(model, specs, mesh, compression)
@@ -269,12 +270,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
 def train_objective(config: ml_collections.ConfigDict, devices=None
               ) -> LanguageModeling | KnowledgeDistillation:
   """The language-model objective, distilling from ``kd``'s teacher when ``kd.enabled`` (MoS)."""
+  aux_loss_coef = MoeConfig.from_config(config.moe).loss_coef
   if not config.kd.enabled:
-    return LanguageModeling(config.moe.aux_loss_coef)
+    return LanguageModeling(aux_loss_coef)
   kd = config.kd
   return KnowledgeDistillation(TeacherLogits(config, devices),
                                Distillation(kd.temperature, kd.alpha_ce, kd.beta_ce),
-                               config.moe.aux_loss_coef, kd.stop_step)
+                               aux_loss_coef, kd.stop_step)
 
 
 class TeacherLogits:
