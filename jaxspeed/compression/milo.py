@@ -259,16 +259,19 @@ def kurtosis_ranks(kurtoses, offset: int, max_rank: int) -> np.ndarray:
   return np.minimum(ranks, max_rank).astype(np.int64)
 
 
-def allocate_ranks(frequencies, spectra, costs, budget: float) -> np.ndarray:
-  """Ranks of n matrices maximizing Σ f_i · (σ² removed) with Σ rank_i · cost_i ≤ budget.
+def allocate_ranks(weights, spectra, costs, budget: float) -> np.ndarray:
+  """Ranks of n matrices maximizing Σ w_i · (σ² removed) with Σ rank_i · cost_i ≤ budget.
 
   Rank unit j of matrix i removes σ²_ij of its residual from every token
-  routed to it, so it gains f_i · σ²_ij; units are taken greedily by gain per
-  byte. σ² is descending in j, so each matrix's units come in order and the
-  greedy choice is optimal when the matrices cost the same per rank.
+  routed to it, so it gains w_i · σ²_ij with w_i the expert's routing
+  frequency (times the mean square of the matrix's inputs, when known: the
+  output error of an isotropic input of power p is p · ‖E‖²_F); units are
+  taken greedily by gain per byte. σ² is descending in j, so each matrix's
+  units come in order and the greedy choice is optimal when the matrices cost
+  the same per rank.
 
   Args:
-    frequencies: [n] routing frequency (or token count) of each matrix's expert.
+    weights: [n] how much each matrix's error counts (see above).
     spectra: [n, R] σ² of each residual, descending.
     costs: [n] bytes of one rank unit (K + N compensator entries).
     budget: bytes for all compensators.
@@ -276,7 +279,7 @@ def allocate_ranks(frequencies, spectra, costs, budget: float) -> np.ndarray:
   Returns:
     int [n] ranks.
   """
-  f, s = np.asarray(frequencies, np.float64), np.asarray(spectra, np.float64)
+  f, s = np.asarray(weights, np.float64), np.asarray(spectra, np.float64)
   costs = np.asarray(costs, np.float64)
   if np.any(s[:, 1:] > s[:, :-1] * (1 + 1e-6) + 1e-30):
     raise ValueError("each spectrum must be in descending order")
@@ -328,9 +331,16 @@ def compress_experts(w: ExpertWeights, ranks_wi, ranks_wo, config: MiloConfig
     check_bits(config.bits, config.group_size, k)
   ranks_wi, ranks_wo = check_ranks(ranks_wi, min(d, f)), check_ranks(ranks_wo, min(d, f))
   max_rank = int(max(ranks_wi.max(initial=0), ranks_wo.max(initial=0)))
-  run = jax.jit(jax.vmap(functools.partial(compress, max_rank=max_rank, config=config)))
-  return MiloExperts(run(w.wi, jnp.asarray(ranks_wi)), run(w.wo, jnp.asarray(ranks_wo)),
+  run = lambda mats, ranks: _compress_stacked(mats, jnp.asarray(ranks), max_rank, config)
+  return MiloExperts(run(w.wi, ranks_wi), run(w.wo, ranks_wo),
                      w.wi_bias.astype(jnp.float32), w.wo_bias.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _compress_stacked(mats: jax.Array, ranks: jax.Array, max_rank: int,
+                      config: MiloConfig) -> MiloWeight:
+  """``compress`` over a stack [E, K, N] (compiled once per shape and setting)."""
+  return jax.vmap(lambda m, r: compress(m, r, max_rank, config))(mats, ranks)
 
 
 def expert_mlp(x: jax.Array, w: ExpertWeights) -> jax.Array:
@@ -359,31 +369,32 @@ def calibrate(experts: MiloExperts, float_experts: ExpertWeights, tokens: jax.Ar
   if steps == 0:
     return experts, []
   fw = float_experts.cast(jnp.float32)
-  target = jax.vmap(expert_mlp)(tokens, fw)
-  bases = (jax.vmap(GroupQuantized.dequantize)(experts.wi.q),
-           jax.vmap(GroupQuantized.dequantize)(experts.wo.q))
-  f32 = lambda a: a.astype(jnp.float32)
-  lowrank = tuple(map(f32, (experts.wi.u, experts.wi.v, experts.wo.u, experts.wo.v)))
-  opt = optax.adam(learning_rate)
-
-  def loss_fn(lr):
-    ui, vi, uo, vo = lr
-    w = ExpertWeights(bases[0] + ui @ vi, fw.wi_bias, bases[1] + uo @ vo, fw.wo_bias)
-    err = jnp.mean(jnp.square(jax.vmap(expert_mlp)(tokens, w) - target), axis=-1)
-    per_expert = jnp.sum(err * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
-    return jnp.sum(per_expert)
-
-  @jax.jit
-  def step(lr, state):
-    loss, grads = jax.value_and_grad(loss_fn)(lr)
-    updates, state = opt.update(grads, state, lr)
-    return optax.apply_updates(lr, updates), state, loss
-
-  state, losses = opt.init(lowrank), []
+  data = (jax.vmap(GroupQuantized.dequantize)(experts.wi.q),
+          jax.vmap(GroupQuantized.dequantize)(experts.wo.q), fw.wi_bias, fw.wo_bias,
+          tokens, mask, jax.vmap(expert_mlp)(tokens, fw))
+  lowrank = tuple(a.astype(jnp.float32)
+                  for a in (experts.wi.u, experts.wi.v, experts.wo.u, experts.wo.v))
+  state, losses = optax.adam(learning_rate).init(lowrank), []
   for _ in range(steps):
-    lowrank, state, loss = step(lowrank, state)
+    lowrank, state, loss = _calibration_step(lowrank, state, data, learning_rate)
     losses.append(float(loss))
   dtype = experts.wi.u.dtype
   ui, vi, uo, vo = (a.astype(dtype) for a in lowrank)
   return (experts.replace(wi=experts.wi.replace(u=ui, v=vi),
                           wo=experts.wo.replace(u=uo, v=vo)), losses)
+
+
+def _calibration_loss(lowrank, data) -> jax.Array:
+  ui, vi, uo, vo = lowrank
+  base_i, base_o, bias_i, bias_o, tokens, mask, target = data
+  w = ExpertWeights(base_i + ui @ vi, bias_i, base_o + uo @ vo, bias_o)
+  err = jnp.mean(jnp.square(jax.vmap(expert_mlp)(tokens, w) - target), axis=-1)
+  return jnp.sum(jnp.sum(err * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1))
+
+
+@functools.partial(jax.jit, static_argnames=("learning_rate",))
+def _calibration_step(lowrank, state, data, learning_rate: float):
+  """One Adam step on U, V (compiled once per shape and learning rate)."""
+  loss, grads = jax.value_and_grad(_calibration_loss)(lowrank, data)
+  updates, state = optax.adam(learning_rate).update(grads, state, lowrank)
+  return optax.apply_updates(lowrank, updates), state, loss
