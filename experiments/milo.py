@@ -6,9 +6,10 @@ Claim (MiLo, Huang et al. 2025, arXiv:2504.02658): INT3 expert weights lose
 accuracy that small low-rank compensators, with ranks chosen from expert and
 weight statistics, win back at little extra memory.
 
-One MoE GPT (``configs/gpt_tiny.py``, every 2nd layer 8 experts, top-1,
-dropless) is trained, then its expert matrices (wi, wo) are replaced and the
-validation perplexity measured (attention, gates, embeddings stay float32):
+One MoE GPT (``configs/gpt_tiny.py``, every ``--expert_interval``-th layer 8
+experts, top-1, dropless) is trained, then its expert matrices (wi, wo) are
+replaced and the validation perplexity measured (attention, gates, embeddings
+stay float32):
 
 * float32; INT4 and INT3 (group-wise asymmetric, float16 scale and minimum per
   group of ``--group_size`` rows, no compensator);
@@ -20,7 +21,10 @@ validation perplexity measured (attention, gates, embeddings stay float32):
   (every matrix ``--mean_rank``) or ``frequency`` (MiLo's DeepSeek rule per
   layer); each once from the SVD alone and once after ``--calib_steps`` Adam
   steps that train only U, V to match the float expert outputs;
-* ``kurtosis``: MiLo's Mixtral rule, at whatever bytes it picks.
+* ``kurtosis``: MiLo's Mixtral rule, at whatever bytes it picks;
+* ablations: the expert matrices zeroed (how much the experts matter at all),
+  and ``--ablation_bits`` codes alone, with energy and with uniform
+  compensators (calibrated) at the same budget.
 
 Routing statistics and calibration tokens come from ``--calib_batches``
 training batches. The compressed experts run as float weights deq(Q) + U·V
@@ -186,6 +190,24 @@ def choose_ranks(allocation: str, floats: dict, stats: dict, config: milo.MiloCo
   return {layer: (ranks[i, 0], ranks[i, 1]) for i, layer in enumerate(layers)}
 
 
+def findings(by: dict, q: str, lq: str, recovered) -> str:
+  """The rows' comparisons in words, for the report's header."""
+  ppl = lambda name: by[name]["ppl"]
+  pct = lambda name: f"{100 * recovered(name):.0f}%"
+  return (
+      f"Float32 perplexity {ppl('float32'):.4g}; with the expert matrices zeroed "
+      f"{ppl('experts_zeroed'):.4g}. {q.upper()} codes alone {ppl(q):.4g} "
+      f"(INT4 {ppl('int4'):.4g}). At the same extra bytes "
+      f"({by[q + '+uniform']['bytes_ratio_vs_fp32']:.3f} of float32 vs "
+      f"{by[q]['bytes_ratio_vs_fp32']:.3f} for the codes), the compensators close, of the "
+      f"{q.upper()} gap: energy ranks {pct(q + '+energy')} from the SVD alone, "
+      f"{pct(q + '+energy+calib')} calibrated; uniform ranks {pct(q + '+uniform')}, "
+      f"{pct(q + '+uniform+calib')}; MiLo's frequency rule {pct(q + '+frequency')}, "
+      f"{pct(q + '+frequency+calib')}. {lq.upper()} ablation: perplexity {ppl(lq):.4g}; "
+      f"energy + calibration closes {pct(lq + '+energy+calib')} of its gap, uniform + "
+      f"calibration {pct(lq + '+uniform+calib')}.")
+
+
 def main(argv):
   del argv
   common.setup_devices(1)
@@ -315,7 +337,7 @@ def main(argv):
       f"d_ff {config.model.d_ff}, top-1) trained {steps} steps; expert matrices compressed "
       f"with group size {group_size}, compensator budget mean rank {mean_rank}; perplexity "
       f"per byte on {config.eval_batches} validation batches.\n\n"
-      f"Energy ranks: {ranks_text}.")
+      + findings(by, q, lq, recovered) + f"\n\nEnergy ranks: {ranks_text}.")
   common.write_results(
       "milo", summary, rows,
       config={"quick": quick, "steps": steps, "layers": layers, "bits": base.bits,
