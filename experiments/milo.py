@@ -109,8 +109,8 @@ def with_experts(params, replaced: dict[str, ExpertWeights]):
   return out
 
 
-def routing_statistics(setup, params, batches: int) -> dict[str, tuple]:
-  """Per MoE layer: (tokens [E, T, d] routed to each expert, mask [E, T], counts [E]).
+def routing_statistics(setup, params, batches: int) -> dict[str, milo.LayerStats]:
+  """Per MoE layer: the tokens routed to each expert and their counts.
 
   The layer input is the output of its ``ln_mlp`` (pre-LN GPT); top-1 routing
   is the argmax of the gate logits, as in evaluation (no noise, dropless).
@@ -136,58 +136,8 @@ def routing_statistics(setup, params, batches: int) -> dict[str, tuple]:
     for e in range(NUM_EXPERTS):
       rows = x[expert == e][:t]
       tokens[e, :len(rows)], mask[e, :len(rows)] = rows, 1
-    out[layer] = (tokens, mask, counts)
+    out[layer] = milo.LayerStats(tokens, mask, counts)
   return out
-
-
-def output_gains(w: ExpertWeights, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """[E, 2]: expert output error per unit of σ² removed from wi's and from wo's residual.
-
-  For isotropic inputs of power p, a residual E adds p · ‖E‖²_F to its matmul's
-  output error. wo's error is the expert's (p = mean square of GELU(h)); wi's
-  passes GELU'(h) and wo first, scaling it by E[GELU'(h)²] · ‖wo‖²_F / d_ff.
-  """
-  h = jnp.einsum("etd,edf->etf", tokens, w.wi) + w.wi_bias[:, None]
-  count = np.maximum(mask.sum(1), 1)
-  mean = lambda a: np.einsum("et,et->e", np.asarray(jnp.mean(a, axis=-1)), mask) / count
-  slope = jax.vmap(jax.vmap(jax.vmap(jax.grad(jax.nn.gelu))))(h)
-  wo_gain = np.asarray(jnp.sum(jnp.square(w.wo), axis=(1, 2))) / w.wo.shape[1]
-  p_in = mean(jnp.square(tokens))
-  return np.stack([p_in * mean(jnp.square(slope)) * wo_gain,
-                   mean(jnp.square(jax.nn.gelu(h)))], axis=1)
-
-
-def choose_ranks(allocation: str, floats: dict, stats: dict, config: milo.MiloConfig
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Layer -> (ranks of wi [E], ranks of wo [E]) by ``allocation`` under the mean-rank budget."""
-  layers = list(floats)
-  d, f = floats[layers[0]].wi.shape[1:]
-  max_rank, cost = min(d, f), (d + f) * jnp.dtype(config.compensator_dtype).itemsize
-  if allocation == "uniform":
-    r = np.full(NUM_EXPERTS, min(config.mean_rank, max_rank))
-    return {layer: (r, r) for layer in layers}
-  if allocation == "frequency":  # MiLo: per layer, proportional to the expert's frequency
-    return {layer: (milo.frequency_ranks(stats[layer][2], config.mean_rank, max_rank),) * 2
-            for layer in layers}
-  if allocation == "kurtosis":
-    return {layer: tuple(milo.kurtosis_ranks([milo.kurtosis(m) for m in mats],
-                                             config.kurtosis_offset, max_rank)
-                         for mats in (floats[layer].wi, floats[layer].wo))
-            for layer in layers}
-  # energy: one budget over all matrices of all layers.
-  weights, spectra = [], []
-  for layer in layers:
-    tokens, mask, counts = stats[layer]
-    gains = output_gains(floats[layer], tokens, mask)
-    for j, mats in enumerate((floats[layer].wi, floats[layer].wo)):
-      spectra.append(np.asarray(jax.vmap(lambda m: milo.residual_spectrum(
-          m, config.bits, config.group_size))(mats)))
-      weights.append(counts * gains[:, j])
-  weights, spectra = np.concatenate(weights), np.concatenate(spectra)
-  ranks = milo.allocate_ranks(weights, spectra, np.full(len(weights), cost),
-                              config.mean_rank * len(weights) * cost)
-  ranks = ranks.reshape(len(layers), 2, NUM_EXPERTS)
-  return {layer: (ranks[i, 0], ranks[i, 1]) for i, layer in enumerate(layers)}
 
 
 def findings(by: dict, q: str, lq: str, recovered) -> str:
@@ -241,14 +191,16 @@ def main(argv):
     calib_loss = {}
 
     def run(name, cfg, allocation, calibrated):
-      ranks = choose_ranks(allocation, floats, stats, cfg) if allocation else {
-          layer: (np.zeros(NUM_EXPERTS, int),) * 2 for layer in floats}
+      if allocation:
+        ranks = milo.choose_ranks(dataclasses.replace(cfg, allocation=allocation), floats, stats)
+      else:
+        ranks = {layer: (np.zeros(NUM_EXPERTS, int),) * 2 for layer in floats}
       replaced, nbytes, losses = {}, 0, []
       for layer, (r_wi, r_wo) in ranks.items():
         c = milo.compress_experts(floats[layer], r_wi, r_wo, cfg)
         if calibrated:
-          c, loss = milo.calibrate(c, floats[layer], jnp.asarray(stats[layer][0]),
-                                   jnp.asarray(stats[layer][1]), steps=cfg.calib_steps,
+          c, loss = milo.calibrate(c, floats[layer], jnp.asarray(stats[layer].tokens),
+                                   jnp.asarray(stats[layer].mask), steps=cfg.calib_steps,
                                    learning_rate=cfg.calib_lr)
           losses.append((loss[0], loss[-1]) if loss else (math.nan, math.nan))
         replaced[layer] = c.dequantize()
@@ -293,7 +245,7 @@ def main(argv):
   for row in rows:
     row["gap_recovered"] = recovered(row["variant"])
   best = f"{q}+energy+calib"
-  freq = np.concatenate([stats[layer][2] for layer in energy_ranks])
+  freq = np.concatenate([stats[layer].counts for layer in energy_ranks])
   rank_sum = np.concatenate([r[0] + r[1] for r in energy_ranks.values()])
   summary = {
       "float_ppl": by["float32"]["ppl"],
@@ -327,7 +279,7 @@ def main(argv):
       "calib_loss_last": calib_loss[best][1],
   }
   ranks_text = "; ".join(
-      f"{layer}: tokens {stats[layer][2].tolist()}, wi {r[0].tolist()}, wo {r[1].tolist()}"
+      f"{layer}: tokens {stats[layer].counts.tolist()}, wi {r[0].tolist()}, wo {r[1].tolist()}"
       for layer, r in energy_ranks.items())
   header = (
       "Claim (MiLo): INT3 MoE experts plus low-rank compensators keep most of the float "

@@ -1,9 +1,15 @@
 """MiLo (arXiv:2504.02658): bit-plane INT3 packing, compensators, rank rules, W3A16 kernel."""
 
+import dataclasses
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO, subprocess_env
 
 from jaxspeed.compression import milo
 from jaxspeed.errors import ConfigError
@@ -173,3 +179,36 @@ def test_calibration_lowers_the_output_error_and_keeps_ranks():
   assert losses[-1] < 0.9 * losses[0]
   assert np.all(np.asarray(tuned.wi.u)[1] == 0) and np.all(np.asarray(tuned.wo.v)[0][2:] == 0)
   np.testing.assert_array_equal(tuned.wi.q.packed, c.wi.q.packed)  # codes untouched
+
+
+def _stats(w: ExpertWeights, counts) -> milo.LayerStats:
+  tokens = jax.random.normal(jax.random.PRNGKey(10), (w.wi.shape[0], 8, w.wi.shape[1]))
+  mask = (np.arange(8)[None] < np.minimum(counts, 8)[:, None]).astype(np.float32)
+  return milo.LayerStats(tokens, mask, np.asarray(counts))
+
+
+def test_choose_ranks_spends_the_budget_on_used_experts():
+  experts = {"layer_0": _experts(jax.random.PRNGKey(11)), "layer_1": _experts(
+      jax.random.PRNGKey(12))}
+  stats = {"layer_0": _stats(experts["layer_0"], [50, 0, 10]),
+           "layer_1": _stats(experts["layer_1"], [0, 60, 0])}
+  cfg = milo.MiloConfig(group_size=32, mean_rank=3)
+  uniform = milo.choose_ranks(dataclasses.replace(cfg, allocation="uniform"), experts, stats)
+  assert all(np.all(r == 3) for pair in uniform.values() for r in pair)
+  freq = milo.choose_ranks(dataclasses.replace(cfg, allocation="frequency"), experts, stats)
+  np.testing.assert_array_equal(freq["layer_0"][0], [8, 0, 2])  # round(f/Σf · 3 · 3)
+  energy = milo.choose_ranks(cfg, experts, stats)
+  ranks = np.stack([np.stack(pair) for pair in energy.values()])  # [layer, wi/wo, E]
+  assert ranks.sum() <= 3 * ranks.size and ranks.sum() > 3 * ranks.size - 2  # budget spent
+  unused = np.array([[0, 1, 0], [1, 0, 1]], bool)  # experts no token was routed to
+  assert np.all(ranks.transpose(0, 2, 1)[unused] == 0)
+
+
+def test_experiment_rejects_bad_bits_before_training(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.milo", "--quick", "--bits=5",
+       f"--output_dir={tmp_path}"], cwd=REPO, env=subprocess_env(), capture_output=True,
+      text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: config.milo.bits: got 5")
+  assert not os.path.exists(tmp_path / "milo_run")

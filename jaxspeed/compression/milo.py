@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -346,6 +348,76 @@ def _compress_stacked(mats: jax.Array, ranks: jax.Array, max_rank: int,
 def expert_mlp(x: jax.Array, w: ExpertWeights) -> jax.Array:
   """One expert's MLP on x [T, d] (the formula of ``jaxspeed.moe.experts``): [T, d]."""
   return jax.nn.gelu(x @ w.wi + w.wi_bias) @ w.wo + w.wo_bias
+
+
+class LayerStats(NamedTuple):
+  """Calibration statistics of one MoE layer.
+
+  Attributes:
+    tokens: [E, T, d] inputs routed to each expert (padded); mask: [E, T] 1 for real rows.
+    counts: [E] tokens routed to each expert (the routing frequency).
+  """
+
+  tokens: jax.Array | np.ndarray
+  mask: jax.Array | np.ndarray
+  counts: np.ndarray
+
+
+def output_gains(w: ExpertWeights, tokens, mask) -> np.ndarray:
+  """[E, 2]: expert output error per unit of σ² removed from wi's and from wo's residual.
+
+  For isotropic inputs of power p, a residual E adds p · ‖E‖²_F to its matmul's
+  output error. wo's error is the expert's (p = mean square of GELU(h)); wi's
+  passes GELU'(h) and wo first, scaling it by E[GELU'(h)²] · ‖wo‖²_F / d_ff.
+  """
+  mask = np.asarray(mask)
+  h = jnp.einsum("etd,edf->etf", tokens, w.wi) + w.wi_bias[:, None]
+  count = np.maximum(mask.sum(1), 1)
+  mean = lambda a: np.einsum("et,et->e", np.asarray(jnp.mean(a, axis=-1)), mask) / count
+  slope = jax.vmap(jax.vmap(jax.vmap(jax.grad(jax.nn.gelu))))(h)
+  wo_gain = np.asarray(jnp.sum(jnp.square(w.wo), axis=(1, 2))) / w.wo.shape[1]
+  p_in = mean(jnp.square(tokens))
+  return np.stack([p_in * mean(jnp.square(slope)) * wo_gain,
+                   mean(jnp.square(jax.nn.gelu(h)))], axis=1)
+
+
+def choose_ranks(config: MiloConfig, experts: Mapping[str, ExpertWeights],
+                 stats: Mapping[str, LayerStats]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Layer -> (ranks of wi [E], ranks of wo [E]) by ``config.allocation``.
+
+  The budget is ``config.mean_rank`` on every matrix. ``uniform`` spends it so;
+  ``frequency`` shares each layer's by routing frequency (MiLo, DeepSeek-MoE);
+  ``kurtosis`` ignores it (MiLo's Mixtral rule); ``energy`` spends the whole
+  budget over all matrices of all layers with ``allocate_ranks``, weighting
+  each matrix by its expert's routed tokens times its ``output_gains``.
+  """
+  layers = list(experts)
+  d, f = experts[layers[0]].wi.shape[1:]
+  max_rank, cost = min(d, f), (d + f) * jnp.dtype(config.compensator_dtype).itemsize
+  num = experts[layers[0]].wi.shape[0]
+  if config.allocation == "uniform":
+    r = np.full(num, min(config.mean_rank, max_rank))
+    return {layer: (r, r) for layer in layers}
+  if config.allocation == "frequency":
+    return {layer: (frequency_ranks(stats[layer].counts, config.mean_rank, max_rank),) * 2
+            for layer in layers}
+  if config.allocation == "kurtosis":
+    return {layer: tuple(kurtosis_ranks([kurtosis(m) for m in mats], config.kurtosis_offset,
+                                        max_rank)
+                         for mats in (experts[layer].wi, experts[layer].wo))
+            for layer in layers}
+  weights, spectra = [], []
+  spectrum = jax.jit(jax.vmap(lambda m: residual_spectrum(m, config.bits, config.group_size)))
+  for layer in layers:
+    gains = output_gains(experts[layer], stats[layer].tokens, stats[layer].mask)
+    for j, mats in enumerate((experts[layer].wi, experts[layer].wo)):
+      spectra.append(np.asarray(spectrum(mats)))
+      weights.append(np.asarray(stats[layer].counts) * gains[:, j])
+  weights, spectra = np.concatenate(weights), np.concatenate(spectra)
+  ranks = allocate_ranks(weights, spectra, np.full(len(weights), cost),
+                         config.mean_rank * len(weights) * cost)
+  ranks = ranks.reshape(len(layers), 2, num)
+  return {layer: (ranks[i, 0], ranks[i, 1]) for i, layer in enumerate(layers)}
 
 
 def calibrate(experts: MiloExperts, float_experts: ExpertWeights, tokens: jax.Array,
