@@ -23,7 +23,8 @@ stay float32):
   steps that train only U, V to match the float expert outputs;
 * ``kurtosis``: MiLo's Mixtral rule, at whatever bytes it picks;
 * ablations: the expert matrices zeroed (how much the experts matter at all),
-  and ``--ablation_bits`` codes alone, with energy and with uniform
+  energy ranks from ``--iters`` rounds of MiLo's loop (SVD only; the other rows
+  use one), and ``--ablation_bits`` codes alone, with energy and with uniform
   compensators (calibrated) at the same budget.
 
 Routing statistics and calibration tokens come from ``--calib_batches``
@@ -65,6 +66,7 @@ CALIB_LR = flags.DEFINE_float("calib_lr", 1e-3, "Their learning rate.")
 CALIB_BATCHES = flags.DEFINE_integer("calib_batches", 4, "Training batches for statistics.")
 EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation batches for perplexity.")
 ABLATION_BITS = flags.DEFINE_integer("ablation_bits", 2, "Bits of the lower-bit ablation rows.")
+ITERS = flags.DEFINE_integer("iters", 10, "Rounds of MiLo's loop in the rounds ablation row.")
 NUM_EXPERTS = 8
 MAX_TOKENS = 1024  # calibration tokens kept per expert
 
@@ -140,7 +142,7 @@ def routing_statistics(setup, params, batches: int) -> dict[str, milo.LayerStats
   return out
 
 
-def findings(by: dict, q: str, lq: str, recovered) -> str:
+def findings(by: dict, q: str, lq: str, recovered, iters: int) -> str:
   """The rows' comparisons in words, for the report's header."""
   ppl = lambda name: by[name]["ppl"]
   pct = lambda name: f"{100 * recovered(name):.0f}%"
@@ -153,7 +155,9 @@ def findings(by: dict, q: str, lq: str, recovered) -> str:
       f"{q.upper()} gap: energy ranks {pct(q + '+energy')} from the SVD alone, "
       f"{pct(q + '+energy+calib')} calibrated; uniform ranks {pct(q + '+uniform')}, "
       f"{pct(q + '+uniform+calib')}; MiLo's frequency rule {pct(q + '+frequency')}, "
-      f"{pct(q + '+frequency+calib')}. {lq.upper()} ablation: perplexity {ppl(lq):.4g}; "
+      f"{pct(q + '+frequency+calib')}; energy ranks after {iters} rounds of MiLo's "
+      f"loop {pct(f'{q}+energy+iters{iters}')} (SVD only). {lq.upper()} ablation: "
+      f"perplexity {ppl(lq):.4g}; "
       f"energy + calibration closes {pct(lq + '+energy+calib')} of its gap, uniform + "
       f"calibration {pct(lq + '+uniform+calib')}.")
 
@@ -170,6 +174,7 @@ def main(argv):
   base = milo.MiloConfig(bits=BITS.value, group_size=group_size, mean_rank=mean_rank,
                          calib_steps=calib_steps, calib_lr=CALIB_LR.value)
   low = dataclasses.replace(base, bits=ABLATION_BITS.value)
+  dataclasses.replace(base, iters=ITERS.value)  # checked now, used after training
   config = model_config(quick, steps, layers)
   for k in (config.model.d_model, config.model.d_ff):
     milo.check_bits(base.bits, base.group_size, k)
@@ -225,6 +230,9 @@ def main(argv):
         name = f"int{base.bits}+{allocation}" + ("+calib" if calibrated else "")
         ranks = run(name, base, allocation, calibrated)
         energy_ranks = energy_ranks if allocation != "energy" else ranks
+    # MiLo's alternating quantize / SVD loop at its default 10 rounds (ablation).
+    rounds = dataclasses.replace(base, iters=ITERS.value)
+    run(f"int{base.bits}+energy+iters{rounds.iters}", rounds, "energy", False)
     # The same compensators where the codes lose more (ablation).
     run(f"int{low.bits}", low, "", False)
     for allocation in ("energy", "uniform"):
@@ -253,6 +261,7 @@ def main(argv):
       f"{q}_ppl": by[q]["ppl"],
       "milo_ppl": by[best]["ppl"],
       "milo_svd_only_ppl": by[f"{q}+energy"]["ppl"],
+      "milo_svd_only_iters_ppl": by[f"{q}+energy+iters{ITERS.value}"]["ppl"],
       "uniform_ppl": by[f"{q}+uniform+calib"]["ppl"],
       "uniform_svd_only_ppl": by[f"{q}+uniform"]["ppl"],
       "frequency_ppl": by[f"{q}+frequency+calib"]["ppl"],
@@ -289,7 +298,7 @@ def main(argv):
       f"d_ff {config.model.d_ff}, top-1) trained {steps} steps; expert matrices compressed "
       f"with group size {group_size}, compensator budget mean rank {mean_rank}; perplexity "
       f"per byte on {config.eval_batches} validation batches.\n\n"
-      + findings(by, q, lq, recovered) + f"\n\nEnergy ranks: {ranks_text}.")
+      + findings(by, q, lq, recovered, ITERS.value) + f"\n\nEnergy ranks: {ranks_text}.")
   common.write_results(
       "milo", summary, rows,
       config={"quick": quick, "steps": steps, "layers": layers, "bits": base.bits,

@@ -16,8 +16,10 @@ kurtosis (Mixtral); both rules are here (``frequency_ranks``,
 ``kurtosis_ranks``). ``allocate_ranks`` combines the two kinds of statistics
 under an exact byte budget: a rank of expert e removes σ² of its residual's
 spectrum from the error of every token routed to it, so it picks rank units by
-f_e·σ² per byte. ``calibrate`` then trains only U, V to match the float expert
-outputs on calibration tokens (MiLo itself is calibration-free).
+f_e·g·σ² per byte, g the gain from the matrix to the expert's output
+(``output_gains``); ``choose_ranks`` applies any of the rules to a model's
+layers. ``calibrate`` then trains only U, V to match the float expert outputs
+on calibration tokens (MiLo itself is calibration-free).
 
 Differences from MiLo: the codes use min-max ranges (HQQ's proximal solver
 is not reproduced), and U, V are stored in 16-bit floats (MiLo quantizes them to
