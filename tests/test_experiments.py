@@ -276,3 +276,18 @@ def test_zeropp_quick(tmp_path):
   # An explicit reduce-scatter sends (N-1)/N of the gradient, the all-reduce 2(N-1)/N.
   assert 0.4 < summary["zero2_grad_bytes_ratio_vs_allreduce"] <= 0.55
   assert 0.4 < summary["zero3_grad_bytes_ratio_vs_allreduce"] <= 0.55
+
+
+def test_milo_quick(tmp_path):
+  # Its own process: it trains on one device.
+  summary = run_experiment_subprocess("milo", tmp_path)["summary"]
+  for key in ("float_ppl", "int3_ppl", "int4_ppl", "milo_ppl", "uniform_ppl"):
+    assert summary[key] > 1
+  assert "milo_ppl_gap_recovered" in summary
+  # Group of 32 rows, float16 scale and minimum: 3 + 1 bits per weight of 32; INT4 5 of 32.
+  assert summary["int3_bytes_ratio_vs_fp32"] == 4 / 32
+  assert summary["int4_bytes_ratio_vs_fp32"] == 5 / 32
+  # Mean rank 2 on every [32, 64] matrix (16 per MoE layer) in float16: 2 · 96 · 2 bytes.
+  budget = 4 / 32 + 2 * 96 * 2 / (32 * 64 * 4)
+  assert summary["uniform_bytes_ratio_vs_fp32"] == budget
+  assert summary["int3_bytes_ratio_vs_fp32"] < summary["milo_bytes_ratio_vs_fp32"] <= budget

@@ -1,4 +1,5 @@
-"""Compression: quantizers with STE, integer weights and matmuls, QAT, ZeroQuant, XTC, N:M."""
+"""Compression: quantizers with STE, integer weights and matmuls, QAT, ZeroQuant, XTC, N:M,
+MiLo (INT3 experts with low-rank compensators)."""
 
 from jaxspeed.compression.integer import (
     QuantizedWeight,
@@ -10,7 +11,9 @@ from jaxspeed.compression.integer import (
     tree_nbytes,
     unpack_int4,
 )
+from jaxspeed.compression.milo import MiloConfig, MiloExperts, MiloWeight, compress_experts
 from jaxspeed.compression.quantizers import (
+    asymmetric_codes,
     ema_range,
     quantize,
     quantize_asymmetric,
@@ -24,7 +27,12 @@ from jaxspeed.compression.quantizers import (
 )
 
 __all__ = [
+    "MiloConfig",
+    "MiloExperts",
+    "MiloWeight",
     "QuantizedWeight",
+    "asymmetric_codes",
+    "compress_experts",
     "ema_range",
     "int8_matmul",
     "pack_int4",

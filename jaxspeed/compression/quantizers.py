@@ -71,10 +71,15 @@ def quantize_asymmetric(x: jax.Array, bits: int, groups: int = 1) -> jax.Array:
   return ste(x, _asymmetric(g, lo, hi, bits).reshape(x.shape))
 
 
+def asymmetric_codes(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """clamp(round((x - z) / s), 0, 2^b - 1) as float (integer values)."""
+  return jnp.clip(jnp.round((x - zero) / scale), 0, 2**bits - 1)
+
+
 def _asymmetric(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int) -> jax.Array:
   scale = jnp.maximum((hi - lo) / 2**bits, _TINY)
   zero = jnp.round(lo / scale) * scale
-  return jnp.clip(jnp.round((x - zero) / scale), 0, 2**bits - 1) * scale + zero
+  return asymmetric_codes(x, scale, zero, bits) * scale + zero
 
 
 def quantize_ternary(x: jax.Array, groups: int = 1) -> jax.Array:
