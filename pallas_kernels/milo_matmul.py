@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.quant_matmul import _block, use_pallas
+from pallas_kernels.quant_matmul import block_size, use_pallas
 
 __all__ = ["milo_matmul", "milo_matmul_reference", "pack_bitplanes", "unpack_bitplanes",
            "use_pallas"]
@@ -151,7 +151,7 @@ def milo_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, mins: jax.Ar
   m, k = x.shape
   bits, _, n = packed.shape
   g = scales.shape[0]
-  bm, bn = _block(m, _BLOCK_M), _block(n, _BLOCK_N)
+  bm, bn = block_size(m, _BLOCK_M), block_size(n, _BLOCK_N)
   low_rank = u is not None and u.shape[1] > 0
   in_specs = [pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
               pl.BlockSpec((bits, k // ROWS_PER_WORD, bn), lambda i, j: (0, 0, j)),

@@ -35,7 +35,7 @@ def use_pallas() -> bool:
   return jax.default_backend() == "gpu"
 
 
-def _block(dim: int, preferred: int) -> int:
+def block_size(dim: int, preferred: int) -> int:
   """The largest power-of-2 block <= preferred dividing ``dim``, or ``dim`` itself."""
   b = preferred
   while b >= 16:
@@ -121,7 +121,7 @@ def _w4a8_kernel(xe_ref, xo_ref, sx_ref, w_ref, sw_ref, o_ref, *, groups: int,
 
 
 def _grid_specs(m: int, n: int, k_cols: int, k_rows: int, groups: int, num_x: int):
-  bm, bn = _block(m, _BLOCK_M), _block(n, _BLOCK_N)
+  bm, bn = block_size(m, _BLOCK_M), block_size(n, _BLOCK_N)
   x_spec = pl.BlockSpec((bm, k_cols), lambda i, j: (i, 0))
   in_specs = [x_spec] * num_x + [
       pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxspeed.compression.quantizers import _TINY, asymmetric_codes
+from jaxspeed.compression.quantizers import TINY, asymmetric_codes
 from jaxspeed.errors import ConfigError
 from jaxspeed.moe.experts import ExpertWeights
 from jaxspeed.schema import Section, setting
@@ -130,7 +130,7 @@ def quantize_groupwise(w: jax.Array, bits: int, group_size: int) -> GroupQuantiz
   k, n = w.shape
   groups = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
   lo, hi = jnp.min(groups, axis=1), jnp.max(groups, axis=1)
-  scales = jnp.maximum((hi - lo) / (2**bits - 1), _TINY).astype(jnp.float16)
+  scales = jnp.maximum((hi - lo) / (2**bits - 1), TINY).astype(jnp.float16)
   mins = lo.astype(jnp.float16)
   # Codes from the float16 range that is stored, so deq uses what the codes assumed.
   codes = asymmetric_codes(groups, scales.astype(jnp.float32)[:, None],

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 QUANTIZATION_TYPES = ("symmetric", "asymmetric")
 # Ranges below this are treated as this, so an all-zero group quantizes to 0.
-_TINY = 1e-12
+TINY = 1e-12  # the smallest scale a quantizer divides by
 
 
 def ste(x: jax.Array, q: jax.Array, lo: jax.Array | None = None,
@@ -47,7 +47,7 @@ def symmetric_range(bits: int) -> tuple[int, int]:
 
 def symmetric_scale(absmax: jax.Array, bits: int) -> jax.Array:
   """s = 2·max|x| / 2^b (DeepSpeed's ``SymQuantizer``)."""
-  return jnp.maximum(2 * absmax / 2**bits, _TINY)
+  return jnp.maximum(2 * absmax / 2**bits, TINY)
 
 
 def symmetric_codes(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
@@ -77,7 +77,7 @@ def asymmetric_codes(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int)
 
 
 def _asymmetric(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int) -> jax.Array:
-  scale = jnp.maximum((hi - lo) / 2**bits, _TINY)
+  scale = jnp.maximum((hi - lo) / 2**bits, TINY)
   zero = jnp.round(lo / scale) * scale
   return asymmetric_codes(x, scale, zero, bits) * scale + zero
 
