@@ -282,3 +282,22 @@ def test_dedup_dispatch_sends_each_token_once_per_shard(tiny_config):
   assert plain == share * tokens * 4 * (4 * d + 1)
   assert dedup == share * tokens * (4 * d + 3 * 4)
   assert dedup < 0.3 * plain
+
+
+@pytest.mark.parametrize("parallel", [dict(sequence=2, expert=2, data=2), dict(sequence=2, data=4)],
+                         ids=["sp2_ep2_dp2", "sp2_dp4"])
+def test_sequence_sharded_moe_trains_like_one_device(tiny_config, one_device_dropless_losses,
+                                                     parallel):
+  """With Ulysses on, each device dispatches its own shard of the sequence: the same losses and
+  loads as one device, and no all-gather brings a layer's [B, S, d] activations together."""
+  config = _dropless_config(tiny_config)
+  config.parallel.update(parallel)
+  history, setup, _ = train_metrics(config, 4)
+  for got, want in zip(history, one_device_dropless_losses, strict=True):
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+    np.testing.assert_array_equal(got["moe_expert_tokens"], want["moe_expert_tokens"])
+  rows = config.batch_size // parallel["data"] // parallel.get("expert", 1)
+  full_sequence = rows * config.seq_len * config.model.d_model * 4
+  gathered = [c for c in collectives(compiled_step_text(setup), jax.device_count())
+              if c.op == "all-gather" and c.result_bytes >= full_sequence]
+  assert not gathered

@@ -48,12 +48,17 @@ def expert_parallel_size() -> int:
   return size
 
 
-def _specs() -> tuple[tuple[str, ...], tuple[str, ...], P, ExpertWeights]:
-  """(expert axes, hidden axes, spec of [B, ...] rows, specs of the expert weights)."""
+def _specs(split_sequence: bool = False
+           ) -> tuple[tuple[str, ...], tuple[str, ...], P, ExpertWeights]:
+  """(expert axes, hidden axes, spec of [B, S, ...] rows, specs of the expert weights).
+
+  With ``split_sequence`` the rows keep their sequence split too (``seq``'s axes).
+  """
   rules = _rules()
-  expert_axis = spec_axes(rules["experts"])
+  expert_axis = spec_axes(rules.get("experts"))
   hidden = spec_axes(rules.get("mlp"))
-  rows = P(spec_axes(rules.get("batch")) or None)
+  sequence = spec_axes(rules.get("seq")) if split_sequence else ()
+  rows = P(spec_axes(rules.get("batch")) or None, sequence or None)
   weight_specs = ExpertWeights(P(expert_axis, None, hidden or None), P(expert_axis, hidden or None),
                                P(expert_axis, hidden or None, None), P(expert_axis, None))
   return expert_axis, hidden, rows, weight_specs
@@ -93,6 +98,13 @@ def expert_parallel_dropless(x: jax.Array, experts: jax.Array, weights: jax.Arra
                              slack: float | None = None) -> tuple[jax.Array, jax.Array]:
   """``jaxspeed.moe.dropless.dropless_experts`` with experts split over the ``experts`` axis.
 
+  Each device dispatches the tokens it holds: its rows of the batch and, with
+  sequence parallelism, its shard of the sequence, which is never gathered
+  (X-MoE's sequence-sharded MoE blocks; without a capacity, where a token is
+  routed does not depend on the other tokens of its sequence). With one
+  expert shard there is no exchange: each device runs every expert on its
+  own tokens.
+
   XLA:CPU cannot run ``jax.lax.ragged_all_to_all`` (jax 0.10: "HLO opcode
   ragged-all-to-all is not supported by XLA:CPU"), so the exchange is a
   fixed-size ``all_to_all``: of the exact buffer (room for every unit a device
@@ -112,13 +124,14 @@ def expert_parallel_dropless(x: jax.Array, experts: jax.Array, weights: jax.Arra
     [B, S, d], split like ``x``, and whether the exact buffers ran (a bool [], the same
     on every device).
   """
-  expert_axis, hidden, rows, weight_specs = _specs()
+  expert_axis, hidden, rows, weight_specs = _specs(split_sequence=True)
   num_shards = expert_parallel_size()
   all_axes = tuple(jax.sharding.get_abstract_mesh().axis_names)
 
   def local(x, experts, weights, w):
     b, s, d = x.shape
-    exchange = lambda buf: jax.lax.all_to_all(buf, expert_axis, 0, 0, tiled=True)
+    exchange = lambda buf: (jax.lax.all_to_all(buf, expert_axis, 0, 0, tiled=True)
+                            if num_shards > 1 else buf)
     y, fell_back = dropless_experts(
         x.reshape(b * s, d), experts.reshape(b * s, -1), weights.reshape(b * s, -1), w,
         num_shards=num_shards, dedup=dedup, slack=slack, send=exchange, receive=exchange,

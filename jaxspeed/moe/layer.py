@@ -33,12 +33,13 @@ from jaxspeed.models.layers import Mlp, constrain, dense, param_init, zeros_init
 from jaxspeed.moe.balancing import BIAS
 from jaxspeed.moe.dropless import dropless_experts
 from jaxspeed.moe.expert_parallel import (
-    expert_parallel_dropless,
-    expert_parallel_experts,
-    expert_parallel_size,
+  expert_parallel_dropless,
+  expert_parallel_experts,
+  expert_parallel_size,
 )
 from jaxspeed.moe.experts import ExpertWeights, capacity_experts
 from jaxspeed.moe.gating import capacity, dispatch_and_combine, route
+from jaxspeed.parallel.ulysses import sequence_parallel_size
 
 if TYPE_CHECKING:  # jaxspeed.moe.config builds its layers' feed-forward from this module
   from jaxspeed.moe.config import MoeConfig
@@ -126,7 +127,7 @@ class MoeMlp(nn.Module):
     b, s, d = x.shape
     dropless = dict(dedup=self.moe.dedup_dispatch, slack=self.moe.padding_free_slack)
     if cap is None:
-      if expert_parallel_size() > 1:
+      if expert_parallel_size() > 1 or sequence_parallel_size() > 1:
         y, fell_back = expert_parallel_dropless(x, routing.experts, routing.weights, w,
                                                 **dropless)
       else:
