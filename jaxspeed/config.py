@@ -20,6 +20,7 @@ from absl import logging
 
 from jaxspeed.compatibility import check_compatibility
 from jaxspeed.compression.config import CompressionTrainingConfig
+from jaxspeed.compression.milo import MiloConfig
 from jaxspeed.data.config import DataConfig
 from jaxspeed.data_efficiency.config import DataEfficiencyConfig
 from jaxspeed.errors import ConfigError
@@ -95,6 +96,7 @@ class Config(Section):
   compression: CompressionTrainingConfig = setting(factory=CompressionTrainingConfig)
   moe: MoeConfig = setting(factory=MoeConfig)
   kd: KdConfig = setting(factory=KdConfig)
+  milo: MiloConfig = setting(factory=MiloConfig)
   inference: InferenceConfig = setting(factory=InferenceConfig)
   data: DataConfig = setting(factory=DataConfig)
 
