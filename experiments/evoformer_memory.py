@@ -12,12 +12,15 @@ float32) for the materialized reference and ``evoformer_attention`` (key
 blocks, online softmax), reads the temporary bytes per device from XLA's
 ``memory_analysis()`` (everything the backward keeps or recomputes,
 excluding inputs and gradients), times the compiled gradient (median of
-``--repeats`` calls) and reports the largest absolute gradient difference.
+``--repeats`` calls) and reports the largest absolute gradient difference
+from the reference. The Pallas path (the flash kernels mapped over rows) runs
+only up to ``--pallas_max_n``: off GPU it is the Pallas interpreter, whose
+time and buffers say nothing about a compiled kernel.
 
 Summary: ``memory_ratio_naive_vs_blockwise_at_max_n`` = naive / blockwise temp
 bytes at the largest N, ``blockwise_temp_growth`` and ``naive_temp_growth`` =
 temp bytes at the largest / the smallest N (linear: ``n_growth``; quadratic:
-its square), ``max_abs_grad_err`` over all N and gradients.
+its square), ``max_abs_grad_err`` over all N, paths and gradients.
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ from absl import flags
 
 from experiments import common
 from jaxspeed.errors import FlagError
-from jaxspeed.models.evoformer_attention import evoformer_attention, evoformer_attention_reference
+from jaxspeed.models.evoformer_attention import (
+    evoformer_attention,
+    evoformer_attention_pallas,
+    evoformer_attention_reference,
+)
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: N in 64, 256 with 2 rows.")
 NS = flags.DEFINE_list("ns", ["64", "128", "256", "512", "1024"], "Sequence lengths N.")
@@ -40,8 +47,11 @@ ROWS = flags.DEFINE_integer("rows", 8, "Rows R (MSA sequences) per example.")
 HEADS = flags.DEFINE_integer("heads", 4, "Attention heads.")
 HEAD_DIM = flags.DEFINE_integer("head_dim", 32, "Head dimension.")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per point (median).")
+PALLAS_MAX_N = flags.DEFINE_integer(
+    "pallas_max_n", 64, "Also run the Pallas path (slow interpreter off GPU) for N up to this.")
 
-IMPLS = {"naive": evoformer_attention_reference, "blockwise": evoformer_attention}
+IMPLS = {"naive": evoformer_attention_reference, "blockwise": evoformer_attention,
+         "pallas": evoformer_attention_pallas}
 
 
 def _inputs(rows: int, n: int, heads: int, head_dim: int):
@@ -78,6 +88,9 @@ def _check_flags(ns: list[str]) -> list[int]:
                        ("repeats", REPEATS)):
     if holder.value < 1:
       raise FlagError(name, f"must be >= 1, got {holder.value}")
+  if PALLAS_MAX_N.value < 0:
+    raise FlagError("pallas_max_n", f"must be >= 0 (0: skip the Pallas path), got "
+                    f"{PALLAS_MAX_N.value}")
   return sorted(int(s) for s in ns)
 
 
@@ -91,12 +104,15 @@ def main(argv):
     args, w = _inputs(rows_per_example, n, HEADS.value, HEAD_DIM.value)
     grads = {}
     for impl in IMPLS:
+      if impl == "pallas" and n > PALLAS_MAX_N.value:
+        continue
       temp[impl, n], seconds, grads[impl] = measure(impl, args, w, REPEATS.value)
       rows.append({"impl": impl, "n": n, "temp_mb": temp[impl, n] / 2**20,
                    "grad_ms": seconds * 1e3})
-    err = max(float(np.max(np.abs(a - b))) for a, b in zip(grads["blockwise"], grads["naive"]))
-    rows[-1]["max_abs_grad_err"] = err
-    max_err = max(max_err, err)
+      if impl != "naive":
+        err = max(float(np.max(np.abs(a - b))) for a, b in zip(grads[impl], grads["naive"]))
+        rows[-1]["max_abs_grad_err"] = err
+        max_err = max(max_err, err)
   lo, hi = ns[0], ns[-1]
   summary = {
       "memory_ratio_naive_vs_blockwise_at_max_n": temp["naive", hi] / temp["blockwise", hi],
@@ -113,7 +129,8 @@ def main(argv):
       f"{rows_per_example} rows, {HEADS.value} heads of {HEAD_DIM.value}, float32, pair bias "
       f"and mask bias. DS4Sci (OpenFold): up to 13x lower peak memory.")
   config = {"ns": ns, "rows": rows_per_example, "heads": HEADS.value,
-            "head_dim": HEAD_DIM.value, "repeats": REPEATS.value}
+            "head_dim": HEAD_DIM.value, "repeats": REPEATS.value,
+            "pallas_max_n": PALLAS_MAX_N.value}
   common.write_results("evoformer_memory", summary, rows, config, header)
 
 

@@ -25,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.flash_attention import flash_attention
+
 KEY_BLOCK = 64  # keys per scan step: the live tile is [B, R, H, N, KEY_BLOCK]
 
 
@@ -98,6 +100,41 @@ def evoformer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     mask_bias = jnp.pad(mask_bias, [(0, 0)] * 4 + [(0, pad)])
   out = _attention(q, k, v, pair_bias, mask_bias, key_valid, block)
   return jnp.swapaxes(out, 2, 3)
+
+
+def evoformer_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                               pair_bias: jax.Array | None = None,
+                               mask_bias: jax.Array | None = None,
+                               interpret: bool | None = None) -> jax.Array:
+  """The same attention on the Pallas FlashAttention kernels, mapped over rows.
+
+  Each row is one ``flash_attention`` call (forward with the row logsumexp,
+  FA-2 backward with the bias gradient); ``jax.vmap`` over R adds the rows to
+  the kernels' grid and sums the unbatched pair bias's gradient over rows.
+  That sum happens outside the kernel, so the backward holds a per-row
+  [R, B, H, N, N] float32 bias gradient, and with a mask bias the per-row
+  bias pair_bias + mask_bias is also formed: exact, but not yet the
+  memory-lean path (``evoformer_attention`` is, on every backend). Runs in
+  the Pallas interpreter off GPU; the compiled GPU path is untested.
+
+  Args:
+    q, k, v: [B, R, N, H, D].
+    pair_bias: [B, 1, H, N, N] or None.
+    mask_bias: [B, R, 1, 1, N] or None.
+    interpret: as ``flash_attention``'s (default: unless on GPU).
+
+  Returns:
+    [B, R, N, H, D] in the dtype of ``q``.
+  """
+  _check_shapes(q, k, v, pair_bias, mask_bias)
+
+  def row(q, k, v, mask):  # q, k, v [B, N, H, D]; mask [B, 1, 1, N] or None
+    biases = [b for b in (None if pair_bias is None else pair_bias[:, 0], mask) if b is not None]
+    bias = sum(biases[1:], biases[0]) if biases else None
+    return flash_attention(q, k, v, bias=bias, interpret=interpret)
+
+  return jax.vmap(row, in_axes=(1, 1, 1, None if mask_bias is None else 1),
+                  out_axes=1)(q, k, v, mask_bias)
 
 
 def _kv_blocks(x: jax.Array, block: int) -> jax.Array:
