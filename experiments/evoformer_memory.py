@@ -13,7 +13,7 @@ blocks, online softmax), reads the temporary bytes per device from XLA's
 ``memory_analysis()`` (everything the backward keeps or recomputes,
 excluding inputs and gradients), times the compiled gradient (median of
 ``--repeats`` calls) and reports the largest absolute gradient difference
-from the reference. The Pallas path (the flash kernels mapped over rows) runs
+from the reference. The Pallas path (the flash kernels, one row at a time) runs
 only up to ``--pallas_max_n``: off GPU it is the Pallas interpreter, whose
 time and buffers say nothing about a compiled kernel.
 

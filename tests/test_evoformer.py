@@ -53,7 +53,7 @@ def test_values_and_gradients_match_reference(biases, key_block):
 
 @pytest.mark.parametrize("biases", [("pair", "mask"), ("mask",)])
 def test_pallas_path_matches_reference(biases):
-  """The flash kernels (Pallas interpreter) mapped over rows: same values and gradients."""
+  """The flash kernels (Pallas interpreter), one row at a time: same values and gradients."""
   q, k, v, pair, mask = _inputs()
   given = {name: x for name, x in (("pair_bias", pair), ("mask_bias", mask))
            if name.split("_")[0] in biases}
@@ -91,6 +91,14 @@ def test_gradient_memory_linear_in_n_per_row():
   assert blocked[1] / blocked[0] < 2.5
   assert naive[1] / naive[0] > 3.5
   assert blocked[1] < rows * H * 512 * 512 * 4 < naive[1]
+
+
+def test_pallas_path_bias_buffers_do_not_grow_with_rows():
+  """Per-row biases and bias gradients are never stacked over R: 4x the rows adds
+  only the rows' own q, k, v-sized buffers, far below 3 more [B, H, N, N] floats."""
+  n = 128
+  two, eight = (_gradient_temp_bytes(evoformer_attention_pallas, rows, n) for rows in (2, 8))
+  assert eight - two < 3 * H * n * n * 4
 
 
 def test_bad_bias_shape_is_rejected():

@@ -106,16 +106,17 @@ def evoformer_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                pair_bias: jax.Array | None = None,
                                mask_bias: jax.Array | None = None,
                                interpret: bool | None = None) -> jax.Array:
-  """The same attention on the Pallas FlashAttention kernels, mapped over rows.
+  """The same attention on the Pallas FlashAttention kernels, one row at a time.
 
   Each row is one ``flash_attention`` call (forward with the row logsumexp,
-  FA-2 backward with the bias gradient); ``jax.vmap`` over R adds the rows to
-  the kernels' grid and sums the unbatched pair bias's gradient over rows.
-  That sum happens outside the kernel, so the backward holds a per-row
-  [R, B, H, N, N] float32 bias gradient, and with a mask bias the per-row
-  bias pair_bias + mask_bias is also formed: exact, but not yet the
-  memory-lean path (``evoformer_attention`` is, on every backend). Runs in
-  the Pallas interpreter off GPU; the compiled GPU path is untested.
+  FA-2 backward with the bias gradient) inside a ``lax.scan`` over R, whose
+  backward adds each row's pair-bias gradient into one [B, 1, H, N, N]
+  accumulator. The row is rematerialized (``jax.checkpoint``), so the scan
+  keeps only its inputs: neither the per-row bias pair_bias + mask_bias nor
+  its gradient is ever stacked over R. The kernel still writes one row's
+  [B, H, N, N] bias gradient before it is added (the row sum is not fused
+  into the kernel). Runs in the Pallas interpreter off GPU; the compiled GPU
+  path is untested.
 
   Args:
     q, k, v: [B, R, N, H, D].
@@ -128,13 +129,15 @@ def evoformer_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   _check_shapes(q, k, v, pair_bias, mask_bias)
 
+  @jax.checkpoint
   def row(q, k, v, mask):  # q, k, v [B, N, H, D]; mask [B, 1, 1, N] or None
     biases = [b for b in (None if pair_bias is None else pair_bias[:, 0], mask) if b is not None]
     bias = sum(biases[1:], biases[0]) if biases else None
     return flash_attention(q, k, v, bias=bias, interpret=interpret)
 
-  return jax.vmap(row, in_axes=(1, 1, 1, None if mask_bias is None else 1),
-                  out_axes=1)(q, k, v, mask_bias)
+  rows = tuple(None if x is None else jnp.moveaxis(x, 1, 0) for x in (q, k, v, mask_bias))
+  _, out = jax.lax.scan(lambda carry, xs: (carry, row(*xs)), None, rows)
+  return jnp.moveaxis(out, 0, 1)
 
 
 def _kv_blocks(x: jax.Array, block: int) -> jax.Array:
