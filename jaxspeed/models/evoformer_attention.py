@@ -85,11 +85,13 @@ def evoformer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     [B, R, N, H, D] in the dtype of ``q``.
   """
   _check_shapes(q, k, v, pair_bias, mask_bias)
+  if key_block < 1:
+    raise ValueError(f"key_block must be >= 1, got {key_block}")
   n = q.shape[2]
   block = min(key_block, n)
   padded = -(-n // block) * block
-  # Head-major [B, R, H, N, D]; keys padded to whole blocks. Padded keys get
-  # a finfo.min mask bias, so they carry zero weight and zero gradient.
+  # Head-major [B, R, H, N, D]; keys padded to whole blocks. ``key_valid``
+  # sets padded keys' logits to finfo.min: zero weight, zero gradient.
   q, k, v = (jnp.swapaxes(x, 2, 3) for x in (q * q.shape[-1] ** -0.5, k, v))
   pad = padded - n
   k, v = (jnp.pad(x, [(0, 0)] * 3 + [(0, pad), (0, 0)]) for x in (k, v))
