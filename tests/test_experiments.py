@@ -121,6 +121,15 @@ def test_attention_memory_quick(tmp_path):
   assert summary["xla_temp_growth"] > 10  # quadratic in S
 
 
+def test_evoformer_memory_quick(tmp_path):
+  summary = run_experiment("evoformer_memory", tmp_path)["summary"]
+  assert summary["n_growth"] == 4
+  assert summary["naive_temp_growth"] > 12  # the [B, R, H, N, N] logits: quadratic in N
+  assert summary["blockwise_temp_growth"] < summary["naive_temp_growth"] / 2
+  assert summary["memory_ratio_naive_vs_blockwise_at_max_n"] > 2
+  assert summary["max_abs_grad_err"] < 1e-4
+
+
 def test_zeroquant_minilm_quick(tmp_path):
   payload = run_experiment("zeroquant_minilm", tmp_path)
   summary = payload["summary"]

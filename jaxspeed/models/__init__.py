@@ -4,6 +4,7 @@ from jaxspeed.models.attention import ATTENTION_IMPLS, causal_mask, dot_product_
 from jaxspeed.models.bert import BertEncoder, BertForMaskedLM
 from jaxspeed.models.blockwise_attention import blockwise_attention  # registers "blockwise"
 from jaxspeed.models.config import ModelConfig
+from jaxspeed.models.evoformer_attention import evoformer_attention
 from jaxspeed.models.flash_attention import sharded_flash_attention  # registers "flash"
 from jaxspeed.models.gpt import GPT
 from jaxspeed.models.pipelined_gpt import PipelinedGPT
@@ -40,5 +41,6 @@ __all__ = [
   "build_model",
   "causal_mask",
   "dot_product_attention",
+  "evoformer_attention",
   "sharded_flash_attention",
 ]
