@@ -73,6 +73,8 @@ QUICK = flags.DEFINE_bool("quick", False, "Smoke run: p = 2 and m = 4p only, 4 l
 STAGES = flags.DEFINE_list("stages", ["2", "4"], "Pipeline depths p to measure.")
 SCHEDULES = flags.DEFINE_list("schedules", list(pipeline.SCHEDULES), "Schedules to compare.")
 REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per variant (median reported).")
+MULTIPLES = flags.DEFINE_list("microbatch_multiples", ["1", "2", "4"],
+                              "Microbatch counts m as multiples of p.")
 BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch; divisible by 8 and by m·dp.")
 
 
@@ -131,7 +133,7 @@ def main(argv):
   stages = [2] if quick else [int(p) for p in STAGES.value]
   schedules = SCHEDULES.value
   repeats = 3 if quick else REPEATS.value
-  per_stage = (4,) if quick else (1, 2, 4)  # m / p
+  per_stage = (4,) if quick else tuple(int(k) for k in MULTIPLES.value)  # m / p
   pipelines = {(s, p, k * p): Variant(_config(quick, p, k * p, s))
                for s in schedules for p in stages for k in per_stage}
   references = {k: Variant(_config(quick, 1, k)) for k in per_stage}
