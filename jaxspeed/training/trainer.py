@@ -223,9 +223,6 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
                       f"fsdp axis ({mesh.shape['fsdp']} here; data runs across nodes); "
                       f"allowed: 1, {mesh.shape['fsdp']}")
   adversarial = embedding_noise(config.optim.adversarial)
-  if adversarial is not None and num_stages > 1:
-    raise ConfigError("optim.adversarial.epsilon", "adversarial embedding noise needs the whole "
-                      f"forward in one objective; allowed: 0 with parallel.stage={num_stages}")
   offload = config.zero.offload_optimizer != "none"
   host_update = offload and config.optim.name in HOST_UPDATE_OPTIMIZERS
   # ZeRO-Offload streams gradients to the host as the backward pass makes them; a
