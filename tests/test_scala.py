@@ -113,3 +113,13 @@ def test_data2_tensor2_equals_one_device(model_name, tiny_config):
     tiny_config.zero.update(stage=2, reduce_scatter=True)
   losses, _, _ = train_losses(tiny_config, 3, devices=jax.devices()[:4])
   np.testing.assert_allclose(losses, expected, rtol=1e-4)
+
+
+def test_microbatches_see_the_same_per_example_perturbation(tiny_config):
+  """δ is per example, so accumulating two microbatches trains as one batch does."""
+  tiny_config.model.num_layers = 1
+  tiny_config.optim.adversarial.update(epsilon=0.2, steps=2, step_size=0.1)
+  expected, _, _ = train_losses(tiny_config, 2, devices=jax.devices()[:1])
+  tiny_config.microbatches = 2
+  losses, _, _ = train_losses(tiny_config, 2, devices=jax.devices()[:1])
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
