@@ -106,6 +106,9 @@ TECHNIQUES: dict[str, Technique] = {
                                 "`compression.sparse_pruning.enabled`",
                                 _compression("sparse_pruning")),
     "KD": Technique("kd.enabled", "`kd.enabled`", lambda c, shape, rlhf: c.kd.enabled),
+    "adversarial embedding noise": Technique(
+        "optim.adversarial.epsilon", "`optim.adversarial.epsilon` > 0",
+        lambda c, shape, rlhf: c.optim.adversarial.epsilon > 0, "0"),
     "RLHF": Technique("", "`experiments.rlhf` steps", lambda c, shape, rlhf: rlhf),
 }
 
@@ -143,6 +146,9 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
     ("MoE", "PLD"): "progressive layer dropping skips layers inside a conditional, where MoE "
                     "statistics cannot be collected",
     ("MoE", "pipeline"): "MoE layers do not run inside pipeline stages yet",
+    ("pipeline", "adversarial embedding noise"): "the pipeline computes its loss inside the "
+                                                 "stages; the ascent needs the whole forward",
+    ("RLHF", "adversarial embedding noise"): "the RLHF learners build their own objectives",
     ("1-bit optimizer", "MoE bias balancing"): "the routing bias is moved in the parameters "
                                                "only, not in the 1-bit optimizers' own copies",
     ("optimizer offload", "MoE bias balancing"): "the routing bias is moved on the device, not "

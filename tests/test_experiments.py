@@ -130,6 +130,20 @@ def test_evoformer_memory_quick(tmp_path):
   assert summary["max_abs_grad_err"] < 1e-4
 
 
+def test_scala_quick(tmp_path):
+  payload = run_experiment("scala", tmp_path)
+  summary, rows = payload["summary"], {r["run"]: r for r in payload["rows"]}
+  assert set(rows) == {"small_adamw", "large_lamb", "large_lamb_scala"}
+  # equal epochs: the large batch takes batch-ratio fewer updates
+  assert rows["small_adamw"]["updates"] == 2 * rows["large_lamb"]["updates"]
+  assert rows["large_lamb"]["updates"] == rows["large_lamb_scala"]["updates"]
+  assert summary["scala_gap"] == pytest.approx(
+      summary["small_batch_accuracy"] - summary["scala_accuracy"])
+  for key in ("large_batch_gap", "scala_gap", "steps_speedup_to_target"):
+    assert key in summary
+  assert all(0 <= r["final_accuracy"] <= 1 for r in rows.values())
+
+
 def test_zeroquant_minilm_quick(tmp_path):
   payload = run_experiment("zeroquant_minilm", tmp_path)
   summary = payload["summary"]

@@ -20,6 +20,23 @@ LR_UNITS = ("steps", "tokens", "layer_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
+class AdversarialConfig(Section):
+  """ScaLA's adversarial embedding noise (``jaxspeed.training.adversarial``).
+
+  Attributes:
+    epsilon: radius of each example's L2 ball around its token embeddings; 0 disables.
+    steps: projected gradient-ascent steps on the perturbation per update.
+    step_size: L2 length of each ascent step.
+  """
+
+  KEY = "optim.adversarial"
+
+  epsilon: float = setting(0.0, ge=0)
+  steps: int = setting(1, ge=1)
+  step_size: float = setting(1e-3, gt=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimConfig(Section):
   """Optimizer and schedule; the 1-bit fields keep DeepSpeed's defaults.
 
@@ -37,6 +54,7 @@ class OptimConfig(Section):
     var_freeze_step, var_update_scaler, local_step_scaler, local_step_clipper:
       0/1 Adam's policies (local_step_scaler 32678 is DeepSpeed's default,
       likely meant 32768).
+    adversarial: ScaLA's adversarial embedding noise.
   """
 
   KEY = "optim"
@@ -66,6 +84,7 @@ class OptimConfig(Section):
   var_update_scaler: int = setting(16, ge=1)
   local_step_scaler: int = setting(32678, ge=1)
   local_step_clipper: int = setting(16, ge=1)
+  adversarial: AdversarialConfig = setting(factory=AdversarialConfig)
 
   def check(self) -> None:
     if self.min_coeff > self.max_coeff:

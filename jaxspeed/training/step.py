@@ -41,6 +41,7 @@ from jaxspeed.parallel.pipeline import is_layer_name
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
 from jaxspeed.parallel.zeropp import Zero3Gather
+from jaxspeed.training.adversarial import EmbeddingNoise, perturbed
 from jaxspeed.training.optim import Schedule
 from jaxspeed.training.state import (
   StateSpecs,
@@ -312,6 +313,9 @@ class StepOptions:
     expert_bias_rate: auxiliary-loss-free balancing's u: after each update every MoE
       layer's routing bias moves by u · sign(mean load − load) (``jaxspeed.moe.balancing``);
       0 for none.
+    adversarial: ScaLA's adversarial embedding noise: the objective is taken at the
+      token embeddings plus the worst δ of an ε-ball (``jaxspeed.training.adversarial``);
+      None for none.
   """
 
   objective: Objective = LanguageModeling()
@@ -327,6 +331,7 @@ class StepOptions:
   speculate: bool = False
   reduce_scatter: bool = False
   expert_bias_rate: float = 0.0
+  adversarial: EmbeddingNoise | None = None
 
   def __post_init__(self):
     if self.microbatches < 1:
@@ -346,8 +351,10 @@ class StepOptions:
     return self if explicit else None
 
   def loss_sum(self, model: nn.Module) -> LossSum:
-    """The objective's ``LossSum`` of ``model``, under the dense interceptor."""
-    return intercepted(self.objective.loss_sum(model), self.dense_interceptor)
+    """The objective's ``LossSum`` of ``model``, under the dense interceptor, at the
+    adversarial embeddings if any."""
+    return perturbed(intercepted(self.objective.loss_sum(model), self.dense_interceptor),
+                     self.adversarial)
 
 
 class TrainStep:
@@ -556,6 +563,9 @@ def make_train_step(model: nn.Module, optimizer, schedule: Schedule, specs: Stat
                        "microbatches=1 (the trainer does) instead of accumulating sequentially")
     if options.layer_dropping.enabled:
       raise ValueError("a PipelinedGPT runs no random-LTD or progressive layer dropping")
+    if options.adversarial is not None:
+      raise ValueError("a PipelinedGPT computes its loss inside the pipeline; adversarial "
+                       "embedding noise needs the whole forward in one objective")
   if options.speculate and not specs.host_update:
     raise ValueError("speculate needs the optimizer update on the host (StateSpecs.host_update)")
   if options.per_device is not None and isinstance(optimizer, CommunicatingOptimizer):

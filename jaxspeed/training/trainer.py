@@ -64,6 +64,7 @@ from jaxspeed.parallel import SEQUENCE_AXIS, compute_rules, make_mesh, pad_to_mu
 from jaxspeed.parallel.config import OFFLOAD_MEMORY_KINDS
 from jaxspeed.parallel.devices import fit_config_layout, peak_flops
 from jaxspeed.parallel.pipeline import unstack_layers
+from jaxspeed.training.adversarial import embedding_noise
 from jaxspeed.training.evaluation import validation_bits_per_byte
 from jaxspeed.training.metrics import MetricsWriter, plot_loss, read_metrics
 from jaxspeed.training.optim import make_optimizer, make_schedule
@@ -221,6 +222,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
     raise ConfigError("zero.hpz_partition_size", f"{hpz} must be the devices of a node, the "
                       f"fsdp axis ({mesh.shape['fsdp']} here; data runs across nodes); "
                       f"allowed: 1, {mesh.shape['fsdp']}")
+  adversarial = embedding_noise(config.optim.adversarial)
   offload = config.zero.offload_optimizer != "none"
   host_update = offload and config.optim.name in HOST_UPDATE_OPTIMIZERS
   # ZeRO-Offload streams gradients to the host as the backward pass makes them; a
@@ -259,7 +261,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       dense_interceptor=compression, quantized_weights=config.zero.quantized_weights,
       hierarchical_partition=hpz > 1, quantized_gradients=config.zero.quantized_gradients,
       speculate=config.zero.offload_speculation, reduce_scatter=config.zero.reduce_scatter,
-      expert_bias_rate=MoeConfig.from_config(config.moe).bias_rate)
+      expert_bias_rate=MoeConfig.from_config(config.moe).bias_rate, adversarial=adversarial)
   train_step = make_train_step(model, optimizer, make_schedule(config.optim, total), specs, mesh,
                                options)
   eval_step = make_eval_step(model, specs, mesh, compression)
