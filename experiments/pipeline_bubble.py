@@ -68,7 +68,7 @@ from jaxspeed.configs import gpt_tiny
 from jaxspeed.parallel import pipeline
 from jaxspeed.parallel.pipeline import circular_bubble_fraction
 
-QUICK = flags.DEFINE_bool("quick", False, "Smoke run: p = 2 and m = 4p only, 4 layers, "
+QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 1F1B only, p = 2 and m = 4p, 4 layers, "
                           "d_model 64, seq 32, 3 repeats.")
 STAGES = flags.DEFINE_list("stages", ["2", "4"], "Pipeline depths p to measure.")
 SCHEDULES = flags.DEFINE_list("schedules", list(pipeline.SCHEDULES), "Schedules to compare.")
@@ -131,7 +131,7 @@ def main(argv):
   common.setup_devices()
   quick = QUICK.value
   stages = [2] if quick else [int(p) for p in STAGES.value]
-  schedules = SCHEDULES.value
+  schedules = ["1f1b"] if quick else SCHEDULES.value
   repeats = 3 if quick else REPEATS.value
   per_stage = (4,) if quick else tuple(int(k) for k in MULTIPLES.value)  # m / p
   pipelines = {(s, p, k * p): Variant(_config(quick, p, k * p, s))

@@ -209,9 +209,7 @@ def test_pipeline_bubble_quick(tmp_path):
   assert math.isfinite(summary["bubble_measured_vs_theory"])
   assert math.isfinite(summary["bubble_measured_vs_theory_1f1b"])
   assert [(r["schedule"], r["stages_p"], r["microbatches_m"]) for r in payload["rows"]] == [
-      ("gpipe", 2, 8), ("1f1b", 2, 8), ("interleaved", 2, 8)]
-  assert payload["rows"][2]["bubble_theory"] == pytest.approx(1 / 17)  # (p-1)/(v m + p-1)
-  assert summary["stored_microbatches_1f1b_vs_gpipe_theory"] == pytest.approx(3 / 8)
+      ("1f1b", 2, 8)]
 
 
 def test_moe_comm_quick(tmp_path):
