@@ -66,7 +66,7 @@ import jaxspeed
 from experiments import common
 from jaxspeed.configs import gpt_tiny
 from jaxspeed.parallel import pipeline
-from jaxspeed.parallel.pipeline import circular_bubble_fraction
+from jaxspeed.parallel.pipeline import bubble_fraction
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 1F1B only, p = 2 and m = 4p, 4 layers, "
                           "d_model 64, seq 32, 3 repeats.")
@@ -147,7 +147,7 @@ def main(argv):
     ref = references[m // p]
     t_pipe, t_ref = float(np.median(pipe.times)), float(np.median(ref.times))
     virtual = pipe.setup.config.pipeline.virtual_stages if schedule == "interleaved" else 1
-    theory = circular_bubble_fraction(p, virtual, m)
+    theory = bubble_fraction(p, m, virtual)
     rows.append({
         "schedule": schedule, "stages_p": p, "virtual_stages_v": virtual, "microbatches_m": m,
         "data_parallel": common.CPU_DEVICES.value // p,

@@ -134,3 +134,14 @@ def run_experiment_subprocess(name: str, output_dir, *flag_args: str,
       timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   return _check_outputs(name, output_dir, result.stdout)
+
+
+def random_expert_weights(key, num_experts: int, d: int, f: int):
+  """Random ``ExpertWeights`` of ``num_experts`` experts [d -> f -> d], scaled like an init."""
+  from jaxspeed.moe.experts import ExpertWeights
+
+  keys = jax.random.split(key, 4)
+  return ExpertWeights(jax.random.normal(keys[0], (num_experts, d, f)) / np.sqrt(d),
+                       jax.random.normal(keys[1], (num_experts, f)),
+                       jax.random.normal(keys[2], (num_experts, f, d)) / np.sqrt(f),
+                       jax.random.normal(keys[3], (num_experts, d)))

@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import train_losses
+from helpers import random_expert_weights, train_losses
 
 from jaxspeed.config import default_config, validate
 from jaxspeed.errors import ConfigError
 from jaxspeed.models import GPT, ModelConfig
 from jaxspeed.moe import (
     Distillation,
-    ExpertWeights,
     MoeConfig,
     MoeMlp,
     capacity,
@@ -287,19 +286,11 @@ def test_dropless_expert_parallel_equals_single_device(tiny_config, single_devic
   assert int(np.sum(metrics["moe_expert_tokens"])) == 16 * 32  # one MoE layer, top-1
 
 
-def _expert_weights(key, num_experts, d, f):
-  keys = jax.random.split(key, 4)
-  return ExpertWeights(jax.random.normal(keys[0], (num_experts, d, f)) / np.sqrt(d),
-                       jax.random.normal(keys[1], (num_experts, f)),
-                       jax.random.normal(keys[2], (num_experts, f, d)) / np.sqrt(f),
-                       jax.random.normal(keys[3], (num_experts, d)))
-
-
 def test_dropless_expert_parallel_keeps_a_full_shard():
   """Almost every token picks both experts of shard 0 (ep 4, 2 experts each): its buffer is
   full, and each token still gets Σ_j w_j · expert_j(x)."""
   num_experts, d, f = 8, 16, 32
-  w = _expert_weights(jax.random.PRNGKey(0), num_experts, d, f)
+  w = random_expert_weights(jax.random.PRNGKey(0), num_experts, d, f)
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 4, d))
   experts = np.tile(np.asarray([0, 1], np.int32), (8, 4, 1))
   experts[0, 0], experts[5, 3], experts[7, 1] = (7, 0), (3, 4), (1, 6)

@@ -17,7 +17,6 @@ from jaxspeed.parallel.pipeline import (
   SCHEDULES,
   bubble_fraction,
   circular,
-  circular_bubble_fraction,
   from_microbatches,
   gpipe,
   run_stages_sequentially,
@@ -246,7 +245,7 @@ def test_microbatch_split_round_trip():
 
 
 def test_bubble_fraction():
-  assert circular_bubble_fraction(4, 2, 8) == pytest.approx(3 / 19)
+  assert bubble_fraction(4, 8, virtual_stages=2) == pytest.approx(3 / 19)
   assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
   assert bubble_fraction(2, 8) == pytest.approx(1 / 9)
   assert bubble_fraction(1, 5) == 0

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import compiled_step_text, train_metrics
+from helpers import compiled_step_text, random_expert_weights, train_metrics
 
 import jaxspeed
 from jaxspeed.checkpoint.run_files import restore_latest
@@ -16,7 +16,6 @@ from jaxspeed.comm.hlo import collectives
 from jaxspeed.config import default_config, validate
 from jaxspeed.errors import ConfigError
 from jaxspeed.moe import (
-    ExpertWeights,
     dropless_experts,
     expert_parallel_dropless,
     top1_gating,
@@ -153,14 +152,6 @@ def test_bad_balancing_configs(tiny_config, overrides, key):
   assert error.value.key == key
 
 
-def _expert_weights(key, num_experts, d, f):
-  keys = jax.random.split(key, 4)
-  return ExpertWeights(jax.random.normal(keys[0], (num_experts, d, f)) / np.sqrt(d),
-                       jax.random.normal(keys[1], (num_experts, f)),
-                       jax.random.normal(keys[2], (num_experts, f, d)) / np.sqrt(f),
-                       jax.random.normal(keys[3], (num_experts, d)))
-
-
 def _per_token(w, x, experts, weights):
   p = {k: np.asarray(v) for k, v in w._asdict().items()}
   out = np.zeros(x.shape, np.float32)
@@ -183,7 +174,7 @@ SKEWED = [[0, 1, 5], [1, 0, 7], [0, 1, 2], [6, 1, 0]]
 @pytest.mark.parametrize("dedup,slack", [(False, None), (False, 1.0), (True, None), (True, 1.0)])
 def test_dropless_dispatches_equal_the_per_token_loop(routing, dedup, slack):
   num_experts, d, f = 8, 16, 32
-  w = _expert_weights(jax.random.PRNGKey(0), num_experts, d, f)
+  w = random_expert_weights(jax.random.PRNGKey(0), num_experts, d, f)
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 4, d))
   pattern = BALANCED if routing == "balanced" else SKEWED
   experts = np.tile(np.asarray(pattern, np.int32), (8, 1, 1))

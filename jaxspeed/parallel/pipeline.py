@@ -48,9 +48,11 @@ VIRTUAL = "virtual"  # logical name of its virtual-stage dimension (never sharde
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
-def bubble_fraction(num_stages: int, microbatches: int) -> float:
-  """GPipe's idle share of a step, (p − 1) / (m + p − 1) (Huang et al. 2019, §2.2)."""
-  return (num_stages - 1) / (microbatches + num_stages - 1)
+def bubble_fraction(num_stages: int, microbatches: int, virtual_stages: int = 1) -> float:
+  """The idle share of a step, (p − 1) / (v·m + p − 1): GPipe's (and 1F1B's) with v = 1
+  (Huang et al. 2019, §2.2), the interleaved schedule's with v chunks per stage
+  (Narayanan et al. 2021, §2.2)."""
+  return (num_stages - 1) / (virtual_stages * microbatches + num_stages - 1)
 
 
 def layer_name(index: int) -> str:
@@ -283,11 +285,6 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
   return stage_map(schedule, stage_params, (inputs, extras), token_spec(inputs))
 
 
-def circular_bubble_fraction(num_stages: int, virtual_stages: int, microbatches: int) -> float:
-  """The interleaved schedule's idle share, (p − 1) / (v·m + p − 1) (Narayanan et al. 2021)."""
-  return (num_stages - 1) / (virtual_stages * microbatches + num_stages - 1)
-
-
 def circular(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> jax.Array:
   """Runs ``inputs`` through p stages of v chunks each with the interleaved schedule.
 
@@ -300,7 +297,7 @@ def circular(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) ->
   stage 0 is due to run its next round, and nothing waits in a buffer
   (Megatron's and MaxText's circular schedule). In iteration t stage s runs item
   t − s: v·m + p − 1 iterations of 1/v of a GPipe iteration's work, the bubble
-  (p − 1) / (v·m + p − 1) (``circular_bubble_fraction``).
+  (p − 1) / (v·m + p − 1) (``bubble_fraction``).
 
   Args:
     stage_fn: as for ``gpipe``; ``stage`` is the chunk index r·p + s.
