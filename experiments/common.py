@@ -22,6 +22,7 @@ import jax
 from absl import app, flags
 
 import jaxspeed
+from jaxspeed.configs import gpt_tiny
 from jaxspeed.data_efficiency.sources import schedule_from_config
 from jaxspeed.errors import ConfigError, FlagError, RunError
 from jaxspeed.parallel import use_cpu_devices
@@ -182,3 +183,27 @@ def clean_step_seconds(records: list[dict], eval_every: int,
       continue
     times[kind].append(elapsed[t] - elapsed[t - 1])
   return times
+
+
+def small_moe_gpt(quick: bool, steps: int, layers: int):
+  """The GPT of ``configs/gpt_tiny.py`` the MoE reproductions train on one device's data axis:
+  ``layers`` layers, top-1 gate, ``steps`` steps with a tenth of warm-up, evaluated and
+  checkpointed at the end; d_model 64 and sequences of 64 (32 and 32 with ``quick``)."""
+  config = gpt_tiny.get_config()
+  config.parallel.update(data=-1, fsdp=1, tensor=1, expert=1)
+  config.zero.stage = 0
+  config.sample_tokens = 0
+  config.steps = steps
+  config.log_every = max(1, steps // 4)
+  config.eval_every = config.checkpoint_every = steps
+  config.optim.warmup = max(1, steps // 10)
+  config.model.num_layers = layers
+  config.moe.top_k = 1
+  if quick:
+    config.model.update(d_model=32, d_ff=64, num_heads=2)
+    config.seq_len = config.model.max_seq_len = 32
+    config.eval_batches = 2
+  else:
+    config.model.update(d_model=64, d_ff=256)
+    config.seq_len = config.model.max_seq_len = 64
+  return config

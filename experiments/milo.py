@@ -49,7 +49,6 @@ from absl import flags
 import jaxspeed
 from experiments import common
 from jaxspeed.compression import milo
-from jaxspeed.configs import gpt_tiny
 from jaxspeed.inference.builders import load_params
 from jaxspeed.moe.experts import ExpertWeights
 from jaxspeed.training.step import compute_rules
@@ -72,24 +71,10 @@ MAX_TOKENS = 1024  # calibration tokens kept per expert
 
 
 def model_config(quick: bool, steps: int, layers: int):
-  config = gpt_tiny.get_config()
-  config.parallel.update(data=-1, fsdp=1, tensor=1, expert=1)
-  config.zero.stage = 0
-  config.sample_tokens = 0
-  config.steps = steps
-  config.log_every = max(1, steps // 4)
-  config.eval_every = config.checkpoint_every = steps
-  config.optim.warmup = max(1, steps // 10)
-  config.model.num_layers = layers
-  config.moe.update(num_experts=NUM_EXPERTS, top_k=1, expert_interval=EXPERT_INTERVAL.value,
+  config = common.small_moe_gpt(quick, steps, layers)
+  config.moe.update(num_experts=NUM_EXPERTS, expert_interval=EXPERT_INTERVAL.value,
                     drop_tokens=False)
-  if quick:
-    config.model.update(d_model=32, d_ff=64, num_heads=2)
-    config.seq_len = config.model.max_seq_len = 32
-    config.eval_batches = 2
-  else:
-    config.model.update(d_model=64, d_ff=256)
-    config.seq_len = config.model.max_seq_len = 64
+  if not quick:
     config.eval_batches = EVAL_BATCHES.value
   return config
 

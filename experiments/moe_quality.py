@@ -41,7 +41,6 @@ from absl import app, flags
 
 import jaxspeed
 from experiments import common
-from jaxspeed.configs import gpt_tiny
 from jaxspeed.moe import param_counts
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 4 layers of width 32, 8 steps.")
@@ -55,24 +54,8 @@ NUM_EXPERTS = 8
 
 
 def _base(quick: bool, steps: int, layers: int):
-  config = gpt_tiny.get_config()
-  config.parallel.update(data=-1, fsdp=1, tensor=1, expert=1)
-  config.zero.stage = 0
-  config.sample_tokens = 0
-  config.steps = steps
-  config.log_every = max(1, steps // 4)
-  config.eval_every = steps
-  config.checkpoint_every = steps
-  config.optim.warmup = max(1, steps // 10)
-  config.model.num_layers = layers
-  config.moe.update(top_k=1, expert_interval=2)
-  if quick:
-    config.model.update(d_model=32, d_ff=64, num_heads=2)
-    config.seq_len = config.model.max_seq_len = 32
-    config.eval_batches = 2
-  else:
-    config.model.update(d_model=64, d_ff=256)
-    config.seq_len = config.model.max_seq_len = 64
+  config = common.small_moe_gpt(quick, steps, layers)
+  config.moe.expert_interval = 2
   return config
 
 
