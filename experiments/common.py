@@ -15,10 +15,12 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Hashable
 from typing import Any, NoReturn
 
 import jax
+import numpy as np
 from absl import app, flags
 
 import jaxspeed
@@ -131,6 +133,43 @@ def write_results(name: str, summary: dict[str, Any], rows: list[dict[str, Any]]
     f.write(text + "\n")
   print(text)
   return text
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, block: int = 1,
+                     warmup: int = 1) -> dict[str, np.ndarray]:
+  """Seconds of each call, the calls run in alternating blocks (A A B B A A B B ...).
+
+  Every call should block until its result is ready. Interleaving makes a ratio of two
+  calls' times robust to the machine's load drifting during the run: both sides see the
+  same load, block by block (``ratio_spread`` reads the ratio from matched repeats).
+
+  Returns:
+    name -> [repeats * block] seconds, in the order the calls ran.
+  """
+  for call in calls.values():
+    for _ in range(warmup):  # compiles and warms caches outside the timed blocks
+      call()
+  seconds = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      for _ in range(block):
+        start = time.perf_counter()
+        call()
+        seconds[name].append(time.perf_counter() - start)
+  return {name: np.asarray(s) for name, s in seconds.items()}
+
+
+def ratio_spread(numerator: np.ndarray, denominator: np.ndarray) -> dict[str, float]:
+  """The ratio of two ``time_interleaved`` series: median of the matched ratios and its spread.
+
+  Returns:
+    ``median`` of numerator[i] / denominator[i] over matched timings and its 25th and
+    75th percentiles ``p25``/``p75``: a load swing shows as a wide spread, not a shifted
+    median.
+  """
+  ratios = np.asarray(numerator) / np.asarray(denominator)
+  p25, median, p75 = np.percentile(ratios, [25, 50, 75])
+  return {"median": float(median), "p25": float(p25), "p75": float(p75)}
 
 
 def first_reach(points: list[tuple[float, float]], target: float) -> float:
