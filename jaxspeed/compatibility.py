@@ -145,7 +145,11 @@ COMPATIBILITY: dict[tuple[str, str], str] = {
                                                "gradients per data-parallel worker",
     ("MoE", "PLD"): "progressive layer dropping skips layers inside a conditional, where MoE "
                     "statistics cannot be collected",
-    ("MoE", "pipeline"): "MoE layers do not run inside pipeline stages yet",
+    ("pipeline", "expert parallelism"): "the experts' all-to-all is a shard_map of its own, "
+                                        "which does not lower inside a stage's shard_map yet",
+    ("pipeline", "MoE bias balancing"): "the routing bias is moved in the plain layers' "
+                                        "parameters, not in the stages' stacked ones",
+
     ("pipeline", "adversarial embedding noise"): "the pipeline computes its loss inside the "
                                                  "stages; the ascent needs the whole forward",
     ("RLHF", "adversarial embedding noise"): "the RLHF learners build their own objectives",

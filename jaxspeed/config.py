@@ -271,6 +271,19 @@ def _check_pipeline(config: ml_collections.ConfigDict, shape: dict[str, int]) ->
     if config.microbatches % stages:
       raise ConfigError("microbatches", f"the interleaved schedule takes microbatches in "
                         f"groups of parallel.stage={stages}; got {config.microbatches}")
+  moe = config.moe
+  if stages > 1 and (moe.num_experts > 1 or any(e > 1 for e in moe.layer_num_experts)):
+    # The stages stack their layers into one [p, L/p, ...] array per weight.
+    if moe.expert_interval != 1:
+      raise ConfigError("moe.expert_interval", f"a pipeline stacks its layers, so all must be "
+                        f"alike: set moe.expert_interval=1 (every layer MoE), got "
+                        f"{moe.expert_interval}")
+    if len(set(moe.layer_num_experts)) > 1:
+      raise ConfigError("moe.layer_num_experts", "a pipeline stacks its layers, so all must "
+                        f"have the same expert count, got {list(moe.layer_num_experts)}")
+    if shape["sequence"] > 1:
+      raise ConfigError("parallel.sequence", "MoE layers inside pipeline stages do not run on "
+                        f"sequence shards yet; set parallel.sequence=1, got {shape['sequence']}")
 
 
 def _check_moe(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_close, train_losses
+from helpers import assert_trees_close, train_losses, train_metrics
 
 from jaxspeed.comm.hlo import collectives
 from jaxspeed.config import validate
@@ -94,6 +94,27 @@ def test_pipeline_matches_single_device(layout, schedule, tiny_config, reference
   assert losses[-1] < losses[0]
   if layout == "pp2_dp4_zero1" and schedule == "gpipe":
     _assert_microbatches_are_permuted(setup, state, rows=16 // 4 // microbatches)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_moe_layers_in_stages_match_single_device(schedule, tiny_config):
+  """MoE layers inside the stages (every layer: the stages stack alike layers), dropless
+  top-1 with the aux loss at weight 1, so that its gradient shows: losses, aux loss and
+  expert loads equal one device accumulating the same 4 microbatches. With 1F1B the aux
+  term's gradient flows back through the schedule's own backward pass."""
+  config = _pipeline_config(tiny_config)
+  config.moe.update(num_experts=4, top_k=1, drop_tokens=False, expert_interval=1,
+                    aux_loss_coef=1.0)
+  config.microbatches = 4
+  reference, _, _ = train_metrics(config, 3, devices=jax.devices()[:1])
+  config.parallel.update(data=4, stage=2)
+  config.pipeline.schedule = schedule
+  history, setup, _ = train_metrics(config, 3)
+  assert isinstance(setup.model, PipelinedGPT)
+  for key in ("loss", "moe_aux_loss", "moe_expert_tokens", "grad_norm"):
+    np.testing.assert_allclose([np.asarray(m[key]) for m in history],
+                               [np.asarray(m[key]) for m in reference], rtol=2e-5, err_msg=key)
+  assert float(history[0]["moe_aux_loss"]) > 0
 
 
 def test_dropout_in_a_pipeline_draws_per_microbatch_stage_and_layer(tiny_config):
@@ -268,6 +289,11 @@ def test_bubble_fraction():
     ({"parallel.stage": 4, "pipeline.schedule": "interleaved", "model.num_layers": 8,
       "microbatches": 2}, "microbatches", "groups of parallel.stage=4"),
     ({"parallel.stage": 2, "pipeline.schedule": "zero_bubble"}, "pipeline.schedule", "1f1b"),
+    ({"parallel.stage": 2, "moe.num_experts": 4}, "moe.expert_interval", "expert_interval=1"),
+    ({"parallel.stage": 2, "moe.expert_interval": 1, "moe.layer_num_experts": (2, 4, 4, 4)},
+     "moe.layer_num_experts", "same expert count"),
+    ({"parallel.stage": 2, "parallel.sequence": 2, "moe.num_experts": 4,
+      "moe.expert_interval": 1}, "parallel.sequence", "sequence shards"),
     ({"parallel.stage": 2, "pipeline.schedule": "1f1b", "kd.enabled": True,
       "kd.teacher_workdir": "teacher"}, "kd.enabled",
      "1F1B"),

@@ -39,13 +39,15 @@ from jaxspeed.parallel.pipeline import (
     StageFn,
     gpipe,
     manual_axes,
+    select,
     split_layers,
     stage_map,
-    token_spec,
+    token_specs,
 )
 
-# (head params, y [b, ...], target) -> (loss sum, counted tokens): the head and the loss
-# of one microbatch; ``target`` is any pytree of [b, ...] arrays (e.g. targets and mask).
+# (head params, y [b, ...], target) -> (loss sum, sums): the head and the loss of one
+# microbatch; ``target`` is any pytree of [b, ...] arrays (e.g. targets and mask), ``sums``
+# any pytree of values that add up over microbatches (e.g. the counted tokens).
 LossFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, jax.Array]]
 
 
@@ -56,7 +58,7 @@ def in_flight(num_stages: int, microbatches: int) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def pipelined_loss(stage_fn: StageFn, loss_fn: LossFn, stage_params, head_params,
-                   inputs: jax.Array, extras, targets) -> tuple[jax.Array, jax.Array]:
+                   inputs, extras, targets) -> tuple[jax.Array, Any]:
   """Σ_j loss_fn(head, stages(inputs[j])) over microbatches j, pipelined with 1F1B.
 
   Args:
@@ -65,12 +67,13 @@ def pipelined_loss(stage_fn: StageFn, loss_fn: LossFn, stage_params, head_params
       (e.g. a token count) gets no gradient.
     stage_params: pytree of [p, L/p, ...] leaves, split over ``stage``.
     head_params: the head's parameters, replicated over ``stage``.
-    inputs: [m, b, ...] microbatches, replicated over ``stage``.
+    inputs: [m, b, ...] microbatches (or a pytree of them, as for ``gpipe``),
+      replicated over ``stage``.
     extras: as for ``gpipe`` (no gradient).
     targets: pytree of [m, b, ...] per-microbatch ``loss_fn`` targets (no gradient).
 
   Returns:
-    (Σ loss, Σ count) over the m microbatches.
+    (Σ loss, Σ sums) over the m microbatches.
   """
   return _gpipe_loss(stage_fn, loss_fn, stage_params, head_params, inputs, extras, targets)
 
@@ -78,6 +81,13 @@ def pipelined_loss(stage_fn: StageFn, loss_fn: LossFn, stage_params, head_params
 def _add_where(keep: jax.Array, sums, values):
   """sums + values where ``keep`` (a filler slot's values are dropped), in float32."""
   return jax.tree.map(lambda a, v: a + jnp.where(keep, v, 0.0).astype(jnp.float32), sums, values)
+
+
+def _psum_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """``psum`` over ``axes`` of a value that may vary over only some of them (e.g. a loss
+  term that does not depend on the sequence shard): each device's value counts once."""
+  uniform = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+  return jax.lax.psum(jax.lax.pcast(x, uniform, to="varying") if uniform else x, axes)
 
 
 def _gpipe_loss(stage_fn, loss_fn, stage_params, head_params, inputs, extras, targets):
@@ -95,9 +105,9 @@ def _forward_and_gradients(stage_fn, loss_fn, stage_params, head_params, inputs,
   if mesh.empty or mesh.shape.get(STAGE_AXIS, 1) == 1:  # one device: plain autodiff
     def total(params, head, x):
       return _gpipe_loss(stage_fn, loss_fn, params, head, x, extras, targets)
-    (loss, count), vjp = jax.vjp(total, stage_params, head_params, inputs)
-    return (loss, count), vjp((jnp.ones_like(loss), jnp.zeros_like(count)))
-  microbatches = inputs.shape[0]
+    (loss, sums), vjp = jax.vjp(total, stage_params, head_params, inputs)
+    return (loss, sums), vjp((jnp.ones_like(loss), jax.tree.map(jnp.zeros_like, sums)))
+  microbatches = jax.tree.leaves(inputs)[0].shape[0]
   last = num_stages - 1
   slots = in_flight(num_stages, microbatches)
   up = [(s, s + 1) for s in range(last)]
@@ -110,13 +120,14 @@ def _forward_and_gradients(stage_fn, loss_fn, stage_params, head_params, inputs,
     # summed over stages once at the end instead of in every tick.
     head = jax.lax.pcast(head, STAGE_AXIS, to="varying")
     inputs = jax.lax.pcast(inputs, STAGE_AXIS, to="varying")
-    zero_x = jnp.zeros_like(inputs[0])
-    stored = jnp.zeros((slots, *inputs.shape[1:]), inputs.dtype)  # the ring of stage inputs
+    at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    zero_x = jax.tree.map(jnp.zeros_like, at(inputs, 0))
+    # The ring of stage inputs, [slots, ...] per leaf.
+    stored = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape[1:]), a.dtype), inputs)
     received, received_grad = zero_x, zero_x
     layer_grads = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), layers)
     head_grads = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), head)
     losses, input_grads = [], []
-    at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
 
     def run(layers, x, micro):
       return stage_fn(layers, x, at(extras, micro), stage)
@@ -126,52 +137,61 @@ def _forward_and_gradients(stage_fn, loss_fn, stage_params, head_params, inputs,
       backward_tick = t >= last  # some stage has one to run backward
       if forward_tick:
         micro = jnp.clip(t - stage, 0, microbatches - 1)
-        x = jnp.where(stage == 0, inputs[min(t, microbatches - 1)], received)
+        x = select(stage == 0, at(inputs, min(t, microbatches - 1)), received)
         slot = micro % slots
         valid = (t - stage >= 0) & (t - stage < microbatches)
-        stored = jax.lax.dynamic_update_index_in_dim(
-            stored, jnp.where(valid, x, stored[slot]), slot, 0)
+        stored = jax.tree.map(
+            lambda buf, v, ok=valid, i=slot: jax.lax.dynamic_update_index_in_dim(
+                buf, jnp.where(ok, v, buf[i]), i, 0), stored, x)
         y = run(layers, x, micro)
       if backward_tick:
         if t < microbatches + last:  # the last stage's microbatch t − (p − 1): the loss
           j = t - last
-          (loss, count), (d_head, d_y) = jax.value_and_grad(
+          (loss, sums), (d_head, d_y) = jax.value_and_grad(
               loss_fn, argnums=(0, 1), has_aux=True)(head, y, at(targets, j))
           is_last = stage == last
-          losses.append(jnp.where(is_last, jnp.stack([loss, count]), 0.0))
+          losses.append(select(is_last, (loss, sums),
+                                jax.tree.map(jnp.zeros_like, (loss, sums))))
           head_grads = _add_where(is_last, head_grads, d_head)
         else:
           d_y = zero_x
         micro = jnp.clip(t - (2 * last - stage), 0, microbatches - 1)
         valid = (t - (2 * last - stage) >= 0) & (t - (2 * last - stage) < microbatches)
-        d_y = jnp.where(stage == last, d_y.astype(zero_x.dtype), received_grad)
-        _, vjp = jax.vjp(lambda lp, xx, m=micro: run(lp, xx, m), layers, stored[micro % slots])
+        d_y = select(stage == last, jax.tree.map(lambda g, z: g.astype(z.dtype), d_y, zero_x),
+                      received_grad)
+        _, vjp = jax.vjp(lambda lp, xx, m=micro: run(lp, xx, m), layers,
+                         at(stored, micro % slots))
         d_layers, d_x = vjp(d_y)
         layer_grads = _add_where(valid, layer_grads, d_layers)
         if t >= 2 * last:  # stage 0 finished microbatch t − 2(p − 1): the input's gradient
-          input_grads.append(jnp.where(stage == 0, d_x, jnp.zeros_like(d_x)))
+          input_grads.append(select(stage == 0, d_x, jax.tree.map(jnp.zeros_like, d_x)))
         received_grad = jax.lax.ppermute(d_x, STAGE_AXIS, down)
       if forward_tick:
         received = jax.lax.ppermute(y, STAGE_AXIS, up)
 
-    loss, count = jax.lax.psum(jnp.sum(jnp.stack(losses), axis=0), manual_axes())
-    input_grads = jax.lax.psum(jnp.stack(input_grads), STAGE_AXIS)
+    total = jax.tree.map(lambda *v: jnp.sum(jnp.stack(v), axis=0), *losses)
+    loss, sums = jax.tree.map(lambda x: _psum_varying(x, manual_axes()), total)
+    input_grads = jax.lax.psum(jax.tree.map(lambda *g: jnp.stack(g), *input_grads), STAGE_AXIS)
     head_grads = jax.lax.psum(head_grads, STAGE_AXIS)
     stacked = jax.tree.map(lambda *g: jnp.stack(g)[None], *layer_grads)
-    return (loss, count), (stacked, head_grads, input_grads)
+    return (loss, sums), (stacked, head_grads, input_grads)
 
   stage_spec = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)
-  (loss, count), (d_params, d_head, d_inputs) = stage_map(
+  sums_spec = jax.tree.map(lambda _: P(), jax.eval_shape(
+      lambda: loss_fn(head_params, jax.tree.map(lambda a: a[0], inputs),
+                      jax.tree.map(lambda a: a[0], targets))[1]))
+  (loss, sums), (d_params, d_head, d_inputs) = stage_map(
       schedule, stage_params, (head_params, inputs, extras, targets),
-      ((P(), P()), (stage_spec, jax.tree.map(lambda _: P(), head_params), token_spec(inputs))))
+      ((P(), sums_spec), (stage_spec, jax.tree.map(lambda _: P(), head_params),
+                          token_specs(inputs))))
   cast = lambda grads, like: jax.tree.map(lambda g, p: g.astype(p.dtype), grads, like)
-  return (loss, count), (cast(d_params, stage_params), cast(d_head, head_params),
-                         d_inputs.astype(inputs.dtype))
+  return (loss, sums), (cast(d_params, stage_params), cast(d_head, head_params),
+                        cast(d_inputs, inputs))
 
 
 def _bwd(stage_fn, loss_fn, grads, cotangents):
   del stage_fn, loss_fn
-  d_loss, _ = cotangents  # the count gets no gradient
+  d_loss, _ = cotangents  # the sums get no gradient
   scale = lambda tree: jax.tree.map(lambda g: (g * d_loss).astype(g.dtype), tree)
   d_params, d_head, d_inputs = grads
   return scale(d_params), scale(d_head), scale(d_inputs), None, None

@@ -147,7 +147,8 @@ def from_microbatches(x: jax.Array) -> jax.Array:
 
 
 # (layers, x, extra, stage index) -> y: one stage's layers on a microbatch (see ``gpipe``).
-StageFn = Callable[[list, jax.Array, Any, jax.Array], jax.Array]
+# x and y are the same pytree: e.g. the hidden states and the MoE layers' statistics.
+StageFn = Callable[[list, Any, Any, jax.Array], Any]
 
 
 def _on_sequence_shards() -> bool:
@@ -159,6 +160,24 @@ def token_spec(x: jax.Array) -> P:
   """The schedule's spec of a per-microbatch leaf: a [m, b, S, ...] leaf (ndim >= 3) is split
   over ``sequence`` on S when Ulysses is on; every other leaf is replicated."""
   return P(None, None, SEQUENCE_AXIS) if _on_sequence_shards() and x.ndim >= 3 else P()
+
+
+def token_specs(tree) -> Any:
+  """``token_spec`` of every leaf of ``tree``."""
+  return jax.tree.map(token_spec, tree)
+
+
+def select(on: jax.Array, tree, otherwise):
+  """``tree`` where ``on`` (a traced bool), else ``otherwise``; leaf by leaf."""
+  return jax.tree.map(lambda a, b: jnp.where(on, a, b), tree, otherwise)
+
+
+def _from_last_stage(outputs: list, stage: jax.Array, last: int):
+  """The last stage's per-microbatch outputs, stacked [m, ...] and handed to every stage
+  (the embedding and the head run replicated)."""
+  stacked = jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
+  return jax.lax.psum(select(stage == last, stacked, jax.tree.map(jnp.zeros_like, stacked)),
+                      STAGE_AXIS)
 
 
 def stage_map(schedule: Callable, stage_params, args: tuple, out_specs):
@@ -182,7 +201,7 @@ def stage_map(schedule: Callable, stage_params, args: tuple, out_specs):
       with nn.logical_axis_rules(rules):
         return schedule(*values)
   in_specs = (jax.tree.map(lambda _: P(STAGE_AXIS), stage_params),
-              *(jax.tree.map(token_spec, arg) for arg in args))
+              *(token_specs(arg) for arg in args))
   return jax.shard_map(body, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
                        out_specs=out_specs, axis_names=axes)(stage_params, *args)
 
@@ -235,13 +254,14 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
       keys); y has x's shape and dtype.
     stage_params: pytree of [p, L/p, ...] leaves, split over ``stage``.
     inputs: [m, b, ...] microbatches (``to_microbatches``), replicated over
-      ``stage``.
+      ``stage``; or a pytree of [m, ...] leaves, which ``stage_fn`` takes and
+      returns leaf for leaf.
     extras: pytree of [m, ...] per-microbatch values every stage reads
       (e.g. positions), or None.
 
   Returns:
-    [m, b, ...]: the last stage's output for every microbatch, replicated
-    over ``stage``.
+    [m, b, ...] (``inputs``' structure): the last stage's output for every
+    microbatch, replicated over ``stage``.
   """
   num_stages = jax.tree.leaves(stage_params)[0].shape[0]
   mesh = jax.sharding.get_abstract_mesh()
@@ -250,7 +270,7 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
   if mesh.shape[STAGE_AXIS] != num_stages:
     raise ValueError(f"parameters have {num_stages} stages but the mesh's {STAGE_AXIS} axis "
                      f"has {mesh.shape[STAGE_AXIS]} devices")
-  microbatches = inputs.shape[0]
+  microbatches = jax.tree.leaves(inputs)[0].shape[0]
   iterations = microbatches + num_stages - 1
   last = num_stages - 1
   # Stage s sends to s + 1; the last stage's output leaves the loop instead.
@@ -263,7 +283,8 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
     # copy: declared once here, the gradient's sum over stages is one psum of
     # all microbatches instead of one per iteration.
     inputs = jax.lax.pcast(inputs, STAGE_AXIS, to="varying")
-    received = jnp.zeros_like(inputs[0])
+    at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    received = jax.tree.map(jnp.zeros_like, at(inputs, 0))
     outputs = []
     # A Python loop, unrolled: as a scan, the backward pass's residuals of all
     # iterations are stacked in loop-carried buffers that XLA zero-fills and
@@ -271,18 +292,14 @@ def gpipe(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> ja
     # overhead). Compile time grows with m + p − 1.
     for t in range(iterations):
       # Stage s works on microbatch t − s; outside [0, m) it computes filler (the bubble).
-      x = jnp.where(stage == 0, inputs[min(t, microbatches - 1)], received)
-      index = jnp.clip(t - stage, 0, microbatches - 1)
-      extra = jax.tree.map(lambda e, i=index: e[i], extras)
-      y = stage_fn(layers, x, extra, stage)
+      x = select(stage == 0, at(inputs, min(t, microbatches - 1)), received)
+      y = stage_fn(layers, x, at(extras, jnp.clip(t - stage, 0, microbatches - 1)), stage)
       if t >= last:  # the last stage finishes microbatch t − (p − 1)
         outputs.append(y)
       received = jax.lax.ppermute(y, STAGE_AXIS, forward)
-    outputs = jnp.stack(outputs)
-    # Hand the last stage's outputs to every stage (embedding and head are replicated).
-    return jax.lax.psum(jnp.where(stage == last, outputs, jnp.zeros_like(outputs)), STAGE_AXIS)
+    return _from_last_stage(outputs, stage, last)
 
-  return stage_map(schedule, stage_params, (inputs, extras), token_spec(inputs))
+  return stage_map(schedule, stage_params, (inputs, extras), token_specs(inputs))
 
 
 def circular(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) -> jax.Array:
@@ -302,8 +319,9 @@ def circular(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) ->
   Args:
     stage_fn: as for ``gpipe``; ``stage`` is the chunk index r·p + s.
     stage_params: pytree of [p, v, L/(p·v), ...] leaves, split over ``stage``.
-    inputs: [m, b, ...] microbatches, replicated over ``stage``. If p does not
-      divide m (e.g. one row sampled), the chunks run one after another.
+    inputs: [m, b, ...] microbatches (or a pytree of them, as for ``gpipe``),
+      replicated over ``stage``. If p does not divide m (e.g. one row sampled),
+      the chunks run one after another.
     extras: as for ``gpipe``.
 
   Returns:
@@ -311,7 +329,7 @@ def circular(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) ->
     ``stage``.
   """
   num_stages, virtual_stages = jax.tree.leaves(stage_params)[0].shape[:2]
-  microbatches = inputs.shape[0]
+  microbatches = jax.tree.leaves(inputs)[0].shape[0]
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.shape.get(STAGE_AXIS, 1) == 1 or microbatches % num_stages:
     # Chunk r·p + s is the (r·p + s)-th stage of the sequential reference.
@@ -331,21 +349,20 @@ def circular(stage_fn: StageFn, stage_params, inputs: jax.Array, extras=None) ->
     chunks = jax.tree.map(lambda a: a[0], params)  # this stage's [v, L/(p·v), ...]
     stage = jax.lax.axis_index(STAGE_AXIS)
     inputs = jax.lax.pcast(inputs, STAGE_AXIS, to="varying")
-    received = jnp.zeros_like(inputs[0])
+    at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    received = jax.tree.map(jnp.zeros_like, at(inputs, 0))
     outputs = []
     for t in range(items + last):
       first_round, first_micro = item(min(t, items - 1))  # stage 0's item t (static)
       x = received
       if first_round == 0:  # stage 0 starts a microbatch rather than continue one
-        x = jnp.where(stage == 0, inputs[first_micro], received)
+        x = select(stage == 0, at(inputs, first_micro), received)
       rnd, micro = item(jnp.clip(t - stage, 0, items - 1))
       layers = split_layers(jax.tree.map(lambda a, r=rnd: a[r], chunks))
-      y = stage_fn(layers, x, jax.tree.map(lambda e, i=micro: e[i], extras),
-                   rnd * num_stages + stage)
+      y = stage_fn(layers, x, at(extras, micro), rnd * num_stages + stage)
       if t >= last and item(t - last)[0] == virtual_stages - 1:  # the last chunk, done
         outputs.append(y)
       received = jax.lax.ppermute(y, STAGE_AXIS, ring)
-    outputs = jnp.stack(outputs)
-    return jax.lax.psum(jnp.where(stage == last, outputs, jnp.zeros_like(outputs)), STAGE_AXIS)
+    return _from_last_stage(outputs, stage, last)
 
-  return stage_map(schedule, stage_params, (inputs, extras), token_spec(inputs))
+  return stage_map(schedule, stage_params, (inputs, extras), token_specs(inputs))

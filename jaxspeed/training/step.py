@@ -13,6 +13,7 @@ global batch, split over the data axes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Hashable
 from typing import ClassVar, Protocol
@@ -37,7 +38,7 @@ from jaxspeed.moe.mos import TEACHER_LOGITS, Distillation, kd_loss_sum
 from jaxspeed.optimizers.base import CommunicatingOptimizer
 from jaxspeed.optimizers.master import MasterWeightsState, apply_updates
 from jaxspeed.parallel.mesh import DATA_AXES, spec_axes
-from jaxspeed.parallel.pipeline import is_layer_name
+from jaxspeed.parallel.pipeline import is_layer_name, to_microbatches
 from jaxspeed.parallel.rules import compute_rules, named
 from jaxspeed.parallel.ulysses import SEQUENCE_AXIS
 from jaxspeed.parallel.zeropp import Zero3Gather
@@ -82,15 +83,15 @@ def loss_sum_fn(model: nn.Module, *, aux_loss_coef: float = 0.0,
   def loss_sum(params, batch: Batch, rngs, deterministic: bool, step=None, **model_kwargs):
     del step
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
+    apply = functools.partial(model.apply, {"params": params}, batch["inputs"],
+                              deterministic=deterministic, rngs=rngs,
+                              mutable=[moe_stats.COLLECTION], **kwargs, **model_kwargs)
     if getattr(model, "computes_loss", False):  # a 1F1B pipeline: the loss is inside it
-      ce, count = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                              rngs=rngs, targets=batch["targets"],
-                              loss_mask=batch.get("loss_mask"), **kwargs, **model_kwargs)
-      return ce, {"loss_sum": ce, "tokens": count}
-    logits, collections = model.apply(
-        {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
-        mutable=[moe_stats.COLLECTION], **kwargs, **model_kwargs)
-    ce, count = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+      (ce, count), collections = apply(targets=batch["targets"],
+                                       loss_mask=batch.get("loss_mask"))
+    else:
+      logits, collections = apply()
+      ce, count = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
     sown = collections.get(moe_stats.COLLECTION, {})
     sums = {"loss_sum": ce, "tokens": count, **moe_stats.step_sums(sown, count)}
     objective = aux_loss_coef * moe_stats.aux_loss(sown) * count
@@ -223,15 +224,9 @@ def fold_rngs(rngs: dict[str, jax.Array], index) -> dict[str, jax.Array]:
 
 
 def split_microbatches(batch: Batch, num: int) -> Batch:
-  """[B, ...] -> [num, B/num, ...] without moving data between devices.
-
-  Microbatch m takes rows m, m + num, m + 2·num, ...: every device's contiguous
-  block of rows holds an equal share of each microbatch.
-  """
-  def split(x):
-    x = x.reshape(x.shape[0] // num, num, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-  return jax.tree.map(split, batch)
+  """[B, ...] -> [num, B/num, ...] leaves, strided as a pipeline's microbatches
+  (``jaxspeed.parallel.pipeline.to_microbatches``): no data moves between devices."""
+  return jax.tree.map(lambda x: to_microbatches(x, num), batch)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
