@@ -57,7 +57,8 @@ from jaxspeed.models import GPT, ModelConfig
 from jaxspeed.moe import MoeConfig, param_counts
 from jaxspeed.training import plot_runs
 
-QUICK = flags.DEFINE_bool("quick", False, "Smoke run: prmoe and mos only, 4 steps, width 32.")
+QUICK = flags.DEFINE_bool(
+    "quick", False, "Smoke run: prmoe and mos only, 2 layers (both MoE), 2 steps, width 32.")
 STEPS = flags.DEFINE_integer("steps", 800, "Training steps of every run.", lower_bound=1)
 LAYERS = flags.DEFINE_integer("layers", 6, "Layers of the dense, MoE and teacher models.",
                               lower_bound=2)
@@ -74,6 +75,13 @@ TEACHER_STEPS = flags.DEFINE_integer(
     "teacher_steps", 0, "Train the MoS teacher (the prmoe model) for this many steps in its own "
     "run; 0: distill from the prmoe run itself (the same tokens as the student).",
     lower_bound=0)
+RESIDUAL_MIX = flags.DEFINE_enum(
+    "residual_mix", "sum", ["sum", "learned"], "moe.residual_mix of the residual variants: "
+    "MLP + MoE (the paper) or DeepSpeed's learned per-token mix.")
+RUNS = flags.DEFINE_list(
+    "runs", [], "Variants to train, of dense, moe, prmoe, teacher, mos, student, residual "
+    "(mos needs its teacher); default: all (--quick: prmoe, mos). Every variant's parameters "
+    "are counted.")
 NUM_EXPERTS = 8
 QUICK_RUNS = ("prmoe", "mos")
 
@@ -81,7 +89,7 @@ QUICK_RUNS = ("prmoe", "mos")
 def _base(quick: bool, steps: int, layers: int, d_model: int, evals: int,
           capacity_factor: float):
   config = common.small_moe_gpt(quick, steps, layers)
-  config.moe.expert_interval = 2
+  config.moe.expert_interval = interval(quick)
   if capacity_factor:
     config.moe.update(capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
   else:
@@ -101,6 +109,12 @@ def _pyramid(moe_layers: int) -> tuple[int, ...]:
                for i in range(moe_layers))
 
 
+def interval(quick: bool) -> int:
+  """Every 2nd layer is an MoE layer (DeepSpeed-MoE's models); every layer in the quick run,
+  whose two layers then compile like the default's two MoE layers, without the dense ones."""
+  return 1 if quick else 2
+
+
 def student_layers(layers: int) -> int:
   """The MoS student's depth: one layer fewer (the paper: 21 of 24, 12.5% fewer)."""
   return layers - 1
@@ -108,11 +122,15 @@ def student_layers(layers: int) -> int:
 
 def configs(quick: bool, steps: int, layers: int, teacher_dir: str, kd_stop: float,
             teacher_steps: int = 0, d_model: int = 32, evals: int = 10,
-            capacity_factor: float = 0.0) -> dict:
+            capacity_factor: float = 0.0, residual_mix: str = "sum") -> dict:
   """Every variant's config, in run order; ``teacher_dir`` is the workdir of the prmoe run,
   or with ``teacher_steps`` of the extra ``teacher`` run (prmoe trained that long)."""
-  base = lambda n, depth: _base(quick, n, depth, d_model, evals, capacity_factor)
-  moe_layers = layers // 2  # expert_interval 2
+  def base(n: int, depth: int):
+    config = _base(quick, n, depth, d_model, evals, capacity_factor)
+    config.moe.residual_mix = residual_mix
+    return config
+
+  moe_layers = layers // interval(quick)
   runs = {"dense": base(steps, layers), "moe": base(steps, layers)}
   runs["moe"].moe.num_experts = NUM_EXPERTS
   runs["prmoe"] = base(steps, layers)
@@ -123,7 +141,7 @@ def configs(quick: bool, steps: int, layers: int, teacher_dir: str, kd_stop: flo
   depth = student_layers(layers)
   for name in ("mos", "student"):
     runs[name] = base(steps, depth)
-    runs[name].moe.update(layer_num_experts=_pyramid(depth // 2), use_residual=True)
+    runs[name].moe.update(layer_num_experts=_pyramid(depth // interval(quick)), use_residual=True)
   runs["mos"].kd.update(enabled=True, teacher_workdir=teacher_dir, num_layers_teacher=layers,
                         num_experts_teacher=_pyramid(moe_layers),
                         stop_step=max(1, round(kd_stop * steps)))
@@ -189,10 +207,10 @@ def main(argv):
   # can exceed its 40 s termination timeout and abort the run.
   common.setup_devices(None if flags.FLAGS["cpu_devices"].present else 1)
   quick = QUICK.value
-  steps = 4 if quick else STEPS.value
-  layers = 4 if quick else LAYERS.value
+  steps = 2 if quick else STEPS.value
+  layers = 2 if quick else LAYERS.value
   evals = 1 if quick else min(EVALS.value, steps)
-  if student_layers(layers) // 2 < 1:
+  if student_layers(layers) // interval(quick) < 1:
     raise FlagError("layers", f"the MoS student ({student_layers(layers)} layers) needs an MoE "
                     f"layer: use --layers >= 3, got {layers}")
   workdir = os.path.join(common.OUTPUT_DIR.value, "moe_quality_runs")
@@ -200,9 +218,15 @@ def main(argv):
   # The quick run distills every step: staged KD's switch would compile a second step.
   runs = configs(quick, steps, layers, os.path.join(workdir, teacher),
                  1.0 if quick else KD_STOP.value,
-                 TEACHER_STEPS.value, D_MODEL.value, evals, CAPACITY.value)
+                 TEACHER_STEPS.value, D_MODEL.value, evals, CAPACITY.value, RESIDUAL_MIX.value)
+  selected = RUNS.value or (QUICK_RUNS if quick else list(runs))
+  unknown = [name for name in selected if name not in runs]
+  if unknown:
+    raise FlagError("runs", f"unknown variants {unknown}; allowed: {', '.join(runs)}")
+  if "mos" in selected and teacher not in selected:
+    raise FlagError("runs", f"mos distills from {teacher}: list it too")
   sizes = {name: counts(config) for name, config in runs.items()}
-  trained = {name: config for name, config in runs.items() if not quick or name in QUICK_RUNS}
+  trained = {name: config for name, config in runs.items() if name in selected}
   rows, loss, curves = [], {}, {}
   width = 32 if quick else D_MODEL.value
   tokens_per_step = runs["dense"].batch_size * runs["dense"].seq_len
@@ -216,10 +240,13 @@ def main(argv):
       "one CPU device, every variant on the same batches; mos/student have "
       f"{student_layers(layers)} layers; MoE "
       + (f"capacity factor {CAPACITY.value:g}" if CAPACITY.value else "dropless")
+      + ("" if RESIDUAL_MIX.value == "sum" else ", residual MLP and MoE mixed by DeepSpeed's "
+         "learned per-token softmax")
       + f"; mos distilled from {teacher} ({runs[teacher].steps} steps) for the first "
       f"{runs['mos'].kd.stop_step} steps. Curves: moe_quality.png (validation loss vs tokens).")
   report_config = {"quick": quick, "steps": steps, "layers": layers, "d_model": width,
                    "num_experts": NUM_EXPERTS, "capacity_factor": CAPACITY.value,
+                   "residual_mix": RESIDUAL_MIX.value,
                    "kd_stop_fraction": KD_STOP.value, "teacher_steps": runs[teacher].steps}
   for name, config in trained.items():  # the teacher runs before mos, which distills from it
     run_summary, records = common.fresh_run(config, os.path.join(workdir, name))
@@ -235,6 +262,9 @@ def main(argv):
                  "tokens_per_s": run_summary["tokens_per_s"]})
     # Rewritten after every run: a stopped run still leaves the report of the finished ones.
     summary = summarize(loss, sizes, teacher, curves)
+    # The KD term of the first distilled steps: > 0 shows the student is pulled to its teacher.
+    summary["mos_kd_loss_first"] = next(
+        (r["kd_loss_first"] for r in rows if r["model"] == "mos"), float("nan"))
     plot_runs(curves, os.path.join(common.OUTPUT_DIR.value, "moe_quality.png"),
               key="val_loss", x="tokens_seen")
     common.write_results("moe_quality", summary, rows, config=report_config, header=header)
