@@ -26,8 +26,8 @@ so the same tokens), evaluated ``--evals`` times along the way:
 * student: the same student without distillation.
 
 The MoE layers are dropless (``--capacity_factor=0``, the default): with
-capacity C = ⌈S/E · cf⌉ per 64-token sequence, cf = 1 drops a quarter to half
-of the token-expert assignments in these runs, and a dropped token skips its
+capacity C = ⌈S/E · cf⌉ per 64-token sequence, cf = 1 drops 20-30% of the
+token-expert assignments in these runs (half early on), and a dropped token skips its
 MoE layer (PR-MoE and Residual-MoE fall back to their residual MLP), which
 hides the architectures' differences; ``--capacity_factor=1`` measures that
 (``dropped_fraction`` in the table).
@@ -115,8 +115,8 @@ def _pyramid(moe_layers: int) -> tuple[int, ...]:
 
 
 def interval(quick: bool) -> int:
-  """Every 2nd layer is an MoE layer (DeepSpeed-MoE's models); every layer in the quick run,
-  whose two layers then compile like the default's two MoE layers, without the dense ones."""
+  """Every 2nd layer is an MoE layer (DeepSpeed-MoE's models); in the quick run every layer, so
+  that its 2 layers have the 2 MoE layers a pyramid needs and no dense ones to compile."""
   return 1 if quick else 2
 
 
