@@ -87,6 +87,8 @@ RUNS = flags.DEFINE_list(
     "runs", [], "Variants to train, of dense, moe, prmoe, teacher, mos, student, residual "
     "(mos needs its teacher); default: all (--quick: prmoe, mos). Every variant's parameters "
     "are counted.")
+SEED = flags.DEFINE_integer("seed", 0, "config.seed of every run (initialization and data "
+                            "order): a second seed sizes the run-to-run noise.")
 NUM_EXPERTS = 8
 QUICK_RUNS = ("prmoe", "mos")
 
@@ -127,12 +129,13 @@ def student_layers(layers: int) -> int:
 
 def configs(quick: bool, steps: int, layers: int, teacher_dir: str, kd_stop: float,
             teacher_steps: int = 0, d_model: int = 32, evals: int = 10,
-            capacity_factor: float = 0.0, residual_mix: str = "sum") -> dict:
+            capacity_factor: float = 0.0, residual_mix: str = "sum", seed: int = 0) -> dict:
   """Every variant's config, in run order; ``teacher_dir`` is the workdir of the prmoe run,
   or with ``teacher_steps`` of the extra ``teacher`` run (prmoe trained that long)."""
   def base(n: int, depth: int):
     config = _base(quick, n, depth, d_model, evals, capacity_factor)
     config.moe.residual_mix = residual_mix
+    config.seed = seed
     return config
 
   moe_layers = layers // interval(quick)
@@ -230,7 +233,8 @@ def main(argv):
   # The quick run distills every step: staged KD's switch would compile a second step.
   runs = configs(quick, steps, layers, os.path.join(workdir, teacher),
                  1.0 if quick else KD_STOP.value,
-                 TEACHER_STEPS.value, D_MODEL.value, evals, CAPACITY.value, RESIDUAL_MIX.value)
+                 TEACHER_STEPS.value, D_MODEL.value, evals, CAPACITY.value, RESIDUAL_MIX.value,
+                 SEED.value)
   selected = RUNS.value or (QUICK_RUNS if quick else list(runs))
   unknown = [name for name in selected if name not in runs]
   if unknown:
@@ -258,7 +262,7 @@ def main(argv):
       f"{runs['mos'].kd.stop_step} steps. Curves: moe_quality.png (validation loss vs tokens).")
   report_config = {"quick": quick, "steps": steps, "layers": layers, "d_model": width,
                    "num_experts": NUM_EXPERTS, "capacity_factor": CAPACITY.value,
-                   "residual_mix": RESIDUAL_MIX.value,
+                   "residual_mix": RESIDUAL_MIX.value, "seed": SEED.value,
                    "kd_stop_fraction": KD_STOP.value, "teacher_steps": runs[teacher].steps}
   for name, config in trained.items():  # the teacher runs before mos, which distills from it
     run_summary, records = common.fresh_run(config, os.path.join(workdir, name))
