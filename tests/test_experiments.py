@@ -234,15 +234,24 @@ def test_xmoe_quick(tmp_path):
 
 
 def test_moe_quality_quick(tmp_path):
-  # Its own process: it runs on one device (see the experiment).
-  summary = run_experiment_subprocess("moe_quality", tmp_path)["summary"]
-  for name in ("dense", "moe", "prmoe", "residual", "mos"):
-    assert summary[f"{name}_val_loss"] > 0
+  # Its own process: it runs on one device (see the experiment). The quick run trains the
+  # PR-MoE teacher and its MoS student and counts every variant's parameters.
+  payload = run_experiment_subprocess("moe_quality", tmp_path)
+  summary = payload["summary"]
+  assert [r["model"] for r in payload["rows"]] == ["prmoe", "mos"]
+  assert summary["prmoe_val_loss"] > 0 and summary["mos_val_loss"] > 0
+  assert summary["mos_kd_loss_first"] > 0  # the student's loss has the KD term to its teacher
+  assert all(r["dropped_fraction"] == 0 for r in payload["rows"])  # dropless by default
+  assert (tmp_path / "moe_quality.png").exists()
   # MoE adds parameters, not per-token compute: one of 8 experts (the size of the
   # dense MLP) is active, plus the gates: 2 MoE layers x d_model 32 x 8 experts.
   assert summary["moe_params"] > summary["dense_params"]
   assert summary["moe_active_params"] - summary["dense_active_params"] == 2 * 32 * 8
-  assert summary["prmoe_params"] < summary["residual_params"]
+  # Residual-MoE adds one dense MLP (32 -> 64 -> 32, with biases) per MoE layer.
+  mlp = 2 * 32 * 64 + 64 + 32
+  assert summary["residual_active_params"] - summary["moe_active_params"] == 2 * mlp
+  # PR-MoE's pyramid (4, 8) has 4 experts fewer than (8, 8), each an MLP, and 4 gate columns.
+  assert summary["residual_params"] - summary["prmoe_params"] == 4 * mlp + 4 * 32
   assert summary["mos_params"] < summary["prmoe_params"]
 
 

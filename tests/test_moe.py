@@ -381,3 +381,51 @@ def test_param_counts_activate_top_k_experts():
   experts = 4 * (16 * 32 + 32 + 32 * 16 + 16)  # layer_1's wi, wi_bias, wo, wo_bias
   assert counts["expert_params"] == experts
   assert counts["params"] - counts["active_params"] == experts // 2
+
+
+@pytest.mark.parametrize("mix", ["sum", "learned"])
+def test_residual_moe_adds_the_dense_mlp_to_the_gated_expert(mix):
+  """Residual-MoE: the top-1 expert weighted by its gate probability, plus the dense MLP
+  (``sum``), or the two mixed per token by softmax(x W + b) (``learned``)."""
+  cfg = ModelConfig(d_model=16, d_ff=32, num_heads=2)
+  moe = MoeConfig(num_experts=4, drop_tokens=False, use_residual=True, residual_mix=mix)
+  layer = MoeMlp(cfg, moe, 4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16))
+  params = nn.meta.unbox(jax.jit(layer.init, static_argnums=2)(jax.random.PRNGKey(1), x, True))
+  p = jax.tree.map(np.asarray, params["params"])
+  y = jax.jit(lambda p, x: layer.apply(p, x, True, mutable=["moe"])[0])(params, x)
+  expected = np.zeros((8, 16), np.float32)
+  for t, token in enumerate(np.asarray(x).reshape(8, 16)):
+    logits = token @ p["gate"]
+    gates = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    routed = gates.max() * np.asarray(_expert(p, gates.argmax(), token))
+    mlp = p["residual_mlp"]
+    dense_out = (np.asarray(jax.nn.gelu(token @ mlp["wi"] + mlp["wi_bias"])) @ mlp["wo"]
+                 + mlp["wo_bias"])
+    if mix == "sum":
+      expected[t] = routed + dense_out
+    else:
+      c = token @ p["residual_coef"] + p["residual_coef_bias"]
+      c = np.exp(c - c.max()) / np.exp(c - c.max()).sum()
+      expected[t] = c[0] * routed + c[1] * dense_out
+  np.testing.assert_allclose(np.asarray(y).reshape(8, 16), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pyramid_gives_each_moe_layer_its_expert_count():
+  """PR-MoE: ``layer_num_experts`` (2, 4) on 4 layers, interval 2: layer 1 has 2 experts
+  (and the residual MLP), layer 3 has 4; layers 0 and 2 keep the dense MLP; every token
+  is routed once per MoE layer."""
+  cfg = ModelConfig(num_layers=4, d_model=16, d_ff=32, num_heads=2, max_seq_len=8,
+                    moe=MoeConfig(layer_num_experts=(2, 4), use_residual=True))
+  model = GPT(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 256)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
+  shapes = jax.tree.map(lambda a: a.shape, nn.meta.unbox(params))
+  assert shapes["layer_1"]["moe"]["wi"] == (2, 16, 32)
+  assert shapes["layer_3"]["moe"]["wi"] == (4, 16, 32)
+  assert shapes["layer_1"]["moe"]["residual_mlp"]["wi"] == (16, 32)
+  assert "moe" not in shapes["layer_0"] and "moe" not in shapes["layer_2"]
+  _, sums = jax.jit(lambda p, b, key: loss_sum_fn(model)(p, b, {"moe": key}, True))(
+      params, {"inputs": tokens, "targets": tokens}, jax.random.PRNGKey(2))
+  counts = np.asarray(sums["moe_expert_tokens"])
+  assert counts.shape == (6,) and counts[:2].sum() == counts[2:].sum() == 16
