@@ -94,14 +94,67 @@ def test_theta_one_matches_the_plain_model(model_cls):
   assert not np.allclose(dropped, plain, atol=1e-3)
 
 
-def test_each_layer_is_a_cond():
+class KeptLayersByHand(GPT):
+  """GPT running only the layers ``kept``, layer i's residual branches scaled by 1/p_i at θ̄."""
+
+  kept: tuple[int, ...] = ()
+  theta: float = 0.5
+
+  def layer_stack(self, x, positions, deterministic, random_ltd_kept, layer_keep_theta):
+    cfg = self.config
+    for i in self.kept:
+      scale = jnp.float32(1 / keep_probability(i + 1, cfg.num_layers, self.theta))
+      x = Block(cfg, causal=True, pre_ln=True, name=f"layer_{i}")(
+          x, positions, causal_mask(x.shape[1]), deterministic, scale)
+    return x
+
+
+def _loss(model, params, **kwargs):
+  return cross_entropy(model.apply({"params": params}, TOKENS, **kwargs), TOKENS)[0]
+
+
+def test_a_drawn_keep_mask_runs_exactly_the_kept_layers():
+  """Loss and gradients under the drawn mask [keep, skip, keep] are those of layers 0 and 2 run
+  by hand with 1/p_i; the skipped layer gets a zero gradient."""
   model = GPT(TINY)
   params = numpy_params(model, TOKENS)
-  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, TOKENS,
-                                               layer_keep_theta=jnp.float32(0.5), rngs=RNGS))
-  conds = [e for e in jaxpr(params).eqns if e.primitive.name == "cond"]
-  assert len(conds) == TINY.num_layers
-  assert "cond" not in str(jax.make_jaxpr(lambda p: model.apply({"params": p}, TOKENS))(params))
+  theta = jnp.float32(0.5)
+  keeps_under = jax.jit(lambda key: model.apply(
+      {"params": params}, TOKENS, layer_keep_theta=theta, rngs={"layer_drop": key},
+      mutable="intermediates")[1]["intermediates"]["layer_keeps"][0])
+  key = next(k for k in map(jax.random.PRNGKey, range(100))
+             if list(keeps_under(k)) == [True, False, True])
+  pld = jax.jit(jax.value_and_grad(lambda p: _loss(model, p, layer_keep_theta=theta,
+                                                   rngs={"layer_drop": key})))(params)
+  by_hand = jax.jit(jax.value_and_grad(lambda p: _loss(KeptLayersByHand(TINY, kept=(0, 2)),
+                                                       p)))(params)
+  np.testing.assert_allclose(pld[0], by_hand[0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pld[1],
+               by_hand[1])
+  assert not any(np.any(g) for g in jax.tree.leaves(pld[1]["layer_1"]))
+  assert all(np.any(g) for g in jax.tree.leaves(pld[1]["layer_2"]))
+
+
+def test_a_skipped_layer_computes_nothing_and_under_remat_saves_only_its_input():
+  """Each layer is one cond forward and one backward whose skipping branch holds no matmul.
+  Without remat the conds return the layers' activations for the backward pass (zeros when
+  skipped); under remat="full" only each layer's input, as the plain remat model."""
+  model, remat = GPT(TINY), GPT(ModelConfig(**{**TINY.__dict__, "remat": "full"}))
+  params = numpy_params(model, TOKENS)
+  pld = lambda m: lambda p: _loss(m, p, layer_keep_theta=jnp.float32(0.5), rngs=RNGS)
+  for m in (model, remat):
+    conds = [e for e in jax.make_jaxpr(jax.grad(pld(m)))(params).eqns
+             if e.primitive.name == "cond"]
+    assert len(conds) == 2 * TINY.num_layers
+    for cond in conds:
+      skip, run = (str(branch.jaxpr).count("dot_general") for branch in cond.params["branches"])
+      assert skip == 0 < run
+  assert "cond" not in str(jax.make_jaxpr(lambda p: _loss(model, p))(params))
+
+  residuals = lambda f: sum(x.size for x in jax.tree.leaves(jax.vjp(f, params)[1]))
+  inputs = TINY.num_layers * TOKENS.size * TINY.d_model
+  assert residuals(pld(remat)) <= residuals(lambda p: _loss(remat, p)) + inputs
+  assert residuals(pld(model)) > 2 * residuals(pld(remat))  # the activations
 
 
 def test_dropped_layers_get_no_gradient_with_remat_and_random_ltd():

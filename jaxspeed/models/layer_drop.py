@@ -65,10 +65,20 @@ def run_or_skip(layer: nn.Module, run: Callable[[nn.Module, jax.Array, jax.Array
                 x: jax.Array, keep: jax.Array, keep_prob: jax.Array) -> jax.Array:
   """``run(layer, x, 1/keep_prob)`` if ``keep`` else ``x``.
 
-  A lifted ``lax.cond``, so a skipped layer costs no FLOPs (unlike DeepSpeed
+  A lifted ``lax.cond``, so a skipped layer runs no matmul (unlike DeepSpeed
   under ZeRO-3, reference §6(d)); under ``vmap`` it would become a select
   that computes both branches. ``layer`` must already have its parameters
   (call ``run`` directly at init), since only one branch creates them.
+
+  What a skipped layer still costs is set by the model's ``remat``.
+  Differentiated, a ``cond`` returns the residuals of both branches for the
+  backward pass, the skipping branch's as zeros: without remat these are
+  the layer's activations, written as zeros when it is skipped and kept out
+  of the surrounding fusions when it runs. Under ``remat="full"`` the only
+  residual is the layer's input, so a skipped layer costs nearly nothing
+  and a kept one its usual recomputation. Which is faster depends on whether
+  the step is bound by memory traffic or by FLOPs (``experiments/pld.py``
+  measures both).
 
   With keep_prob = 1 the kept branch does the plain layer's arithmetic; inside
   a larger jitted program XLA fuses across the cond boundary differently, so

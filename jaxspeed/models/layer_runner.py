@@ -34,7 +34,8 @@ def run_layers(parent: nn.Module, make_layer: MakeLayer, num_layers: int, x: jax
 
   Args:
     parent: the model; its rngs (``random_ltd``, ``layer_drop``) drive the
-      techniques and its ``intermediates`` receive each layer's kept indices.
+      techniques and its ``intermediates`` receive each layer's kept indices
+      (``random_ltd_indices``) and PLD's keep decisions (``layer_keeps``, bool [L]).
     make_layer: builds layer i; ``per_row_positions`` is True when it runs
       on Random-LTD's per-row token subsets.
     positions: [B, S] int.
@@ -52,6 +53,7 @@ def run_layers(parent: nn.Module, make_layer: MakeLayer, num_layers: int, x: jax
   keeps = probs = None
   if not init and layer_keep_theta is not None:
     keeps, probs = draw_layer_keeps(parent.make_rng("layer_drop"), num_layers, layer_keep_theta)
+    parent.sow("intermediates", "layer_keeps", keeps)
   for i in range(num_layers):
     idx = None
     if kept is not None and drops_tokens(i, num_layers):
