@@ -19,13 +19,14 @@ paper's) and global-norm clipping ``--grad_clip`` 1.0 (the paper keeps it):
   its steps. The ramp is rounded down to the powers of two (8, 16, 32, 64, 128)
   by a ``fixed_discrete`` schedule (``slw_schedule``): the train step compiles
   once per length, and five lengths cost a fraction of the sixteen of a
-  ``fixed_linear`` ramp with ``difficulty_step`` 8 (``--slw_lengths=step8``).
-  It gets the baseline's token budget (the tutorial ends runs by tokens), so it
-  runs more, shorter steps.
+  ``fixed_linear`` ramp with ``difficulty_step`` 8 (``--slw_lengths=step8``),
+  and it loads the full-length programs the baseline compiled from a compilation
+  cache (``--compilation_cache``). It gets the baseline's token budget (the
+  tutorial ends runs by tokens), so it runs more, shorter steps.
 
 Both count the learning-rate schedule in tokens (``optim.lr_unit="tokens"``):
 warm-up is ``--warmup_steps`` full baseline batches of tokens and the cosine
-decay spans the same token budget, so LR(tokens) is the same curve in both runs
+decay spans the baseline's token budget, so LR(tokens) is the same curve in both runs
 (under SLW the warm-up covers more, shorter steps, as the tutorial intends).
 
 Measures, from ``metrics.jsonl`` (the training loss is logged every step):
@@ -82,6 +83,10 @@ SLW_LENGTHS = flags.DEFINE_enum(
     "slw_lengths", "pow2", ["pow2", "step8"],
     "SLW lengths: the linear ramp rounded down to powers of two (one program each), or to "
     "multiples of 8 (fixed_linear, difficulty_step 8: seq_len / 8 programs).")
+POSITION = flags.DEFINE_enum(
+    "position", "learned", ["learned", "rope", "alibi"],
+    "model.position of both runs. Learned rows of positions SLW has not reached yet get no "
+    "gradient until the length reaches them.")
 SPIKE_THRESHOLD = flags.DEFINE_float(
     "spike_threshold", 0.2, "A spike: training loss above (1 + this) x the running minimum.")
 TARGET_VAL_LOSS = flags.DEFINE_float(
@@ -93,7 +98,7 @@ COMPILATION_CACHE = flags.DEFINE_bool(
 SWEEP = flags.DEFINE_bool("sweep", False, "Run the lr x batch sweep instead of one pair.")
 SWEEP_LRS = flags.DEFINE_list("sweep_lrs", ["1.2e-2", "4.8e-2", "9.6e-2"],
                               "Peak learning rates of the sweep.")
-SWEEP_BATCHES = flags.DEFINE_list("sweep_batches", ["16", "64"], "Global batches of the sweep.")
+SWEEP_BATCHES = flags.DEFINE_list("sweep_batches", ["64", "16"], "Global batches of the sweep.")
 SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", 30, "Baseline steps of each sweep run.")
 
 
@@ -128,7 +133,7 @@ def slw_schedule(shortest: int, longest: int, total: int, kind: str) -> dict[str
               difficulties=lengths, max_steps=max_steps)
 
 
-def _config(quick: bool, steps: int, slw: bool, lr: float, batch_size: int):
+def _config(quick: bool, steps: int, slw: bool, lr: float, batch_size: int, evals: int = 20):
   config = gpt_tiny.get_config()
   config.parallel.update(data=-1, fsdp=1, tensor=1)
   config.zero.stage = 0
@@ -138,9 +143,10 @@ def _config(quick: bool, steps: int, slw: bool, lr: float, batch_size: int):
   if quick:
     config.model.update(num_layers=2, d_model=64, d_ff=256)
     config.seq_len = config.model.max_seq_len = 32
+  config.model.position = POSITION.value
   config.steps = steps
   config.log_every = 1
-  config.eval_every = 2 if quick else max(1, steps // 20)
+  config.eval_every = 2 if quick else max(1, steps // evals)
   config.checkpoint_every = steps
   # A diverging run is a result here: let the non-finite guard skip steps until the end.
   config.max_consecutive_skips = steps
@@ -155,14 +161,20 @@ def _config(quick: bool, steps: int, slw: bool, lr: float, batch_size: int):
   return config
 
 
-def _pair(quick: bool, steps: int, lr: float, batch_size: int) -> dict[str, Any]:
+def _pair(quick: bool, steps: int, lr: float, batch_size: int, evals: int = 20
+          ) -> dict[str, Any]:
   """Baseline and SLW configs; SLW takes the fewest steps that reach the baseline's tokens."""
-  base = _config(quick, steps, False, lr, batch_size)
+  base = _config(quick, steps, False, lr, batch_size, evals)
   budget = common.run_tokens(base)
   slw_steps = steps
-  while common.run_tokens(_config(quick, slw_steps, True, lr, batch_size)) < budget:
+  while common.run_tokens(_config(quick, slw_steps, True, lr, batch_size, evals)) < budget:
     slw_steps += 1
-  return {"baseline": base, "slw": _config(quick, slw_steps, True, lr, batch_size)}
+  pair = {"baseline": base, "slw": _config(quick, slw_steps, True, lr, batch_size, evals)}
+  for config in pair.values():
+    # Both decay over the baseline's tokens: the same LR(tokens) curve, and the same
+    # full-length program, which the SLW run then loads from the compilation cache.
+    config.optim.decay = budget - config.optim.warmup
+  return pair
 
 
 def spike_steps(records: list[dict], threshold: float) -> list[int]:
@@ -205,13 +217,19 @@ def _train(label: str, config, workdir: str) -> tuple[dict[str, Any], list[dict]
   try:
     summary, records = common.fresh_run(config, workdir)
     stopped = ""
-  except RunError as e:  # non-finite steps: the guard kept the last finite parameters
+  except RunError as e:
+    if "not finite" not in str(e):  # a failed save, not the run's own divergence
+      raise
+    # Non-finite steps: the guard kept the last finite parameters.
     records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     summary = {"val_loss": math.nan, "initial_val_loss": math.nan, "skipped_steps": -1,
                "final_loss": records[-1]["loss"] if records else math.nan,
                "tokens_seen": records[-1]["tokens_seen"] if records else 0,
                "train_step_compilations": -1, "compile_s": math.nan, "loop_s": math.nan}
     stopped = str(e).split(":")[0]
+  if summary.get("preempted"):
+    raise RunError(f"the {label} run was stopped by {summary['signal']} at step "
+                   f"{summary['steps_done']}; no report was written")
   spikes = spike_steps(records, SPIKE_THRESHOLD.value)
   val = summary["val_loss"]
   return {
@@ -260,15 +278,23 @@ def _header(configs: dict[str, Any], lr: str) -> str:
 
 
 def run_sweep(quick: bool, out: str) -> None:
+  """Both runs at every lr x batch cell; the report is rewritten after each cell."""
   lrs, batches = _check_flags()
   steps = 30 if quick else SWEEP_STEPS.value
   rows, curves = [], {}
   for batch in batches:
     for lr in lrs:
-      for label, config in _pair(quick, steps, lr, batch).items():
+      # Five evaluations: the spikes are read from the training loss of every step.
+      pair = _pair(quick, steps, lr, batch, evals=5)
+      for label, config in pair.items():
         row, records = _train(label, config, os.path.join(out, f"b{batch}_lr{lr:g}", label))
         rows.append({"lr": lr, "batch_size": batch, **row})
         curves[f"{label} b{batch} lr{lr:g}"] = records
+      _write_sweep(rows, curves, pair, steps, lrs)
+
+
+def _write_sweep(rows: list[dict], curves: dict[str, list[dict]], pair: dict[str, Any],
+                 steps: int, lrs: list[float]) -> None:
   pick = lambda label, key: [r[key] for r in rows if r["run"] == label]
   summary = {
       "cells": len(rows) // 2,
@@ -282,10 +308,9 @@ def run_sweep(quick: bool, out: str) -> None:
   top = f"lr{max(lrs):g}"
   png = os.path.join(common.OUTPUT_DIR.value, "slw_stability_sweep.png")
   plot_runs({k: v for k, v in curves.items() if k.endswith(top)}, png, x="tokens_seen")
-  configs = _pair(quick, steps, max(lrs), max(batches))
-  header = (_header(configs, "per row") + f" Each cell: baseline {steps} steps, SLW the same "
-            f"tokens. Training curves at the largest LR: slw_stability_sweep.png.")
-  common.write_results("slw_stability_sweep", summary, rows, configs["slw"].to_dict(), header)
+  header = (_header(pair, "per row") + f" Each cell: baseline {steps} steps, SLW the same "
+            "tokens. Training curves at the largest LR: slw_stability_sweep.png.")
+  common.write_results("slw_stability_sweep", summary, rows, pair["slw"].to_dict(), header)
 
 
 def use_compilation_cache(directory: str) -> None:
