@@ -57,10 +57,12 @@ def test_onebit_convergence_quick(tmp_path):
 
 
 def test_slw_stability_quick(tmp_path):
-  payload = run_experiment("slw_stability", tmp_path)
+  # Without the compilation cache: JAX reads it once per process, and this one runs other tests.
+  payload = run_experiment("slw_stability", tmp_path, "--nocompilation_cache")
   summary, rows = payload["summary"], {r["run"]: r for r in payload["rows"]}
-  # One train-step program per sequence length: 8, 16, 24, 32 under SLW, 32 alone otherwise.
-  assert summary["baseline_compilations"] == 1 and summary["slw_compilations"] == 4
+  # One train-step program per sequence length: 8, 16, 32 under SLW, 32 alone otherwise.
+  assert summary["baseline_compilations"] == 1 and summary["slw_compilations"] == 3
+  assert summary["compile_fraction"] == rows["slw"]["compile_s"] / rows["slw"]["loop_s"]
   # SLW gets the baseline's token budget with more, shorter steps (at most one step over).
   base, slw = rows["baseline"], rows["slw"]
   assert slw["steps"] > base["steps"]
@@ -68,6 +70,30 @@ def test_slw_stability_quick(tmp_path):
   assert summary["target_val_loss"] == summary["baseline_val_loss"]  # the default target
   assert base["tokens_to_target"] <= base["tokens_seen"]  # the baseline reaches its own loss
   assert summary["baseline_spikes"] <= base["spike_steps"] <= base["steps"]
+
+
+def test_slw_schedule_rounds_the_linear_ramp_down_to_powers_of_two():
+  from experiments.slw_stability import slw_schedule
+  from jaxspeed.data_efficiency.curriculum import CurriculumSchedule
+
+  keys = slw_schedule(8, 128, 40, "pow2")
+  pow2 = CurriculumSchedule(**keys)
+  linear = CurriculumSchedule(**slw_schedule(8, 128, 40, "step8") | {"difficulty_step": 1})
+  lengths = [pow2.difficulty_at(t) for t in range(45)]
+  assert sorted(set(lengths)) == [8, 16, 32, 64, 128]  # five programs instead of sixteen
+  for t, length in enumerate(lengths):  # the largest power of two at or below the ramp
+    assert length <= linear.difficulty_at(t) < 2 * length or length == 128
+  assert lengths[39] == 64 and lengths[40] == 128  # full length where the ramp ends
+
+
+def test_slw_spike_steps_and_events():
+  from experiments.slw_stability import spike_events, spike_steps
+
+  losses = [5.5, 4.0, 7.0, 4.9, 3.0, 3.5, 3.7, float("nan"), 3.1]
+  records = [{"step": t + 1, "loss": v} for t, v in enumerate(losses)]
+  # Above 1.2 x the minimum before it: 7.0 and 4.9 (min 4.0), 3.7 (min 3.0), NaN.
+  assert spike_steps(records, 0.2) == [3, 4, 7, 8]
+  assert spike_events([3, 4, 7, 8]) == 2
 
 
 def test_random_ltd_quick(tmp_path):
