@@ -175,9 +175,15 @@ def test_quant_matmul_bench_quick(tmp_path):
   assert (row["M"], row["K"], row["N"]) == (128, 512, 512)
   # Throughputs and speedups are derived from the timings of the same row.
   assert row["f32_gflops"] == pytest.approx(2 * 128 * 512 * 512 / 1e9 / (row["f32_ms"] / 1e3))
+  # Speedups are medians of matched per-call ratios, inside their quartiles; one shape, so the
+  # summary's median over shapes is that row's.
   for variant in ("int8", "w8a8", "w4a8"):
-    assert row[f"{variant}_speedup"] == pytest.approx(row["f32_ms"] / row[f"{variant}_ms"])
-    assert payload["summary"][f"{variant}_speedup"] == row[f"{variant}_speedup"]
+    p25, median, p75 = (row[f"{variant}_speedup{s}"] for s in ("_p25", "", "_p75"))
+    assert 0 < p25 <= median <= p75
+    for s in ("_p25", "", "_p75"):
+      assert payload["summary"][f"{variant}_speedup{s}"] == row[f"{variant}_speedup{s}"]
+  assert payload["summary"]["cores"] == len(os.sched_getaffinity(0))
+  assert payload["config"]["block"] == 2
 
 
 def test_generate_bench_quick(tmp_path):
