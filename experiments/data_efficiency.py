@@ -6,8 +6,8 @@ Claim (Li et al. 2022, DeepSpeed Data Efficiency, arXiv 2212.03597; DeepSpeed
 blog 2022-12-12): composing a data-sampling curriculum with random-LTD reaches
 the baseline's quality with up to 2x less data and 2x less time (GPT-3 1.3B).
 
-Two runs of the GPT of ``configs/gpt_tiny.py`` (4 layers, S = 128) on
-``--cpu_devices`` data-parallel workers:
+Runs of the GPT of ``configs/gpt_tiny.py`` (4 layers, S = 128) on
+``--cpu_devices`` data-parallel workers, all on the baseline's token budget:
 
 * baseline: random windows of S tokens, ``--steps`` steps, LR in tokens;
 * composed, in one run, the published recipe's pieces (reference §4):
@@ -23,7 +23,16 @@ Two runs of the GPT of ``configs/gpt_tiny.py`` (4 layers, S = 128) on
   It gets ``--budget_fraction`` of the baseline's tokens (1: the same data; the
   paper instead reruns at half the data), so it runs more, shorter steps.
 
-Both warm up over the tokens (layer-tokens) of the same number of full steps.
+Controls, to attribute the composed run's saving (``--controls``):
+
+* ``same_steps``: the baseline with the composed run's number of steps, every
+  batch cut to one fixed length L (the budget over those steps, a constant
+  ``fixed_discrete`` seqlen schedule): more, shorter optimizer steps and no
+  curriculum;
+* ``curriculum``, ``seqlen``, ``random_ltd``: each piece of the composed run
+  alone, with its settings there (``seqlen`` fills the budget with more steps).
+
+All warm up over the tokens (layer-tokens) of the same number of full steps.
 
 Target: the baseline's final validation loss. Tokens and time to reach it are
 linearly interpolated between consecutive evaluations (the untrained model's
@@ -31,6 +40,9 @@ loss at 0 first), read from ``metrics.jsonl`` (logged every step):
 
 * ``data_saving`` = 1 − composed tokens to target / baseline tokens to target
   (0.5 is the paper's 2x; NaN if the composed run never reaches the target);
+  ``data_saving_<run>`` the same for each control, and the table's
+  ``share_of_composed`` = data_saving_<run> / data_saving: how much of the
+  composed saving that part alone gives (the parts need not add up);
 * ``time_saving`` = 1 − composed time / baseline time to target, in compute
   time: step wall times with every step that compiles, or that follows an
   evaluation, replaced by the median clean time of its kind of step (same
@@ -48,10 +60,11 @@ import math
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 from jaxspeed.configs import gpt_tiny
+from jaxspeed.errors import FlagError
 from jaxspeed.training import plot_runs
 from jaxspeed.training.trainer import layer_dropping
 
@@ -68,8 +81,16 @@ CURRICULUM_FRACTION = flags.DEFINE_float(
 LTD_FRACTION = flags.DEFINE_float(
     "ltd_fraction", 0.7, "Share of the composed run's steps over which the kept length reaches S.")
 
+PARTS = ("curriculum", "seqlen", "random_ltd")
+CONTROLS = ("same_steps", *PARTS)
+CONTROLS_FLAG = flags.DEFINE_list("controls", list(CONTROLS), "Control runs besides the "
+                                  f"baseline and the composed run; any of {', '.join(CONTROLS)}.")
 
-def _config(quick: bool, steps: int, composed: bool, warmup_steps: int):
+
+def _config(quick: bool, steps: int, parts: tuple[str, ...], warmup_steps: int,
+            fixed_length: int = 0):
+  """The baseline with the composed run's ``parts`` switched on; with ``fixed_length``, every
+  batch cut to that many tokens."""
   config = gpt_tiny.get_config()
   config.parallel.update(data=-1, fsdp=1, tensor=1)
   config.zero.stage = 0
@@ -85,20 +106,33 @@ def _config(quick: bool, steps: int, composed: bool, warmup_steps: int):
     config.eval_batches = 2
   s, layers = config.seq_len, config.model.num_layers
   config.optim.update(lr_unit="tokens", warmup=warmup_steps * config.batch_size * s)
-  if composed:
-    de = config.data_efficiency
-    span = max(1, round(CURRICULUM_FRACTION.value * steps))
+  de = config.data_efficiency
+  span = max(1, round(CURRICULUM_FRACTION.value * steps))
+  if "curriculum" in parts:
     de.curriculum.update(enabled=True, metric="vocab_rarity", difficulty_type="percentile",
                          schedule_type="fixed_root", root_degree=2,
                          min_difficulty=MIN_PERCENTILE.value, max_difficulty=100,
                          difficulty_step=1, total_curriculum_step=span)
+  if "seqlen" in parts:
     de.seqlen.update(enabled=True, mode="seqlen_truncate", schedule_type="fixed_linear",
                      min_difficulty=SEQLEN_MIN.value, max_difficulty=s,
                      difficulty_step=SEQLEN_STEP.value, total_curriculum_step=span)
+  elif fixed_length:
+    de.seqlen.update(enabled=True, mode="seqlen_truncate", schedule_type="fixed_discrete",
+                     min_difficulty=fixed_length, max_difficulty=fixed_length,
+                     difficulties=[fixed_length], max_steps=[])
+  if "random_ltd" in parts:
     de.random_ltd.update(enabled=True, min_value=s // 4, max_value=s, seq_per_step=16,
                          require_steps=max(1, round(LTD_FRACTION.value * steps)))
     config.optim.update(lr_unit="layer_tokens", warmup=config.optim.warmup * layers)
   return config
+
+
+def budget_config(quick: bool, parts: tuple[str, ...], warmup: int, budget: float, steps: int):
+  """``_config`` with the fewest steps from ``steps`` up whose tokens reach ``budget``."""
+  while common.run_tokens(_config(quick, steps, parts, warmup)) < budget:
+    steps += 1
+  return _config(quick, steps, parts, warmup)
 
 
 def compute_seconds(records: list[dict], config) -> dict[int, float]:
@@ -132,16 +166,28 @@ def compute_seconds(records: list[dict], config) -> dict[int, float]:
 
 def main(argv):
   del argv
+  unknown = set(CONTROLS_FLAG.value) - set(CONTROLS)
+  if unknown:
+    raise FlagError("controls", f"unknown {', '.join(sorted(unknown))}; allowed: "
+                    f"{', '.join(CONTROLS)}")
   common.setup_devices()
   quick = QUICK.value
   steps = 20 if quick else STEPS.value
   warmup = max(1, steps // 10)
-  baseline = _config(quick, steps, False, warmup)
+  baseline = _config(quick, steps, (), warmup)
   budget = BUDGET_FRACTION.value * common.run_tokens(baseline)
-  composed_steps = max(1, round(BUDGET_FRACTION.value * steps))
-  while common.run_tokens(_config(quick, composed_steps, True, warmup)) < budget:
-    composed_steps += 1
-  configs = {"baseline": baseline, "composed": _config(quick, composed_steps, True, warmup)}
+  first = max(1, round(BUDGET_FRACTION.value * steps))
+  composed = budget_config(quick, PARTS, warmup, budget, first)
+  configs = {"baseline": baseline}
+  for name in CONTROLS:
+    if name not in CONTROLS_FLAG.value:
+      continue
+    if name == "same_steps":  # the composed run's steps, one length filling the budget
+      length = math.ceil(budget / (composed.steps * baseline.batch_size))
+      configs[name] = _config(quick, composed.steps, (), warmup, fixed_length=length)
+    else:
+      configs[name] = budget_config(quick, (name,), warmup, budget, first)
+  configs["composed"] = composed
 
   out = os.path.join(common.OUTPUT_DIR.value, "data_efficiency")
   runs, curves = {}, {}
@@ -166,10 +212,19 @@ def main(argv):
         "loop_s": summary["loop_s"], "compile_s": summary["compile_s"],
         "compilations": summary["train_step_compilations"],
     })
-  base, comp = rows
+  rows = {row["run"]: row for row in rows}
+  base, comp = rows["baseline"], rows["composed"]
+  saving = {label: 1 - row["tokens_to_target"] / base["tokens_to_target"]
+            for label, row in rows.items()}
+  for label, row in rows.items():
+    row["data_saving"] = saving[label]
+    row["share_of_composed"] = saving[label] / saving["composed"] if saving["composed"] else (
+        math.nan)
   reached = math.isfinite(comp["tokens_to_target"])
   summary = {
-      "data_saving": 1 - comp["tokens_to_target"] / base["tokens_to_target"],
+      "data_saving": saving["composed"],
+      **{f"data_saving_{label}": saving[label] for label in configs
+         if label not in ("baseline", "composed")},
       "time_saving": 1 - comp["compute_s_to_target"] / base["compute_s_to_target"],
       "time_saving_wall": 1 - comp["wall_s_to_target"] / base["wall_s_to_target"],
       "composed_reached_target": reached,
@@ -179,6 +234,7 @@ def main(argv):
       "composed_token_budget": comp["tokens_seen"] / base["tokens_seen"],
       "composed_compute_s_ratio": comp["compute_s"] / base["compute_s"],
       "composed_compilations": comp["compilations"],
+      "composed_steps": comp["steps"],
       "claim": "up to 2x less data and 2x less time (data_saving, time_saving 0.5)",
   }
   plot_runs(curves, os.path.join(common.OUTPUT_DIR.value, "data_efficiency.png"),
@@ -186,6 +242,8 @@ def main(argv):
   plot_runs(curves, os.path.join(common.OUTPUT_DIR.value, "data_efficiency_time.png"),
             key="val_loss", x="compute_s")
   de = configs["composed"].data_efficiency
+  fixed_length = (configs["same_steps"].data_efficiency.seqlen.difficulties[0]
+                  if "same_steps" in configs else "-")
   header = (
       "Baseline GPT vs one run composing a vocab-rarity percentile curriculum "
       f"({de.curriculum.min_difficulty} -> 100, fixed_root 2), a sequence-length curriculum "
@@ -196,9 +254,15 @@ def main(argv):
       "data_saving = 1 − composed/baseline tokens to target; time_saving the same in compute "
       "seconds (compilation and evaluation left out), time_saving_wall in raw seconds. NaN: "
       "the composed run never reached the target. Paper: up to 2x less data and time. "
+      "Controls, same token budget: same_steps = the baseline in the composed run's "
+      f"{comp['steps']} steps, every batch cut to {fixed_length} tokens (more, shorter "
+      "steps, no curriculum); curriculum, seqlen, random_ltd = each "
+      "piece alone. data_saving per run; share_of_composed = its data_saving / the composed "
+      "run's (the parts need not add up). "
       "Curves: data_efficiency.png (vs tokens), data_efficiency_time.png (vs compute s).")
-  common.write_results("data_efficiency", summary, rows, configs["composed"].to_dict(), header)
+  common.write_results("data_efficiency", summary, list(rows.values()),
+                       configs["composed"].to_dict(), header)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_app(main)

@@ -31,7 +31,11 @@ either: in a bubble slot a stage computes on filler, as on real hardware
 (MaxText's pipeline does the same). On a GPU cluster the bubble is time the
 stage waits; here it is work the shared cores do; both take (p − 1) of every
 m + p − 1 slots, so ``bubble_time`` = 1 − t_reference / t_pipeline estimates
-the same fraction. Medians of ``--repeats`` interleaved steps. What this
+the same fraction. Every variant's step runs in alternating blocks
+(``common.time_interleaved``, ``--repeats`` rounds of ``--block`` steps);
+``bubble_time`` is 1 − the median over matched steps of t_reference /
+t_pipeline, with quartiles (``_p25`` / ``_p75``), so a load drift widens the
+spread instead of moving the median. What this
 cannot show: overlap of the ``ppermute`` with compute, or link bandwidth
 (collectives between virtual devices are memory copies).
 
@@ -56,8 +60,6 @@ m = p, 2p, 4p for the deepest p, with ``model.remat`` none and full.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 from absl import app, flags
@@ -69,10 +71,11 @@ from jaxspeed.parallel import pipeline
 from jaxspeed.parallel.pipeline import bubble_fraction
 
 QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 1F1B only, p = 2 and m = 4p, 4 layers, "
-                          "d_model 64, seq 32, 3 repeats.")
+                          "d_model 64, seq 32, 2 rounds of 2 steps.")
 STAGES = flags.DEFINE_list("stages", ["2", "4"], "Pipeline depths p to measure.")
 SCHEDULES = flags.DEFINE_list("schedules", list(pipeline.SCHEDULES), "Schedules to compare.")
-REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per variant (median reported).")
+REPEATS = flags.DEFINE_integer("repeats", 4, "Rounds of alternating blocks of steps.")
+BLOCK = flags.DEFINE_integer("block", 2, "Consecutive timed steps of a variant per round.")
 MULTIPLES = flags.DEFINE_list("microbatch_multiples", ["1", "2", "4"],
                               "Microbatch counts m as multiples of p.")
 BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch; divisible by 8 and by m·dp.")
@@ -97,7 +100,7 @@ def _config(quick: bool, stages: int, microbatches: int, schedule: str = "gpipe"
 
 
 class Variant:
-  """A built train step with its own state and batch, timed one step at a time."""
+  """A built train step with its own state and batch; calling it runs one step."""
 
   def __init__(self, config):
     self.setup = jaxspeed.build(config)
@@ -106,15 +109,11 @@ class Variant:
       self.batch = self.setup.to_device(self.setup.train_data.batch_at(0))
       compiled = self.setup.train_step.lower(self.state, self.batch).compile()
     self.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
-    self.times: list[float] = []
-    self.step()  # compile the jitted step outside the timings
 
-  def step(self) -> float:
-    with jax.set_mesh(self.setup.mesh):
-      start = time.perf_counter()
+  def __call__(self) -> None:
+    with jax.set_mesh(self.setup.mesh):  # the step donates its state: carry the new one
       self.state, metrics = self.setup.train_step(self.state, self.batch, 0)
       jax.block_until_ready((self.state, metrics))
-      return time.perf_counter() - start
 
 
 def _temp_bytes(quick: bool, stages: int, microbatches: int, schedule: str, remat: str) -> int:
@@ -132,20 +131,21 @@ def main(argv):
   quick = QUICK.value
   stages = [2] if quick else [int(p) for p in STAGES.value]
   schedules = ["1f1b"] if quick else SCHEDULES.value
-  repeats = 3 if quick else REPEATS.value
+  repeats, block = (2, 2) if quick else (REPEATS.value, BLOCK.value)
   per_stage = (4,) if quick else tuple(int(k) for k in MULTIPLES.value)  # m / p
   pipelines = {(s, p, k * p): Variant(_config(quick, p, k * p, s))
                for s in schedules for p in stages for k in per_stage}
   references = {k: Variant(_config(quick, 1, k)) for k in per_stage}
-  variants = [*pipelines.values(), *references.values()]
-  for _ in range(repeats):  # interleaved, so drift on the shared host hits all alike
-    for variant in variants:
-      variant.times.append(variant.step())
+  # Interleaved, so drift on the shared host hits all alike; the first call compiles.
+  seconds = common.time_interleaved({**{key: pipe for key, pipe in pipelines.items()},
+                                     **{("reference", k): ref for k, ref in references.items()}},
+                                    repeats, block)
 
   rows = []
   for (schedule, p, m), pipe in pipelines.items():
-    ref = references[m // p]
-    t_pipe, t_ref = float(np.median(pipe.times)), float(np.median(ref.times))
+    pipe_s, ref_s = seconds[(schedule, p, m)], seconds[("reference", m // p)]
+    t_pipe, t_ref = float(np.median(pipe_s)), float(np.median(ref_s))
+    kept = common.ratio_spread(ref_s, pipe_s)  # t_ref / t_pipe per matched step
     virtual = pipe.setup.config.pipeline.virtual_stages if schedule == "interleaved" else 1
     theory = bubble_fraction(p, m, virtual)
     rows.append({
@@ -154,8 +154,11 @@ def main(argv):
         "rows_per_microbatch_per_device": pipe.setup.config.batch_size
         // (m * common.CPU_DEVICES.value // p),
         "pipeline_step_s": t_pipe, "reference_step_s": t_ref,
-        "bubble_time": 1 - t_ref / t_pipe,
-        "bubble_theory": theory, "time_vs_theory": (1 - t_ref / t_pipe) / theory,
+        "bubble_time": 1 - kept["median"],
+        "bubble_time_p25": 1 - kept["p75"], "bubble_time_p75": 1 - kept["p25"],
+        "bubble_theory": theory, "time_vs_theory": (1 - kept["median"]) / theory,
+        "time_vs_theory_p25": (1 - kept["p75"]) / theory,
+        "time_vs_theory_p75": (1 - kept["p25"]) / theory,
         "pipelined_vs_plain_step_ratio": t_pipe / t_ref * m / (m + p - 1),
         "temp_mb_remat_full": pipe.temp_bytes / 2**20,
     })
@@ -171,10 +174,11 @@ def main(argv):
       "bubble_measured_4p": at_4p[schedules[0]]["bubble_time"],
       "bubble_theory_4p": at_4p[schedules[0]]["bubble_theory"],
       "pipelined_vs_plain_step_ratio": at_4p[schedules[0]]["pipelined_vs_plain_step_ratio"],
-      **{f"bubble_measured_vs_theory_{s}": at_4p[s]["time_vs_theory"] for s in schedules},
+      **{f"bubble_measured_vs_theory_{s}{q}": at_4p[s][f"time_vs_theory{q}"]
+         for s in schedules for q in ("", "_p25", "_p75")},
       **{f"temp_mb_no_remat_{s}_4p": b / 2**20 for s, b in no_remat.items()},
       "stages_at_4p": deepest,
-      "repeats": repeats,
+      "timed_steps_per_variant": repeats * block,
       "claim": "bubble (p-1)/(m+p-1), negligible for m >= 4p (GPipe); 1F1B: same bubble, "
                "O(p) microbatches of activations per stage; interleaved: (p-1)/(v m+p-1)",
   }
@@ -192,7 +196,8 @@ def main(argv):
       "model.remat=full. pipeline: stage=p x data=8/p with m microbatches, per schedule; "
       "reference: stage=1 x data=8 "
       "with m/p sequential microbatches (same rows per matmul, same useful FLOPs, no bubble). "
-      f"bubble_time = 1 − t_ref / t_pipe (median of {repeats} interleaved steps); theory "
+      f"bubble_time = 1 − t_ref / t_pipe, the median over matched steps of {repeats} rounds of "
+      f"alternating blocks of {block} steps per variant (_p25/_p75: its quartiles); theory "
       "(p−1)/(m+p−1) (GPipe; paper: negligible for m >= 4p). Virtual devices share the "
       "host's cores, so the bubble shows as filler work the cores do rather than idle time "
       "on a device: the same share of slots, but overlap of sends with compute and link "

@@ -34,14 +34,17 @@ per token; training is 3x forward, the same factor for both runs (this is
 theoretical savings should agree within 5% (``flops_saving_rel_error``; the
 rest is elementwise work, the optimizer update and the gathers/scatters).
 
-Wall clock, from the per-step times of ``metrics.jsonl`` (logged every step,
-so each step ends in a device sync): steps that compile (the first of each kept
-length, whose time also holds tracing, which ``compile_s`` does not count) or
-that follow an evaluation are left out, and each kept length's median step time
-stands for all its steps: ``wallclock_saving`` = 1 − Σ_r n_r·median_r /
-(steps · median of the baseline). Medians, because other processes share the
-host. ``wallclock_saving_loop`` is the raw 1 − (loop_s − compile_s) ratio of
-the two runs (evaluation included in both, tracing of each new program too).
+Wall clock, timed after both runs in one process: the baseline's train step
+and random-LTD's step at each kept length r < S, all compiled first, run on
+one fixed batch in alternating blocks (``common.time_interleaved``), so every
+program sees the same load. Per matched round i, the run's time is
+Σ_r n_r·t_r[i] (steps at r = S take the baseline's t[i]) against
+steps · t_baseline[i]: ``wallclock_saving`` is 1 − the median of that ratio,
+``wallclock_saving_p25`` / ``_p75`` its quartiles (a load swing widens them
+rather than moving the median). ``wallclock_saving_loop`` is the raw
+1 − (loop_s − compile_s) ratio of the two training runs, run one after the
+other (evaluation included in both, tracing of each new program too): it moves
+with the host's load.
 ``val_loss_rel_gap`` = final validation loss of random-LTD / baseline − 1.
 """
 
@@ -52,11 +55,12 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import jaxspeed
 from experiments import common
 from jaxspeed.configs import gpt_tiny
+from jaxspeed.errors import FlagError
 from jaxspeed.training import plot_runs
 from jaxspeed.training.trainer import layer_dropping
 
@@ -67,6 +71,10 @@ REQUIRE_FRACTION = flags.DEFINE_float(
     "require_fraction", 0.7, "Share of the steps over which the kept length reaches S.")
 MIN_FRACTION = flags.DEFINE_float("min_fraction", 0.25, "First kept length, as a share of S.")
 SEQ_PER_STEP = flags.DEFINE_integer("seq_per_step", 16, "Kept lengths are multiples of this.")
+TIMING_ROUNDS = flags.DEFINE_integer("timing_rounds", 12, "Rounds of alternating blocks of the "
+                                     "step-time comparison.")
+TIMING_BLOCK = flags.DEFINE_integer("timing_block", 3, "Consecutive timed steps of a program "
+                                    "per round.")
 
 
 def _config(quick: bool, steps: int, ltd: bool):
@@ -116,6 +124,29 @@ def step_flops(config, steps: list[int]) -> dict[int, float]:
   return flops
 
 
+class StepCall:
+  """One train step of ``config`` at step index ``step`` on a fixed batch, on its own state."""
+
+  def __init__(self, config, step: int):
+    self.setup, self.step = jaxspeed.build(config), step
+    with jax.set_mesh(self.setup.mesh):
+      self.state = self.setup.init_state()
+      self.batch = self.setup.to_device(self.setup.train_data.batch_at(0))
+
+  def __call__(self) -> None:
+    with jax.set_mesh(self.setup.mesh):  # the step donates its state: carry the new one
+      self.state, metrics = self.setup.train_step(self.state, self.batch, self.step)
+      jax.block_until_ready((self.state, metrics))
+
+
+def interleaved_step_seconds(configs: dict, first_step: dict[int, int], rounds: int,
+                             block: int) -> dict[int | str, np.ndarray]:
+  """Seconds per step of the baseline and of random-LTD at each kept length, interleaved."""
+  calls = {"baseline": StepCall(configs["baseline"], 0),
+           **{r: StepCall(configs["random_ltd"], t) for r, t in first_step.items()}}
+  return common.time_interleaved(calls, rounds, block, warmup=2)
+
+
 def theory_flops(config, kept: int) -> float:
   """Forward FLOPs of one sequence (see the module docstring): full layers, r-token layers."""
   m = config.model
@@ -129,6 +160,9 @@ def theory_flops(config, kept: int) -> float:
 
 def main(argv):
   del argv
+  for holder in (TIMING_ROUNDS, TIMING_BLOCK):
+    if holder.value < 1:
+      raise FlagError(holder.name, f"must be >= 1, got {holder.value}")
   common.setup_devices()
   quick = QUICK.value
   steps = 12 if quick else STEPS.value
@@ -163,23 +197,21 @@ def main(argv):
   for label, config in configs.items():
     runs[label], curves[label] = common.fresh_run(config, os.path.join(out, label))
   compute_s = {k: v["loop_s"] - v["compile_s"] for k, v in runs.items()}
-  base_times = common.clean_step_seconds(curves["baseline"], configs["baseline"].eval_every)[0]
-  ltd_times = common.clean_step_seconds(curves["random_ltd"], configs["random_ltd"].eval_every,
-                                        lambda t: lengths[t - 1])
-  median_s = {r: float(np.median(v)) for r, v in ltd_times.items()}
-  base_s = float(np.median(base_times))
-  for r in counts:  # a length with no clean step counts as a baseline step (no saving)
-    median_s.setdefault(r, base_s)
-  wall_ltd = sum(counts[r] * median_s[r] for r in counts)
+  rounds, block = (2, 2) if quick else (TIMING_ROUNDS.value, TIMING_BLOCK.value)
+  seconds = interleaved_step_seconds(configs, first_step, rounds, block)
+  seconds[seq_len] = seconds["baseline"]  # steps at r = S run the baseline's program
+  ltd_run_s = sum(counts[r] * seconds[r] for r in counts)  # per matched round
+  spread = common.ratio_spread(ltd_run_s, steps * seconds["baseline"])
   for row in rows:
-    row["median_step_s"] = median_s.get(row["kept_length"], float("nan"))
+    row["median_step_s"] = float(np.median(seconds[row["kept_length"]]))
   for label, summary in runs.items():
     rows.append({"kind": f"run {label}", "kept_length": "schedule" if label != "baseline"
                  else seq_len, "steps_at_r": steps, "val_loss": summary["val_loss"],
                  "loop_s": summary["loop_s"], "compile_s": summary["compile_s"],
                  "compute_s": compute_s[label],
                  "compilations": summary["train_step_compilations"],
-                 "median_step_s": base_s if label == "baseline" else float("nan")})
+                 "median_step_s": float(np.median(seconds["baseline"]))
+                 if label == "baseline" else float("nan")})
   keys = ("kind", "kept_length", "steps_at_r", "flops_per_device", "flops_saving",
           "flops_saving_theory", "rel_error", "median_step_s", "val_loss", "loop_s",
           "compile_s", "compute_s", "compilations")
@@ -194,7 +226,10 @@ def main(argv):
       "flops_match_within_5pct": abs(flops_saving / flops_saving_theory - 1) <= 0.05,
       "max_rel_error_per_length": max(abs(r["rel_error"]) for r in rows
                                       if isinstance(r["kept_length"], int)),
-      "wallclock_saving": 1 - wall_ltd / (steps * base_s),
+      "wallclock_saving": 1 - spread["median"],
+      "wallclock_saving_p25": 1 - spread["p75"],
+      "wallclock_saving_p75": 1 - spread["p25"],
+      "timed_steps_per_program": rounds * block,
       "wallclock_saving_loop": 1 - compute_s["random_ltd"] / compute_s["baseline"],
       "val_loss_rel_gap": val["random_ltd"] / val["baseline"] - 1,
       "baseline_val_loss": val["baseline"],
@@ -216,12 +251,16 @@ def main(argv):
       "layer-token LR schedule), same steps and data. FLOPs per device from XLA's "
       "cost_analysis of the compiled train step per kept length; theory from per-layer "
       "forward FLOPs 8d² + 4·d·d_ff + 4·n·d per token plus the 2dV head. Whole-run savings "
-      "weight each r by its steps. Wall clock: median clean step time per kept length, "
-      "weighted by its steps (wallclock_saving_loop: loop_s − compile_s). Paper: 33.3% "
+      "weight each r by its steps. Wall clock: after training, the baseline step and each "
+      f"kept length's step timed on one batch in {rounds} rounds of alternating blocks of "
+      f"{block} steps; wallclock_saving = 1 − median over rounds of Σ_r n_r·t_r / "
+      "(steps·t_baseline), _p25/_p75 its quartiles; median_step_s: median step time per "
+      "program (wallclock_saving_loop: loop_s − compile_s of the two runs, one after the "
+      "other, so it moves with the host's load). Paper: 33.3% "
       "theoretical, 25.6% wall-clock saving at similar quality. Curves: random_ltd.png "
       "(validation), random_ltd_train.png.")
   common.write_results("random_ltd", summary, rows, configs["random_ltd"].to_dict(), header)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_app(main)

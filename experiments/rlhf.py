@@ -9,6 +9,12 @@ over shuffled or swapped ones, then optimizes the actor against it with PPO
 (reference KL, GAE, clipped losses, EMA) through the hybrid engine. Reports
 the reward model's held-out accuracy, the reward and KL over PPO iterations,
 sampled answers before and after, and the generation / training time split.
+
+The split: ``generate_fraction`` is the share of PPO's time spent generating,
+first compilations included; ``generate_fraction_steady`` the median over the
+iterations after the first of each iteration's generate / (generate + train)
+seconds, with quartiles (``_p25`` / ``_p75``). Generation and training alternate
+in every iteration, so both see the same load; the spread shows how much it moved.
 """
 
 from __future__ import annotations
@@ -105,6 +111,13 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  steady = records.get("ppo", [])[1:]  # the first iteration compiles both phases
+  if steady:
+    spread = common.ratio_spread([r["generate_s"] for r in steady],
+                                 [r["generate_s"] + r["train_s"] for r in steady])
+    summary.update({"generate_fraction_steady": spread["median"],
+                    "generate_fraction_steady_p25": spread["p25"],
+                    "generate_fraction_steady_p75": spread["p75"]})
   rows = [{"stage": stage, "iteration": r["iteration"], "reward": r["score"], "kl": r["kl"],
            "policy_loss": r.get("actor_loss", r.get("loss"))}
           for stage in ("ppo", "grpo") for r in records.get(stage, [])]

@@ -19,6 +19,9 @@ def test_rlhf_quick_then_ppo_alone(tmp_path):
   assert summary["sft_val_loss"] < summary["sft_val_loss_start"]
   assert 0 <= summary["rm_accuracy"] <= 1
   assert 0 < summary["generate_fraction"] < 1
+  # Per-iteration split after the first (compiling) iteration: a median inside its quartiles.
+  assert 0 < summary["generate_fraction_steady_p25"] <= summary["generate_fraction_steady"] \
+      <= summary["generate_fraction_steady_p75"] < 1
   # ZeRO-3 training shards -> replicated generation parameters: the switch all-gathers.
   assert summary["reshard_bytes_per_device"] > 0
   assert {r["stage"] for r in payload["rows"]} == {"ppo", "grpo"}

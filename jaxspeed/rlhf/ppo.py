@@ -151,6 +151,7 @@ class PpoTrainer:
   def iteration(self, i: int) -> dict[str, float]:
     """Generates one batch of answers and learns from it; returns the iteration's metrics."""
     prompts = self.prompts_at(i)
+    generated_before = self.engine.generate_seconds
     tokens = self.engine.generate(self.actor_state.params, prompts, self.answer_len,
                                   self.sampling, seed=self.seed * 100003 + i)
     start = time.perf_counter()
@@ -178,5 +179,7 @@ class PpoTrainer:
               "advantage_mean": float(masked_mean(arrays["advantages"], placed["action_mask"]))}
     if self.kl_control is not None:
       self.kl_coef = self.kl_control.update(record["kl"], len(prompts))
-    self.train_seconds += time.perf_counter() - start
+    record["train_s"] = time.perf_counter() - start
+    record["generate_s"] = self.engine.generate_seconds - generated_before
+    self.train_seconds += record["train_s"]
     return record
