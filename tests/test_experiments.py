@@ -110,24 +110,23 @@ def test_random_ltd_quick(tmp_path):
 
 
 def test_data_efficiency_quick(tmp_path):
-  payload = run_experiment("data_efficiency", tmp_path)
+  # One control of the four (each is one more training run): the same steps without a
+  # curriculum, the one that separates step count from curriculum.
+  payload = run_experiment("data_efficiency", tmp_path, "--controls=same_steps")
   summary, rows = payload["summary"], {r["run"]: r for r in payload["rows"]}
-  assert list(rows) == ["baseline", "same_steps", "curriculum", "seqlen", "random_ltd",
-                        "composed"]
+  assert list(rows) == ["baseline", "same_steps", "composed"]
   base, composed = rows["baseline"], rows["composed"]
   # Every run gets the baseline's token budget (--budget_fraction 1), to within a step or a
-  # token per row; the composed run and the seqlen curriculum alone take more, shorter steps,
-  # and the same-steps control as many as the composed run, at one fixed length.
+  # token per row; the composed run takes more, shorter steps, and the same-steps control as
+  # many as the composed run, at one fixed length.
   for row in rows.values():
     assert base["tokens_seen"] <= row["tokens_seen"] < base["tokens_seen"] * 1.05
-  assert composed["steps"] > base["steps"] and rows["seqlen"]["steps"] > base["steps"]
+  assert composed["steps"] > base["steps"]
   assert rows["same_steps"]["steps"] == composed["steps"]
-  assert rows["curriculum"]["steps"] == rows["random_ltd"]["steps"] == base["steps"]
   assert 1 <= summary["composed_token_budget"] < 1 + 1 / base["steps"]
   # One program for a fixed length; one per (sequence length, kept length) otherwise.
   assert base["compilations"] == rows["same_steps"]["compilations"] == 1
-  assert rows["curriculum"]["compilations"] == 1
-  assert summary["composed_compilations"] > 1 and rows["random_ltd"]["compilations"] > 1
+  assert summary["composed_compilations"] > 1
   assert base["tokens_to_target"] <= base["tokens_seen"]  # the target is its final loss
   for label, row in rows.items():
     if math.isfinite(row["tokens_to_target"]):
