@@ -185,11 +185,16 @@ def first_reach(points: list[tuple[float, float]], target: float) -> float:
 def fresh_run(config, workdir: str) -> tuple[dict[str, Any], list[dict[str, float]]]:
   """Trains ``config`` in an emptied ``workdir`` (never a resume of an older run).
 
+  Raises ``RunError`` if a signal stopped the run (it saved a checkpoint and returned).
+
   Returns:
     (the run summary, the logged metric records).
   """
   shutil.rmtree(workdir, ignore_errors=True)
   summary = jaxspeed.train(config, workdir)
+  if summary.get("preempted"):  # a signal stopped it: the experiment stops too, reporting nothing
+    raise RunError(f"the run in {workdir} was stopped by {summary['signal']} at step "
+                   f"{summary['steps_done']}; no report was written")
   return summary, read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
