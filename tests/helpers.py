@@ -86,6 +86,20 @@ def _check_outputs(name: str, output_dir, stdout: str) -> dict:
   return payload
 
 
+def import_experiment(name: str):
+  """``experiments.<name>`` imported afresh, the flags of experiments imported before forgotten
+  (the apps define flags of the same names)."""
+  stale = {flag.name for module, defined in FLAGS.flags_by_module_dict().items()
+           if module.startswith("experiments.") and module != "experiments.common"
+           for flag in defined}
+  for flag_name in stale & set(FLAGS):
+    delattr(FLAGS, flag_name)
+  for module in [m for m in sys.modules if m.startswith("experiments.")]:
+    if module != "experiments.common":
+      del sys.modules[module]
+  return importlib.import_module(f"experiments.{name}")
+
+
 def run_experiment(name: str, output_dir, *flag_args: str) -> dict:
   """Runs ``experiments.<name> --quick`` in this process; returns its JSON payload.
 
@@ -98,15 +112,7 @@ def run_experiment(name: str, output_dir, *flag_args: str) -> dict:
   """
   from experiments import common
 
-  stale = {flag.name for module, defined in FLAGS.flags_by_module_dict().items()
-           if module.startswith("experiments.") and module != "experiments.common"
-           for flag in defined}
-  for flag_name in stale & set(FLAGS):
-    delattr(FLAGS, flag_name)
-  for module in [m for m in sys.modules if m.startswith("experiments.")]:
-    if module != "experiments.common":
-      del sys.modules[module]
-  experiment = importlib.import_module(f"experiments.{name}")
+  experiment = import_experiment(name)
   argv = [name, "--quick", f"--output_dir={output_dir}", *flag_args]
 
   def setup_devices(num: int | None = None) -> None:

@@ -9,7 +9,7 @@ import math
 import os
 
 import pytest
-from helpers import run_experiment, run_experiment_subprocess
+from helpers import import_experiment, run_experiment, run_experiment_subprocess
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +73,9 @@ def test_slw_stability_quick(tmp_path):
 
 
 def test_slw_schedule_rounds_the_linear_ramp_down_to_powers_of_two():
-  from experiments.slw_stability import slw_schedule
   from jaxspeed.data_efficiency.curriculum import CurriculumSchedule
 
+  slw_schedule = import_experiment("slw_stability").slw_schedule
   keys = slw_schedule(8, 128, 40, "pow2")
   pow2 = CurriculumSchedule(**keys)
   linear = CurriculumSchedule(**slw_schedule(8, 128, 40, "step8") | {"difficulty_step": 1})
@@ -87,7 +87,8 @@ def test_slw_schedule_rounds_the_linear_ramp_down_to_powers_of_two():
 
 
 def test_slw_spike_steps_and_events():
-  from experiments.slw_stability import spike_events, spike_steps
+  slw = import_experiment("slw_stability")
+  spike_events, spike_steps = slw.spike_events, slw.spike_steps
 
   losses = [5.5, 4.0, 7.0, 4.9, 3.0, 3.5, 3.7, float("nan"), 3.1]
   records = [{"step": t + 1, "loss": v} for t, v in enumerate(losses)]
